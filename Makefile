@@ -1,0 +1,51 @@
+# keybroker — two commands for a new user on Debian: `make run`, `make test`.
+DATA      ?= var
+CARGO     ?= cargo
+BIN       := target/release/keybroker
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# System packages: SoftHSM (the test HSM), PKCS#11 and TLS tools.
+APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config
+
+.PHONY: all setup deps build run serve test lint demo bench clean
+
+all: build
+
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+build:
+	$(CARGO) build --release --workspace
+
+setup: deps build
+
+# Sets up a demo enrolment under $(DATA)/ (idempotent) and serves the
+# access channel on 127.0.0.1:7443.
+run: setup
+	$(BIN) --data-dir $(DATA) init
+	$(BIN) --data-dir $(DATA) demo-enroll
+	$(BIN) --data-dir $(DATA) serve
+
+test: deps
+	$(CARGO) test --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Drives the demo terminals end to end against an in-process broker and
+# ends with one line starting `demo ok:`.
+demo: setup
+	$(BIN) --data-dir $(DATA) init
+	$(BIN) --data-dir $(DATA) demo-enroll
+	$(BIN) --data-dir $(DATA) demo
+
+bench: setup
+	$(CARGO) run --release -p keybroker-bench
+
+clean:
+	rm -rf target/bench

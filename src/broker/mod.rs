@@ -1,0 +1,147 @@
+//! The broker: one thread per core, each with its own io_uring runtime and
+//! SO_REUSEPORT listener; blocking work in bounded pools.
+//!
+//! ```text
+//!            ┌─ core 0: compio runtime ─ listener ─ connections ─┐
+//! terminals ─┤                                                   ├─► auth pool (argon2id, registry)
+//!            └─ core N: compio runtime ─ listener ─ connections ─┘─► HSM pool (one session per worker)
+//! ```
+
+pub mod auth;
+mod conn;
+pub mod tls;
+
+use crate::config::Config;
+use crate::hsm::{Hsm, HsmError, KeyHandles};
+use crate::pool::Pool;
+use crate::store::Store;
+use anyhow::{Context, Result};
+use cryptoki::session::Session;
+use rustls::ServerConfig;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// State of an HSM worker thread.
+pub struct HsmWorker {
+    pub session: Session,
+    pub keys: KeyHandles,
+}
+
+/// What every core shares.
+pub struct Shared {
+    pub cfg: Config,
+    pub tls: Arc<ServerConfig>,
+    pub auth: Pool<auth::AuthWorker>,
+    pub hsm_pool: Pool<HsmWorker>,
+    pub hsm: Arc<Hsm>,
+}
+
+/// A running broker.
+pub struct Broker {
+    pub addr: SocketAddr,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Opens the HSM and the registry, issues the TLS key, binds, and starts
+    /// the core threads.
+    pub fn start(cfg: Config) -> Result<Self> {
+        let hsm = Arc::new(Hsm::open(&cfg).context("opening the HSM")?);
+        let keys = hsm.key_handles()?;
+        let store = Store::open(&cfg.db_path())?;
+        let ca = |label| {
+            store
+                .meta_get(label)?
+                .with_context(|| format!("{label} certificate missing; run `keybroker init`"))
+        };
+        let broker_ca = ca(crate::hsm::labels::BROKER_CA)?;
+        let terminal_ca = ca(crate::hsm::labels::TERMINAL_CA)?;
+        drop(store);
+
+        let provider = tls::provider();
+        let session = hsm.session()?;
+        let certifier = tls::certifier(
+            &hsm,
+            &session,
+            broker_ca,
+            keys.broker_ca,
+            cfg.broker.server_names.clone(),
+            cfg.broker.tls_cert_hours,
+        )?;
+        let resolver = Arc::new(tls::RotatingCert::new(
+            certifier.issue(&session, &provider)?,
+        ));
+        drop(session);
+        certifier.spawn_rotation(hsm.clone(), resolver.clone(), provider.clone());
+        let tls = tls::server_config(provider, &terminal_ca, resolver)?;
+
+        let db = cfg.db_path();
+        let max_failures = cfg.auth.max_failures;
+        let auth = Pool::start("auth", cfg.auth.workers, cfg.auth.queue, move |_| {
+            Store::open(&db).map(|store| auth::AuthWorker {
+                store,
+                max_failures,
+            })
+        })?;
+        let h = hsm.clone();
+        let hsm_pool = Pool::start("hsm", cfg.hsm.workers, cfg.hsm.queue, move |_| {
+            Ok::<_, HsmError>(HsmWorker {
+                session: h.session()?,
+                keys,
+            })
+        })?;
+
+        let cores = cfg.cores();
+        let (listeners, addr) = crate::net::listen::reuseport_group(cfg.broker.listen, cores, 1024)
+            .context("binding the access channel")?;
+        let shared = Arc::new(Shared {
+            cfg,
+            tls,
+            auth,
+            hsm_pool,
+            hsm,
+        });
+        let mut threads = Vec::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("core-{i}"))
+                    .spawn(move || {
+                        if let Err(e) = conn::run_core(i, l, shared) {
+                            tracing::error!(core = i, error = %e, "core thread stopped");
+                        }
+                    })?,
+            );
+        }
+        tracing::info!(%addr, cores, "access channel listening");
+        Ok(Self { addr, threads })
+    }
+
+    /// Blocks until every core thread ends (they run until the process exits).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A compio runtime tuned for one core: single issuer, deferred and
+/// cooperative task running (docs/DECISIONS.md, "runtime").
+pub fn core_runtime() -> std::io::Result<compio::runtime::Runtime> {
+    let mut proactor = compio::driver::ProactorBuilder::new();
+    proactor
+        .capacity(4096)
+        .single_issuer(true)
+        .defer_taskrun(true)
+        .coop_taskrun(true)
+        .taskrun_flag(true);
+    compio::runtime::RuntimeBuilder::new()
+        .with_proactor(proactor)
+        .build()
+}
+
+pub(crate) fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}

@@ -1,0 +1,229 @@
+//! Appliance configuration: one TOML file, validated once at start.
+//!
+//! Every setting has a default, a bound and a documented cost. Secrets (HSM
+//! PIN) are never in this file: it names a file or an environment variable.
+//! Relative paths are resolved against `data_dir`.
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Environment variable that, when set, holds the HSM user PIN.
+pub const PIN_ENV: &str = "KEYBROKER_HSM_PIN";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Runtime state: token directory, database, PKI files. Default `var`.
+    pub data_dir: PathBuf,
+    pub hsm: HsmConfig,
+    pub broker: BrokerConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HsmConfig {
+    /// PKCS#11 module. Default: Debian's SoftHSM.
+    pub module: PathBuf,
+    /// Token label; the slot number is looked up by label at start.
+    pub token_label: String,
+    /// File holding the user PIN (mode 0600), used when `KEYBROKER_HSM_PIN` is unset.
+    pub pin_file: PathBuf,
+    /// File holding the security-officer PIN, used only by `init`.
+    pub so_pin_file: PathBuf,
+    /// SoftHSM config to export as `SOFTHSM2_CONF` unless already set. Empty: none.
+    pub softhsm2_conf: PathBuf,
+    /// HSM worker threads, each with its own session. 1..=64; default 2.
+    pub workers: usize,
+    /// Bound of the HSM job queue; a full queue answers `busy`. Default 4096.
+    pub queue: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Access-channel listener. Default 127.0.0.1:7443.
+    pub listen: SocketAddr,
+    /// Core threads, each with its own io_uring and listener. 0 = one per CPU.
+    pub cores: usize,
+    /// Connections held per core before new ones are closed. Default 20000.
+    pub max_connections_per_core: usize,
+    /// Largest access-channel frame, bytes. 64..=1 MiB; default 16 KiB.
+    pub max_frame: usize,
+    /// Time allowed for the TLS handshake, ms. Default 5000.
+    pub handshake_timeout_ms: u64,
+    /// A session silent this long is closed, ms. Default 300000.
+    pub idle_timeout_ms: u64,
+    /// DNS names and IP addresses in the broker's TLS certificate.
+    pub server_names: Vec<String>,
+    /// Lifetime of the in-memory TLS key's certificate, hours. Default 24.
+    pub tls_cert_hours: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Failed password attempts before the card locks. 1..=100; default 5.
+    pub max_failures: u32,
+    /// argon2id memory for new hashes, KiB. Default 19456 (OWASP).
+    pub argon2_m_kib: u32,
+    /// argon2id passes. Default 2.
+    pub argon2_t: u32,
+    /// Password-check threads (argon2 is CPU-bound by design). Default 2.
+    pub workers: usize,
+    /// Bound of the password-check queue. Default 1024.
+    pub queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("var"),
+            hsm: HsmConfig::default(),
+            broker: BrokerConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for HsmConfig {
+    fn default() -> Self {
+        Self {
+            module: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
+            token_label: "keybroker".into(),
+            pin_file: PathBuf::from("hsm/user.pin"),
+            so_pin_file: PathBuf::from("hsm/so.pin"),
+            softhsm2_conf: PathBuf::from("hsm/softhsm2.conf"),
+            workers: 2,
+            queue: 4096,
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7443".parse().expect("valid default"),
+            cores: 0,
+            max_connections_per_core: 20_000,
+            max_frame: crate::proto::access::DEFAULT_MAX_FRAME,
+            handshake_timeout_ms: 5_000,
+            idle_timeout_ms: 300_000,
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            tls_cert_hours: 24,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            argon2_m_kib: 19_456,
+            argon2_t: 2,
+            workers: 2,
+            queue: 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` if given, else defaults; `data_dir` overrides the file.
+    pub fn load(path: Option<&Path>, data_dir: Option<&Path>) -> Result<Self> {
+        let mut cfg: Config = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(d) = data_dir {
+            cfg.data_dir = d.to_path_buf();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let b = &self.broker;
+        if !(64..=1 << 20).contains(&b.max_frame) {
+            bail!("broker.max_frame must be 64..=1048576, got {}", b.max_frame);
+        }
+        if b.max_connections_per_core == 0 {
+            bail!("broker.max_connections_per_core must be positive");
+        }
+        if b.handshake_timeout_ms == 0 || b.idle_timeout_ms == 0 {
+            bail!("broker timeouts must be positive");
+        }
+        if !(1..=24 * 30).contains(&b.tls_cert_hours) {
+            bail!("broker.tls_cert_hours must be 1..=720");
+        }
+        if !(1..=64).contains(&self.hsm.workers) || self.hsm.queue == 0 {
+            bail!("hsm.workers must be 1..=64 and hsm.queue positive");
+        }
+        let a = &self.auth;
+        if !(1..=100).contains(&a.max_failures) {
+            bail!("auth.max_failures must be 1..=100");
+        }
+        if !(1..=64).contains(&a.workers) || a.queue == 0 {
+            bail!("auth.workers must be 1..=64 and auth.queue positive");
+        }
+        if a.argon2_m_kib < 8 || a.argon2_t == 0 {
+            bail!("auth.argon2_m_kib must be >= 8 and auth.argon2_t >= 1");
+        }
+        Ok(())
+    }
+
+    /// `p` resolved against the data directory.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.data_dir.join(p)
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("keybroker.db")
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join("pki")
+    }
+
+    pub fn cores(&self) -> usize {
+        if self.broker.cores == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.broker.cores
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_bounds_are_refused() {
+        assert!(toml::from_str::<Config>("pin = \"1234\"").is_err());
+        let mut c = Config::default();
+        c.broker.max_frame = 10;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../ops/keybroker.example.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+    }
+}

@@ -1,0 +1,279 @@
+//! Enrolment: the data directory, the token, the CAs, users, terminals and
+//! markets. Used by the `keybroker` CLI; never on the serving path.
+//!
+//! ```text
+//! init ──► var/hsm (token, PIN files) ──► CA keys in HSM ──► CA certs (var/pki, db meta)
+//! user add ──► home-card key (generated in HSM, stored wrapped) + user cert + argon2id hashes
+//! terminal enroll ──► software key + cert from the terminal CA ──► PEM files for the terminal
+//! ```
+
+use crate::config::Config;
+use crate::hsm::signer::{HsmSigner, P256Public};
+use crate::hsm::{Hsm, KeyHandles, labels, ops};
+use crate::passwords;
+use crate::pki::{self, Usage};
+use crate::store::{MarketRecord, Store, UserRecord};
+use anyhow::{Context, Result, bail};
+use cryptoki::object::ObjectClass;
+use cryptoki::session::Session;
+use std::path::Path;
+use std::time::Duration;
+
+const SOFTHSM_TEMPLATE: &str = include_str!("../hsm/softhsm2.conf.template");
+
+/// Meta keys holding each CA's DER certificate, and its PEM file name.
+pub const CAS: [(&str, &str, &str); 3] = [
+    (labels::BROKER_CA, "keybroker broker CA", "broker-ca.pem"),
+    (
+        labels::TERMINAL_CA,
+        "keybroker terminal CA",
+        "terminal-ca.pem",
+    ),
+    (labels::USER_CA, "keybroker user CA", "user-ca.pem"),
+];
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents)?;
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::fill(&mut b[..]);
+    hex::encode(b)
+}
+
+/// Prepares the data directory and the token files. Idempotent.
+fn prepare_dirs(cfg: &Config) -> Result<()> {
+    let hsm_dir = cfg.data_dir.join("hsm");
+    let tokens = hsm_dir.join("tokens");
+    std::fs::create_dir_all(&tokens).with_context(|| format!("creating {}", tokens.display()))?;
+    std::fs::create_dir_all(cfg.pki_dir())?;
+    if !cfg.hsm.softhsm2_conf.as_os_str().is_empty() {
+        let conf = cfg.path(&cfg.hsm.softhsm2_conf);
+        if !conf.exists() {
+            let abs = std::fs::canonicalize(&tokens)?;
+            let text = SOFTHSM_TEMPLATE.replace("@TOKENDIR@", &abs.display().to_string());
+            std::fs::write(&conf, text)?;
+        }
+    }
+    let user_pin = cfg.path(&cfg.hsm.pin_file);
+    if !user_pin.exists() && std::env::var_os(crate::config::PIN_ENV).is_none() {
+        write_private(&user_pin, random_hex(16).as_bytes())?;
+    }
+    let so_pin = cfg.path(&cfg.hsm.so_pin_file);
+    if !so_pin.exists() {
+        write_private(&so_pin, random_hex(16).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// An open HSM, session and registry for enrolment commands.
+pub struct Admin {
+    pub cfg: Config,
+    pub hsm: Hsm,
+    pub session: Session,
+    pub store: Store,
+}
+
+impl Admin {
+    pub fn open(cfg: &Config) -> Result<Self> {
+        let hsm = Hsm::open(cfg).context("opening the HSM (did `keybroker init` run?)")?;
+        let session = hsm.session()?;
+        let store = Store::open(&cfg.db_path())?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            hsm,
+            session,
+            store,
+        })
+    }
+
+    pub fn keys(&self) -> Result<KeyHandles> {
+        Ok(self.hsm.key_handles()?)
+    }
+
+    fn signer(&self, label: &str) -> Result<HsmSigner<'_>> {
+        let key = self
+            .hsm
+            .find(&self.session, label, ObjectClass::PRIVATE_KEY)?
+            .with_context(|| format!("CA key {label} missing; run `keybroker init`"))?;
+        let point = ops::public_point(&self.session, label)?;
+        Ok(HsmSigner {
+            session: &self.session,
+            key,
+            point,
+        })
+    }
+
+    /// The DER certificate of a CA, by key label.
+    pub fn ca_cert(&self, label: &str) -> Result<Vec<u8>> {
+        self.store
+            .meta_get(label)?
+            .with_context(|| format!("CA certificate {label} missing; run `keybroker init`"))
+    }
+}
+
+/// `keybroker init`: data directory, token, CA keys and certificates,
+/// master wrap key. Safe to run again: existing parts are kept.
+pub fn init(cfg: &Config) -> Result<()> {
+    prepare_dirs(cfg)?;
+    if Hsm::init_token(cfg)? {
+        tracing::info!(token = %cfg.hsm.token_label, "initialised HSM token");
+    }
+    let admin = Admin::open(cfg)?;
+    let s = &admin.session;
+    for (label, cn, file) in CAS {
+        if admin
+            .hsm
+            .find(s, label, ObjectClass::PRIVATE_KEY)?
+            .is_none()
+        {
+            ops::generate_token_signing_key(s, label)?;
+            tracing::info!(label, "generated CA key in the HSM");
+        }
+        if admin.store.meta_get(label)?.is_none() {
+            let der = pki::self_signed_ca(cn, &admin.signer(label)?)?;
+            admin.store.meta_put(label, &der)?;
+        }
+        let der = admin.ca_cert(label)?;
+        std::fs::write(cfg.pki_dir().join(file), pki::pem("CERTIFICATE", &der))?;
+    }
+    if admin
+        .hsm
+        .find(s, labels::MASTER_WRAP, ObjectClass::SECRET_KEY)?
+        .is_none()
+    {
+        ops::generate_master_wrap_key(s, labels::MASTER_WRAP)?;
+        tracing::info!("generated master wrap key in the HSM");
+    }
+    admin.keys()?;
+    Ok(())
+}
+
+/// A user id: 1 to 64 bytes of `[A-Za-z0-9._-]`.
+pub fn check_id(kind: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= crate::proto::access::MAX_USER
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !ok {
+        bail!("{kind} id must be 1-64 characters of A-Z a-z 0-9 . _ -, got {id:?}");
+    }
+    Ok(())
+}
+
+fn check_mail(mail: &str) -> Result<()> {
+    let parts: Vec<&str> = mail.split('@').collect();
+    if parts.len() != 2
+        || parts[0].is_empty()
+        || !parts[1].contains('.')
+        || mail.len() > 254
+        || mail.contains(char::is_whitespace)
+    {
+        bail!("not a mail address: {mail:?}");
+    }
+    Ok(())
+}
+
+/// `keybroker user add`.
+pub fn user_add(
+    admin: &Admin,
+    id: &str,
+    mail: &str,
+    pw_access: &[u8],
+    pw_release: &[u8],
+) -> Result<()> {
+    check_id("user", id)?;
+    check_mail(mail)?;
+    if admin.store.user_get(id)?.is_some() {
+        bail!("user {id} exists already");
+    }
+    let a = &admin.cfg.auth;
+    let h1 = passwords::hash(pw_access, a.argon2_m_kib, a.argon2_t)?;
+    let h2 = passwords::hash(pw_release, a.argon2_m_kib, a.argon2_t)?;
+    let keys = admin.keys()?;
+    let (point, wrapped) = ops::generate_wrapped_user_key(&admin.session, keys.master_wrap)?;
+    let ca = admin.ca_cert(labels::USER_CA)?;
+    let cert = pki::issue(
+        &ca,
+        &admin.signer(labels::USER_CA)?,
+        &format!("user {id}"),
+        &[],
+        Usage::Signing,
+        Duration::from_secs(2 * 365 * 86400),
+        &P256Public(point.clone()),
+    )?;
+    admin.store.user_add(&UserRecord {
+        id: id.into(),
+        mail: mail.into(),
+        cert,
+        public_key: point,
+        wrapped_key: wrapped,
+        pw_access: h1,
+        pw_release: h2,
+        failures: 0,
+        locked: false,
+    })
+}
+
+/// `keybroker terminal enroll`: writes `terminal.key`, `terminal.crt` and
+/// `broker-ca.crt` into `out`. Returns the terminal's serial.
+pub fn terminal_enroll(admin: &Admin, user: &str, out: &Path) -> Result<String> {
+    if admin.store.user_get(user)?.is_none() {
+        bail!("no user {user}");
+    }
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let serial = random_hex(8);
+    let ca = admin.ca_cert(labels::TERMINAL_CA)?;
+    let cert = pki::issue(
+        &ca,
+        &admin.signer(labels::TERMINAL_CA)?,
+        &format!("terminal {serial} of {user}"),
+        &[],
+        Usage::TlsClient,
+        Duration::from_secs(365 * 86400),
+        &key,
+    )?;
+    admin
+        .store
+        .terminal_add(&pki::fingerprint(&cert), &serial, user, &cert)?;
+    std::fs::create_dir_all(out)?;
+    write_private(&out.join("terminal.key"), key.serialize_pem().as_bytes())?;
+    std::fs::write(out.join("terminal.crt"), pki::pem("CERTIFICATE", &cert))?;
+    let broker_ca = admin.ca_cert(labels::BROKER_CA)?;
+    std::fs::write(
+        out.join("broker-ca.crt"),
+        pki::pem("CERTIFICATE", &broker_ca),
+    )?;
+    Ok(serial)
+}
+
+/// `keybroker market add`.
+pub fn market_add(admin: &Admin, id: &str, endpoint: &str, ca_file: &Path) -> Result<()> {
+    check_id("market", id)?;
+    endpoint
+        .rsplit_once(':')
+        .and_then(|(h, p)| (!h.is_empty()).then_some(p))
+        .and_then(|p| p.parse::<u16>().ok())
+        .with_context(|| format!("endpoint must be HOST:PORT, got {endpoint:?}"))?;
+    let ca_pem = std::fs::read_to_string(ca_file)
+        .with_context(|| format!("reading {}", ca_file.display()))?;
+    let der = pki::read_cert_pem(&ca_pem)?;
+    x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("market CA: {e}"))?;
+    admin.store.market_add(&MarketRecord {
+        id: id.into(),
+        endpoint: endpoint.into(),
+        ca_pem,
+    })
+}

@@ -1,0 +1,240 @@
+//! The home card: keys and operations in a PKCS#11 token (SoftHSM in tests).
+//!
+//! ```text
+//! Hsm::open ─► load module ─► find token by label ─► anchor session + login
+//!                                                 └► cache key handles (no C_FindObjects later)
+//! worker threads ─► Hsm::session() (one per thread) ─► ops::* (sign, wrap, unwrap)
+//! ```
+//!
+//! One PKCS#11 session belongs to one thread: two threads sharing one
+//! session crash SoftHSM. The anchor session only keeps the login (and the
+//! session objects it owns) alive; it is never used for work after start.
+//! Every error names the PKCS#11 function that failed.
+
+pub mod ops;
+pub mod signer;
+
+use crate::config::{Config, PIN_ENV};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use std::path::Path;
+use std::sync::Mutex;
+use thiserror::Error;
+
+/// Labels of the long-term keys. Each is a PKCS#11 URI
+/// `pkcs11:token=<label>;object=<name>` (RFC 7512).
+pub mod labels {
+    pub const BROKER_CA: &str = "kb-broker-ca";
+    pub const TERMINAL_CA: &str = "kb-terminal-ca";
+    pub const USER_CA: &str = "kb-user-ca";
+    pub const MASTER_WRAP: &str = "kb-master-wrap";
+}
+
+#[derive(Debug, Error)]
+pub enum HsmError {
+    /// A PKCS#11 call failed; cryptoki's message names the function.
+    #[error("PKCS#11 {op}: {source}")]
+    Pkcs11 {
+        op: &'static str,
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    #[error("token '{0}' not found in any slot")]
+    TokenNotFound(String),
+    #[error("key 'pkcs11:token={token};object={label}' not found; run `keybroker init`")]
+    KeyNotFound { token: String, label: String },
+    #[error("HSM PIN unavailable: {0}")]
+    Pin(String),
+    #[error("HSM returned {0}")]
+    Format(&'static str),
+}
+
+pub type HsmResult<T> = Result<T, HsmError>;
+
+/// Adds the operation name to a cryptoki error.
+pub(crate) trait Ctx<T> {
+    fn op(self, op: &'static str) -> HsmResult<T>;
+}
+
+impl<T> Ctx<T> for cryptoki::error::Result<T> {
+    fn op(self, op: &'static str) -> HsmResult<T> {
+        self.map_err(|source| HsmError::Pkcs11 { op, source })
+    }
+}
+
+/// Handles of the long-term keys, looked up once at start.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyHandles {
+    pub broker_ca: ObjectHandle,
+    pub terminal_ca: ObjectHandle,
+    pub user_ca: ObjectHandle,
+    pub master_wrap: ObjectHandle,
+}
+
+pub struct Hsm {
+    ctx: Pkcs11,
+    slot: Slot,
+    token: String,
+    anchor: Mutex<Session>,
+}
+
+/// Exports `SOFTHSM2_CONF` from the config unless the environment has it.
+/// Call before any thread starts.
+pub fn export_softhsm_conf(cfg: &Config) {
+    if cfg.hsm.softhsm2_conf.as_os_str().is_empty() || std::env::var_os("SOFTHSM2_CONF").is_some() {
+        return;
+    }
+    let path = cfg.path(&cfg.hsm.softhsm2_conf);
+    // SAFETY: called from main before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("SOFTHSM2_CONF", path);
+    }
+}
+
+/// The user PIN: `KEYBROKER_HSM_PIN` if set, else the configured PIN file.
+pub fn user_pin(cfg: &Config) -> HsmResult<AuthPin> {
+    if let Ok(pin) = std::env::var(PIN_ENV) {
+        return Ok(AuthPin::from(pin));
+    }
+    read_pin(&cfg.path(&cfg.hsm.pin_file))
+}
+
+pub fn read_pin(path: &Path) -> HsmResult<AuthPin> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| HsmError::Pin(format!("{}: {e}", path.display())))?;
+    let pin = text.trim_end_matches(['\n', '\r']).to_owned();
+    if pin.is_empty() {
+        return Err(HsmError::Pin(format!("{} is empty", path.display())));
+    }
+    Ok(AuthPin::from(pin))
+}
+
+fn load_module(path: &Path) -> HsmResult<Pkcs11> {
+    let ctx = Pkcs11::new(path).op("C_GetFunctionList (load module)")?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .op("C_Initialize")?;
+    Ok(ctx)
+}
+
+fn find_slot(ctx: &Pkcs11, label: &str) -> HsmResult<Option<Slot>> {
+    for slot in ctx.get_slots_with_initialized_token().op("C_GetSlotList")? {
+        let info = ctx.get_token_info(slot).op("C_GetTokenInfo")?;
+        if info.label().trim_end() == label {
+            return Ok(Some(slot));
+        }
+    }
+    Ok(None)
+}
+
+impl Hsm {
+    /// Loads the module, finds the token and logs in with the user PIN.
+    pub fn open(cfg: &Config) -> HsmResult<Self> {
+        let ctx = load_module(&cfg.hsm.module)?;
+        let token = cfg.hsm.token_label.clone();
+        let slot =
+            find_slot(&ctx, &token)?.ok_or_else(|| HsmError::TokenNotFound(token.clone()))?;
+        let anchor = ctx.open_rw_session(slot).op("C_OpenSession")?;
+        match anchor.login(UserType::User, Some(&user_pin(cfg)?)) {
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => {}
+            Err(e) => {
+                return Err(HsmError::Pkcs11 {
+                    op: "C_Login",
+                    source: e,
+                });
+            }
+        }
+        Ok(Self {
+            ctx,
+            slot,
+            token,
+            anchor: Mutex::new(anchor),
+        })
+    }
+
+    /// Initialises the token if no token has the label yet. Idempotent.
+    /// Returns true when a token was created.
+    pub fn init_token(cfg: &Config) -> HsmResult<bool> {
+        let ctx = load_module(&cfg.hsm.module)?;
+        let label = &cfg.hsm.token_label;
+        if find_slot(&ctx, label)?.is_some() {
+            return Ok(false);
+        }
+        let so_pin = read_pin(&cfg.path(&cfg.hsm.so_pin_file))?;
+        let user_pin = user_pin(cfg)?;
+        let mut free = None;
+        for slot in ctx.get_slots_with_token().op("C_GetSlotList")? {
+            let info = ctx.get_token_info(slot).op("C_GetTokenInfo")?;
+            if !info.token_initialized() {
+                free = Some(slot);
+                break;
+            }
+        }
+        let slot = free.ok_or_else(|| HsmError::TokenNotFound("(a free slot)".into()))?;
+        ctx.init_token(slot, &so_pin, label).op("C_InitToken")?;
+        // SoftHSM moves the token to a new slot number: look it up again.
+        let slot = find_slot(&ctx, label)?.ok_or_else(|| HsmError::TokenNotFound(label.clone()))?;
+        let s = ctx.open_rw_session(slot).op("C_OpenSession")?;
+        s.login(UserType::So, Some(&so_pin)).op("C_Login (SO)")?;
+        s.init_pin(&user_pin).op("C_InitPIN")?;
+        s.logout().op("C_Logout")?;
+        Ok(true)
+    }
+
+    /// A new session for the calling thread. The token is already logged in.
+    pub fn session(&self) -> HsmResult<Session> {
+        self.ctx.open_rw_session(self.slot).op("C_OpenSession")
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Finds a token key by label and class. Start-up and enrolment only.
+    pub fn find(
+        &self,
+        s: &Session,
+        label: &str,
+        class: ObjectClass,
+    ) -> HsmResult<Option<ObjectHandle>> {
+        let found = s
+            .find_objects(&[
+                Attribute::Token(true),
+                Attribute::Class(class),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .op("C_FindObjects")?;
+        Ok(found.first().copied())
+    }
+
+    fn require(&self, s: &Session, label: &str, class: ObjectClass) -> HsmResult<ObjectHandle> {
+        self.find(s, label, class)?
+            .ok_or_else(|| HsmError::KeyNotFound {
+                token: self.token.clone(),
+                label: label.into(),
+            })
+    }
+
+    /// Looks up the long-term key handles once.
+    pub fn key_handles(&self) -> HsmResult<KeyHandles> {
+        let s = self.anchor.lock().expect("anchor lock");
+        Ok(KeyHandles {
+            broker_ca: self.require(&s, labels::BROKER_CA, ObjectClass::PRIVATE_KEY)?,
+            terminal_ca: self.require(&s, labels::TERMINAL_CA, ObjectClass::PRIVATE_KEY)?,
+            user_ca: self.require(&s, labels::USER_CA, ObjectClass::PRIVATE_KEY)?,
+            master_wrap: self.require(&s, labels::MASTER_WRAP, ObjectClass::SECRET_KEY)?,
+        })
+    }
+
+    /// Whether the token still answers. Used by `/readyz`.
+    pub fn ping(&self) -> bool {
+        self.ctx.get_token_info(self.slot).is_ok()
+    }
+}

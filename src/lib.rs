@@ -1,0 +1,26 @@
+//! keybroker: a key-brokering appliance between user terminals and
+//! electronic markets.
+//!
+//! ```text
+//! terminal ──access channel (TLS 1.3, X')──► broker ──market channel──► market
+//!     └──────────────direct channel (keyed from X)─────────────────────►┘
+//! ```
+//!
+//! `proto` is the sans-IO core; `broker` and `terminal` drive it over
+//! sockets; `hsm` is the home card; `store` the registry; `enroll` the
+//! enrolment commands.
+
+pub mod broker;
+pub mod config;
+pub mod crypto;
+pub mod demo;
+pub mod enroll;
+pub mod hsm;
+pub mod metrics;
+pub mod net;
+pub mod passwords;
+pub mod pki;
+pub mod pool;
+pub mod proto;
+pub mod store;
+pub mod terminal;

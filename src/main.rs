@@ -1,0 +1,311 @@
+//! The `keybroker` command: enrolment, serving, and the terminal CLI.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use keybroker::config::Config;
+use keybroker::enroll::{self, Admin};
+use keybroker::passwords::read_secret;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "keybroker", version, about = "Key-brokering appliance")]
+struct Cli {
+    /// Config file (TOML). Without it, defaults apply.
+    #[arg(long, short, env = "KEYBROKER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory; overrides the config file.
+    #[arg(long, env = "KEYBROKER_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    json_logs: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the data directory, the HSM token, the CA keys and certificates.
+    Init,
+    /// Serve the access channel.
+    Serve,
+    /// Run the end-to-end demo against an in-process broker (after demo-enroll).
+    Demo,
+    /// Enrol demo users and terminals under <data dir>/demo (idempotent).
+    DemoEnroll,
+    #[command(subcommand)]
+    User(UserCmd),
+    #[command(subcommand)]
+    Terminal(TerminalCmd),
+    #[command(subcommand)]
+    Market(MarketCmd),
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user: home-card key in the HSM, certificate, both passwords.
+    /// Passwords come from files, or as two lines on stdin (first, second).
+    Add {
+        id: String,
+        #[arg(long)]
+        mail: String,
+        #[arg(long, default_value = "-")]
+        access_password_file: String,
+        #[arg(long, default_value = "-")]
+        release_password_file: String,
+    },
+    List,
+    Remove {
+        id: String,
+    },
+    /// Clear a lockout after too many wrong passwords.
+    Unlock {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TerminalCmd {
+    /// Issue a terminal key and certificate for a user into DIR.
+    Enroll {
+        user: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Refuse a terminal's certificate from now on.
+    Revoke { serial: String },
+    /// Connect, log in and release, as a terminal would.
+    Login {
+        /// Directory written by `terminal enroll`.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        broker: SocketAddr,
+        #[arg(long, default_value = "-")]
+        access_password_file: String,
+        #[arg(long, default_value = "-")]
+        release_password_file: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MarketCmd {
+    /// Register a market and the CA that certifies it.
+    Add {
+        id: String,
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        ca: PathBuf,
+    },
+    List,
+    Remove {
+        id: String,
+    },
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logs(cli.json_logs);
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cfg = Config::load(cli.config.as_deref(), cli.data_dir.as_deref())?;
+    keybroker::hsm::export_softhsm_conf(&cfg);
+    let stdin = std::io::stdin();
+    let mut stdin = stdin.lock();
+    match cli.cmd {
+        Cmd::Init => {
+            enroll::init(&cfg)?;
+            println!("initialised {}", cfg.data_dir.display());
+        }
+        Cmd::Serve => {
+            let broker = keybroker::broker::Broker::start(cfg)?;
+            // One machine-readable line, so scripts and tests learn the port.
+            println!("listening {}", broker.addr);
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            broker.join();
+        }
+        Cmd::DemoEnroll => demo_enroll(&cfg)?,
+        Cmd::Demo => keybroker::demo::run(cfg)?,
+        Cmd::User(c) => user(&cfg, c, &mut stdin)?,
+        Cmd::Terminal(c) => terminal(&cfg, c, &mut stdin)?,
+        Cmd::Market(c) => market(&cfg, c)?,
+    }
+    Ok(())
+}
+
+fn user(cfg: &Config, c: UserCmd, stdin: &mut dyn BufRead) -> Result<()> {
+    let admin = Admin::open(cfg)?;
+    match c {
+        UserCmd::Add {
+            id,
+            mail,
+            access_password_file,
+            release_password_file,
+        } => {
+            let p1 = read_secret(&access_password_file, stdin)?;
+            let p2 = read_secret(&release_password_file, stdin)?;
+            if *p1 == *p2 {
+                bail!("the two passwords must differ");
+            }
+            enroll::user_add(&admin, &id, &mail, p1.as_bytes(), p2.as_bytes())?;
+            println!("added user {id}");
+        }
+        UserCmd::List => {
+            for (id, mail, failures, locked) in admin.store.user_list()? {
+                let state = if locked { "locked" } else { "active" };
+                println!("{id}\t{mail}\t{state}\tfailures={failures}");
+            }
+        }
+        UserCmd::Remove { id } => {
+            if !admin.store.user_remove(&id)? {
+                bail!("no user {id}");
+            }
+            println!("removed user {id}");
+        }
+        UserCmd::Unlock { id } => {
+            if !admin.store.unlock(&id)? {
+                bail!("no user {id}");
+            }
+            println!("unlocked user {id}");
+        }
+    }
+    Ok(())
+}
+
+fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()> {
+    match c {
+        TerminalCmd::Enroll { user, out } => {
+            let serial = enroll::terminal_enroll(&Admin::open(cfg)?, &user, &out)?;
+            println!(
+                "enrolled terminal {serial} for {user} into {}",
+                out.display()
+            );
+        }
+        TerminalCmd::List { user } => {
+            for t in Admin::open(cfg)?.store.terminal_list(user.as_deref())? {
+                let state = if t.revoked { "revoked" } else { "active" };
+                println!(
+                    "{}\t{}\t{state}\t{}",
+                    t.serial,
+                    t.user_id,
+                    hex::encode(&t.fingerprint)
+                );
+            }
+        }
+        TerminalCmd::Revoke { serial } => {
+            if !Admin::open(cfg)?.store.terminal_revoke(&serial)? {
+                bail!("no terminal {serial}");
+            }
+            println!("revoked terminal {serial}");
+        }
+        TerminalCmd::Login {
+            dir,
+            user,
+            broker,
+            access_password_file,
+            release_password_file,
+        } => {
+            let p1 = read_secret(&access_password_file, stdin)?;
+            let p2 = read_secret(&release_password_file, stdin)?;
+            terminal_login(&dir, &user, broker, p1.as_bytes(), p2.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+fn terminal_login(dir: &Path, user: &str, broker: SocketAddr, p1: &[u8], p2: &[u8]) -> Result<()> {
+    use keybroker::terminal::{Terminal, TerminalConfig};
+    let tc = TerminalConfig::load(dir)?;
+    let mut t = Terminal::connect(broker, &tc, Duration::from_secs(10)).context("connecting")?;
+    t.login(user, p1).context("login")?;
+    println!("logged in as {user}; X' confirmed by the broker");
+    t.release(p2).context("release")?;
+    println!("released: the broker may act for {user} in this session");
+    let fp = keybroker::crypto::hmac_sha256(t.xprime(), &[b"keybroker x-prime fingerprint"]);
+    println!(
+        "X' fingerprint (HMAC, not the key): {}",
+        hex::encode(&fp[..8])
+    );
+    t.logout()?;
+    Ok(())
+}
+
+fn market(cfg: &Config, c: MarketCmd) -> Result<()> {
+    let admin = Admin::open(cfg)?;
+    match c {
+        MarketCmd::Add { id, endpoint, ca } => {
+            enroll::market_add(&admin, &id, &endpoint, &ca)?;
+            println!("added market {id} at {endpoint}");
+        }
+        MarketCmd::List => {
+            for m in admin.store.market_list()? {
+                println!("{}\t{}", m.id, m.endpoint);
+            }
+        }
+        MarketCmd::Remove { id } => {
+            if !admin.store.market_remove(&id)? {
+                bail!("no market {id}");
+            }
+            println!("removed market {id}");
+        }
+    }
+    Ok(())
+}
+
+/// Demo users with their passwords in files under <data dir>/demo/<user>/,
+/// next to the terminal's PEM files. For demonstrations only.
+fn demo_enroll(cfg: &Config) -> Result<()> {
+    let admin = Admin::open(cfg)?;
+    for user in keybroker::demo::DEMO_USERS {
+        let (p1, p2) = (format!("{user}-access-pw"), format!("{user}-release-pw"));
+        let dir = cfg.data_dir.join("demo").join(user);
+        if admin.store.user_get(user)?.is_none() {
+            enroll::user_add(
+                &admin,
+                user,
+                &format!("{user}@example.org"),
+                p1.as_bytes(),
+                p2.as_bytes(),
+            )?;
+        }
+        if !dir.join("terminal.crt").exists() {
+            enroll::terminal_enroll(&admin, user, &dir)?;
+            std::fs::write(dir.join("access.pw"), &p1)?;
+            std::fs::write(dir.join("release.pw"), &p2)?;
+        }
+        println!("demo user {user}: terminal files in {}", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! rustls driven over a compio (io_uring) TCP stream.
+//!
+//! ```text
+//! socket ──read(owned buf)──► conn.read_tls ──► process_new_packets ──► conn.reader ──► plaintext
+//! plaintext ──► conn.writer ──► conn.write_tls(owned buf) ──write_all──► socket
+//! ```
+//!
+//! We drive rustls ourselves instead of going through a wrapper crate so the
+//! broker can reach the connection itself: the X' exporter, the peer
+//! certificate, and the session ticket state. Buffers are owned and reused
+//! across reads and writes, as io_uring needs.
+
+use compio::BufResult;
+use compio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use compio::net::TcpStream;
+use rustls::ConnectionCommon;
+use rustls::SideData;
+use std::io::{self, Read, Write};
+use std::ops::DerefMut;
+
+const READ_BUF: usize = 16 * 1024 + 512;
+
+pub struct TlsIo<C> {
+    pub sock: TcpStream,
+    pub conn: C,
+    rbuf: Option<Vec<u8>>,
+    wbuf: Option<Vec<u8>>,
+}
+
+impl<C, D> TlsIo<C>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+    D: SideData,
+{
+    pub fn new(sock: TcpStream, conn: C) -> Self {
+        Self {
+            sock,
+            conn,
+            rbuf: None,
+            wbuf: None,
+        }
+    }
+
+    /// Writes every pending TLS record to the socket.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            let mut w = self.wbuf.take().unwrap_or_default();
+            w.clear();
+            while self.conn.wants_write() {
+                self.conn.write_tls(&mut w)?;
+            }
+            let BufResult(r, w) = self.sock.write_all(w).await;
+            self.wbuf = Some(w);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Reads from the socket into rustls. `Ok(false)` at end of stream.
+    async fn fill(&mut self) -> io::Result<bool> {
+        let mut b = self
+            .rbuf
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(READ_BUF));
+        b.clear();
+        let BufResult(r, b) = self.sock.read(b).await;
+        let n = match r {
+            Ok(n) => n,
+            Err(e) => {
+                self.rbuf = Some(b);
+                return Err(e);
+            }
+        };
+        let mut rest = &b[..n];
+        let mut result = Ok(n > 0);
+        while !rest.is_empty() {
+            if let Err(e) = self.conn.read_tls(&mut rest) {
+                result = Err(e);
+                break;
+            }
+            if let Err(e) = self.conn.process_new_packets() {
+                // Send the alert rustls queued, then fail.
+                let _ = self.flush().await;
+                result = Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                break;
+            }
+        }
+        self.rbuf = Some(b);
+        result
+    }
+
+    /// Completes the TLS handshake.
+    pub async fn handshake(&mut self) -> io::Result<()> {
+        while self.conn.is_handshaking() {
+            self.flush().await?;
+            if self.conn.is_handshaking() && self.conn.wants_read() && !self.fill().await? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        self.flush().await
+    }
+
+    /// Reads plaintext into `buf`. `Ok(0)` when the peer has closed.
+    pub async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let more = self.fill().await?;
+                    // Post-handshake messages (tickets, key updates) may need answers.
+                    self.flush().await?;
+                    if !more {
+                        return Ok(0);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Encrypts and sends `data`.
+    pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        self.conn.writer().write_all(data)?;
+        self.flush().await
+    }
+
+    /// Sends close_notify and shuts the socket down.
+    pub async fn close(mut self) {
+        self.conn.send_close_notify();
+        let _ = self.flush().await;
+        let _ = self.sock.shutdown().await;
+    }
+}

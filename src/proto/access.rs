@@ -1,0 +1,345 @@
+//! Access-channel frames (terminal ⇄ broker), byte-exact per docs/PROTOCOL.md.
+//!
+//! ```text
+//! bytes in ─► FrameDecoder::push ─► FrameDecoder::next ─► Frame ─► session state machine
+//! Frame ─► encode ─► bytes out
+//! ```
+//!
+//! A frame is `len:u32 | type:u8 | id:u32 | body`, where `len` counts
+//! `type`, `id` and `body`. Nothing here touches a socket, a clock or the HSM.
+
+use super::code::ErrorCode;
+use super::wire::{Put, Reader, WireError};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+/// Longest user id, in bytes.
+pub const MAX_USER: usize = 64;
+/// Longest password, in bytes.
+pub const MAX_PASSWORD: usize = 256;
+/// Longest error detail, in bytes.
+pub const MAX_DETAIL: usize = 512;
+/// Bytes before the body: `len`, `type`, `id`.
+pub const HEADER: usize = 9;
+/// Default cap on `len`; the broker's `max_frame` setting may lower it.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024;
+
+/// A password as it travels: zeroized on drop and never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(pub Zeroizing<Vec<u8>>);
+
+impl Password {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(Zeroizing::new(bytes.into()))
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Terminal → broker: first password (type 0x01).
+    Login { user: String, password: Password },
+    /// Terminal → broker: second password (type 0x02).
+    Release { password: Password },
+    /// Terminal → broker: end the session (type 0x03).
+    Logout,
+    /// Terminal → broker: liveness probe (type 0x04).
+    Ping,
+    /// Broker → terminal: access granted; `confirm` proves both hold X' (type 0x81).
+    LoginOk { confirm: [u8; 32] },
+    /// Broker → terminal: authority released for this session (type 0x82).
+    ReleaseOk,
+    /// Broker → terminal: answer to Logout; the broker then closes (type 0x83).
+    Bye,
+    /// Broker → terminal: answer to Ping (type 0x84).
+    Pong,
+    /// Broker → terminal: typed failure (type 0xFF).
+    Error { code: ErrorCode, detail: String },
+}
+
+impl Message {
+    pub fn type_byte(&self) -> u8 {
+        match self {
+            Self::Login { .. } => 0x01,
+            Self::Release { .. } => 0x02,
+            Self::Logout => 0x03,
+            Self::Ping => 0x04,
+            Self::LoginOk { .. } => 0x81,
+            Self::ReleaseOk => 0x82,
+            Self::Bye => 0x83,
+            Self::Pong => 0x84,
+            Self::Error { .. } => 0xFF,
+        }
+    }
+
+    pub fn error(code: ErrorCode, detail: impl Into<String>) -> Self {
+        let mut detail = detail.into();
+        if detail.len() > MAX_DETAIL {
+            let mut cut = MAX_DETAIL;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+        }
+        Self::Error { code, detail }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Chosen by the terminal; echoed in the answer.
+    pub id: u32,
+    pub msg: Message,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] WireError),
+}
+
+impl FrameError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// Appends the encoding of `frame` to `out`.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.put_u32(0);
+    out.put_u8(frame.msg.type_byte());
+    out.put_u32(frame.id);
+    match &frame.msg {
+        Message::Login { user, password } => {
+            out.put_bytes(user.as_bytes());
+            out.put_bytes(password.expose());
+        }
+        Message::Release { password } => out.put_bytes(password.expose()),
+        Message::LoginOk { confirm } => out.extend_from_slice(confirm),
+        Message::Error { code, detail } => {
+            out.put_u16(*code as u16);
+            out.put_bytes(detail.as_bytes());
+        }
+        Message::Logout | Message::Ping | Message::ReleaseOk | Message::Bye | Message::Pong => {}
+    }
+    let len = u32::try_from(out.len() - start - 4).expect("frame fits u32");
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Decodes one frame body (`type | id | body`, without the length).
+pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
+    let mut r = Reader::new(body);
+    let ty = r.u8("type")?;
+    let id = r.u32("id")?;
+    let msg = match ty {
+        0x01 => {
+            let user = r.str(MAX_USER, "user")?;
+            if user.is_empty() {
+                return Err(WireError::Invalid("user").into());
+            }
+            let user = user.to_owned();
+            let password = Password::new(r.bytes(MAX_PASSWORD, "password")?);
+            Message::Login { user, password }
+        }
+        0x02 => Message::Release {
+            password: Password::new(r.bytes(MAX_PASSWORD, "password")?),
+        },
+        0x03 => Message::Logout,
+        0x04 => Message::Ping,
+        0x81 => Message::LoginOk {
+            confirm: r.array("confirm")?,
+        },
+        0x82 => Message::ReleaseOk,
+        0x83 => Message::Bye,
+        0x84 => Message::Pong,
+        0xFF => {
+            let raw = r.u16("code")?;
+            let code = ErrorCode::from_u16(raw).ok_or(WireError::Invalid("code"))?;
+            let detail = r.str(MAX_DETAIL, "detail")?.to_owned();
+            Message::Error { code, detail }
+        }
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    r.finish()?;
+    Ok(Frame { id, msg })
+}
+
+/// Splits a byte stream into frames. Holds at most one frame plus one read.
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    max_frame: usize,
+}
+
+impl FrameDecoder {
+    pub fn new(max_frame: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(1024),
+            start: 0,
+            max_frame,
+        }
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes held but not yet returned as frames.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete frame, `None` if more bytes are needed. A
+    /// [`FrameError`] is final: the stream cannot be resynchronised.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        if len < HEADER - 4 {
+            return Err(WireError::Truncated("header").into());
+        }
+        if avail.len() < 4 + len {
+            return Ok(None);
+        }
+        let frame = decode_body(&avail[4..4 + len]);
+        self.start += 4 + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > self.max_frame {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        frame.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Frame> {
+        let msgs = vec![
+            Message::Login {
+                user: "alice".into(),
+                password: Password::new(b"first".to_vec()),
+            },
+            Message::Release {
+                password: Password::new(b"second".to_vec()),
+            },
+            Message::Logout,
+            Message::Ping,
+            Message::LoginOk { confirm: [7; 32] },
+            Message::ReleaseOk,
+            Message::Bye,
+            Message::Pong,
+            Message::error(ErrorCode::Locked, "card locked"),
+        ];
+        msgs.into_iter()
+            .enumerate()
+            .map(|(i, msg)| Frame { id: i as u32, msg })
+            .collect()
+    }
+
+    #[test]
+    fn every_message_round_trips_byte_by_byte() {
+        let mut wire = Vec::new();
+        for f in samples() {
+            encode(&f, &mut wire);
+        }
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let mut got = Vec::new();
+        for b in &wire {
+            dec.push(std::slice::from_ref(b));
+            while let Some(f) = dec.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, samples());
+        assert_eq!(dec.pending(), 0);
+    }
+
+    #[test]
+    fn login_encoding_is_byte_exact() {
+        let mut wire = Vec::new();
+        let f = Frame {
+            id: 0x0102_0304,
+            msg: Message::Login {
+                user: "ab".into(),
+                password: Password::new(b"xyz".to_vec()),
+            },
+        };
+        encode(&f, &mut wire);
+        assert_eq!(
+            wire,
+            [
+                0, 0, 0, 14, 0x01, 1, 2, 3, 4, 0, 2, b'a', b'b', 0, 3, b'x', b'y', b'z'
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_buffering() {
+        let mut dec = FrameDecoder::new(100);
+        dec.push(&1000u32.to_be_bytes());
+        assert_eq!(
+            dec.next_frame(),
+            Err(FrameError::TooLarge {
+                len: 1000,
+                max: 100
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_typed() {
+        let cases: Vec<Vec<u8>> = vec![
+            vec![0, 0, 0, 1, 0x01],                   // shorter than a header
+            vec![0, 0, 0, 5, 0x42, 0, 0, 0, 1],       // unknown type
+            vec![0, 0, 0, 7, 0x01, 0, 0, 0, 1, 0, 9], // user length past the end
+            vec![0, 0, 0, 6, 0x03, 0, 0, 0, 1, 0],    // trailing byte
+            vec![0, 0, 0, 11, 0xFF, 0, 0, 0, 1, 3, 231, 0, 0, 0, 0], // unknown code 999 + trailing
+        ];
+        for wire in cases {
+            let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+            dec.push(&wire);
+            let err = dec.next_frame().expect_err("must fail");
+            assert_eq!(err.code(), ErrorCode::Malformed, "{wire:?}");
+        }
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        let p = Password::new(b"hunter2".to_vec());
+        assert!(!format!("{p:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,322 @@
+//! The registry: users, terminals and markets in an embedded SQLite file.
+//!
+//! ```text
+//! enrolment CLI ──► Store (write) ──► keybroker.db (WAL, synchronous=FULL)
+//! auth workers ───► Store (read, failure counters)
+//! ```
+//!
+//! Each thread opens its own connection; SQLite serialises writers. The
+//! failure counter lives here so a lockout survives restarts.
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    id          TEXT PRIMARY KEY,
+    mail        TEXT NOT NULL,
+    cert        BLOB NOT NULL,
+    public_key  BLOB NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    pw_access   TEXT NOT NULL,
+    pw_release  TEXT NOT NULL,
+    failures    INTEGER NOT NULL DEFAULT 0,
+    locked      INTEGER NOT NULL DEFAULT 0,
+    created     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS terminals (
+    fingerprint BLOB PRIMARY KEY,
+    serial      TEXT NOT NULL UNIQUE,
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    cert        BLOB NOT NULL,
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    created     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS markets (
+    id       TEXT PRIMARY KEY,
+    endpoint TEXT NOT NULL,
+    ca_pem   TEXT NOT NULL,
+    created  INTEGER NOT NULL
+);
+";
+
+pub fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[derive(Clone, Debug)]
+pub struct UserRecord {
+    pub id: String,
+    pub mail: String,
+    pub cert: Vec<u8>,
+    pub public_key: Vec<u8>,
+    pub wrapped_key: Vec<u8>,
+    pub pw_access: String,
+    pub pw_release: String,
+    pub failures: u32,
+    pub locked: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct TerminalRecord {
+    pub fingerprint: Vec<u8>,
+    pub serial: String,
+    pub user_id: String,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct MarketRecord {
+    pub id: String,
+    pub endpoint: String,
+    pub ca_pem: String,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA).context("creating schema")?;
+        Ok(Self { conn })
+    }
+
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn user_add(&self, u: &UserRecord) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO users (id, mail, cert, public_key, wrapped_key, pw_access, pw_release, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![u.id, u.mail, u.cert, u.public_key, u.wrapped_key, u.pw_access, u.pw_release, now_secs()],
+            )
+            .with_context(|| format!("adding user {} (does it exist already?)", u.id))?;
+        Ok(())
+    }
+
+    pub fn user_get(&self, id: &str) -> Result<Option<UserRecord>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, mail, cert, public_key, wrapped_key, pw_access, pw_release, failures, locked
+                 FROM users WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(UserRecord {
+                        id: r.get(0)?,
+                        mail: r.get(1)?,
+                        cert: r.get(2)?,
+                        public_key: r.get(3)?,
+                        wrapped_key: r.get(4)?,
+                        pw_access: r.get(5)?,
+                        pw_release: r.get(6)?,
+                        failures: r.get(7)?,
+                        locked: r.get(8)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// (id, mail, failures, locked) of every user.
+    pub fn user_list(&self) -> Result<Vec<(String, String, u32, bool)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, mail, failures, locked FROM users ORDER BY id")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn user_remove(&self, id: &str) -> Result<bool> {
+        Ok(self.conn.execute("DELETE FROM users WHERE id = ?1", [id])? > 0)
+    }
+
+    /// Counts one failed password attempt; locks at `max`. Returns
+    /// (failures, locked) after the update, atomically.
+    pub fn record_failure(&self, id: &str, max: u32) -> Result<(u32, bool)> {
+        Ok(self.conn.query_row(
+            "UPDATE users SET failures = failures + 1,
+                              locked = CASE WHEN failures + 1 >= ?2 THEN 1 ELSE locked END
+             WHERE id = ?1 RETURNING failures, locked",
+            params![id, max],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
+    }
+
+    pub fn reset_failures(&self, id: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE users SET failures = 0 WHERE id = ?1 AND failures != 0",
+            [id],
+        )?;
+        Ok(())
+    }
+
+    /// Admin unlock: clears the lock and the counter.
+    pub fn unlock(&self, id: &str) -> Result<bool> {
+        Ok(self.conn.execute(
+            "UPDATE users SET failures = 0, locked = 0 WHERE id = ?1",
+            [id],
+        )? > 0)
+    }
+
+    pub fn terminal_add(&self, fp: &[u8], serial: &str, user: &str, cert: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO terminals (fingerprint, serial, user_id, cert, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![fp, serial, user, cert, now_secs()],
+        )?;
+        Ok(())
+    }
+
+    pub fn terminal_get(&self, fp: &[u8]) -> Result<Option<TerminalRecord>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT fingerprint, serial, user_id, revoked FROM terminals WHERE fingerprint = ?1",
+                [fp],
+                |r| {
+                    Ok(TerminalRecord {
+                        fingerprint: r.get(0)?,
+                        serial: r.get(1)?,
+                        user_id: r.get(2)?,
+                        revoked: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn terminal_list(&self, user: Option<&str>) -> Result<Vec<TerminalRecord>> {
+        let mut st = self.conn.prepare(
+            "SELECT fingerprint, serial, user_id, revoked FROM terminals
+             WHERE ?1 IS NULL OR user_id = ?1 ORDER BY user_id, serial",
+        )?;
+        let rows = st.query_map([user], |r| {
+            Ok(TerminalRecord {
+                fingerprint: r.get(0)?,
+                serial: r.get(1)?,
+                user_id: r.get(2)?,
+                revoked: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes (keeps the row, refuses the certificate) a terminal by serial.
+    pub fn terminal_revoke(&self, serial: &str) -> Result<bool> {
+        Ok(self.conn.execute(
+            "UPDATE terminals SET revoked = 1 WHERE serial = ?1",
+            [serial],
+        )? > 0)
+    }
+
+    pub fn market_add(&self, m: &MarketRecord) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO markets (id, endpoint, ca_pem, created) VALUES (?1, ?2, ?3, ?4)",
+                params![m.id, m.endpoint, m.ca_pem, now_secs()],
+            )
+            .with_context(|| format!("adding market {} (does it exist already?)", m.id))?;
+        Ok(())
+    }
+
+    pub fn market_list(&self) -> Result<Vec<MarketRecord>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, endpoint, ca_pem FROM markets ORDER BY id")?;
+        let rows = st.query_map([], |r| {
+            Ok(MarketRecord {
+                id: r.get(0)?,
+                endpoint: r.get(1)?,
+                ca_pem: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn market_remove(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM markets WHERE id = ?1", [id])?
+            > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: &str) -> UserRecord {
+        UserRecord {
+            id: id.into(),
+            mail: format!("{id}@example.org"),
+            cert: vec![1],
+            public_key: vec![2],
+            wrapped_key: vec![3],
+            pw_access: "a".into(),
+            pw_release: "b".into(),
+            failures: 0,
+            locked: false,
+        }
+    }
+
+    #[test]
+    fn failures_lock_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.user_add(&user("alice")).unwrap();
+            assert_eq!(s.record_failure("alice", 3).unwrap(), (1, false));
+            assert_eq!(s.record_failure("alice", 3).unwrap(), (2, false));
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.record_failure("alice", 3).unwrap(), (3, true));
+        assert!(s.user_get("alice").unwrap().unwrap().locked);
+        assert!(s.unlock("alice").unwrap());
+        let u = s.user_get("alice").unwrap().unwrap();
+        assert!(!u.locked);
+        assert_eq!(u.failures, 0);
+    }
+
+    #[test]
+    fn terminals_map_to_users_and_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.db")).unwrap();
+        s.user_add(&user("bob")).unwrap();
+        s.terminal_add(&[9; 32], "t1", "bob", &[0]).unwrap();
+        let t = s.terminal_get(&[9; 32]).unwrap().unwrap();
+        assert_eq!(t.user_id, "bob");
+        assert!(!t.revoked);
+        assert!(s.terminal_revoke("t1").unwrap());
+        assert!(s.terminal_get(&[9; 32]).unwrap().unwrap().revoked);
+        assert!(s.user_add(&user("bob")).is_err());
+    }
+}

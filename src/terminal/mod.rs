@@ -1,0 +1,246 @@
+//! The terminal side of the access channel: connect, log in, release, X'.
+//!
+//! ```text
+//! Identity::load(dir) ─► TerminalConfig (rustls client, ticket cache)
+//!   ─► Terminal::connect ─► TLS 1.3 + client cert ─► X' = exporter
+//!   ─► login(first password) ─► check LoginOk.confirm = HMAC(X', label)
+//!   ─► release(second password)
+//! ```
+//!
+//! Blocking std sockets: a terminal holds one session, and the CLI, the
+//! tests and the demo read best this way. Any TLS 1.3 stack can replace it
+//! (docs/PROTOCOL.md is the whole contract).
+
+use crate::proto::access::{self, Frame, FrameDecoder, Message, Password};
+use crate::proto::{ErrorCode, XPRIME_LABEL, XPRIME_LEN};
+use anyhow::Context;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Error)]
+pub enum TerminalError {
+    /// The broker answered with a typed error.
+    #[error("broker refused: {code}: {detail}")]
+    Refused { code: ErrorCode, detail: String },
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("the broker closed the connection")]
+    Closed,
+}
+
+impl TerminalError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A terminal's key, certificate and the broker CA, as written by
+/// `keybroker terminal enroll`.
+#[derive(Clone)]
+pub struct TerminalConfig {
+    pub client: Arc<ClientConfig>,
+    pub server_name: ServerName<'static>,
+}
+
+impl TerminalConfig {
+    /// Reads `terminal.key`, `terminal.crt` and `broker-ca.crt` from `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let read = |f: &str| {
+            std::fs::read(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
+        };
+        let certs: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut &read("terminal.crt")?[..]).collect::<Result<_, _>>()?;
+        let key: PrivateKeyDer<'static> =
+            rustls_pemfile::private_key(&mut &read("terminal.key")?[..])?
+                .context("no private key in terminal.key")?;
+        let mut roots = RootCertStore::empty();
+        for ca in rustls_pemfile::certs(&mut &read("broker-ca.crt")?[..]) {
+            roots.add(ca?)?;
+        }
+        Self::new(roots, Some((certs, key)))
+    }
+
+    /// `identity`: None builds a client that presents no certificate
+    /// (only useful to test that the broker refuses it).
+    pub fn new(
+        roots: RootCertStore,
+        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> anyhow::Result<Self> {
+        let b = ClientConfig::builder_with_provider(crate::broker::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots);
+        let cfg = match identity {
+            Some((certs, key)) => b.with_client_auth_cert(certs, key)?,
+            None => b.with_no_client_auth(),
+        };
+        Ok(Self {
+            client: Arc::new(cfg),
+            server_name: ServerName::try_from("localhost").expect("valid name"),
+        })
+    }
+}
+
+/// One access-channel session.
+pub struct Terminal {
+    tls: StreamOwned<ClientConnection, TcpStream>,
+    xprime: Zeroizing<[u8; XPRIME_LEN]>,
+    decoder: FrameDecoder,
+    next_id: u32,
+    resumed: bool,
+}
+
+impl Terminal {
+    /// Connects and completes the TLS handshake (resuming when the config
+    /// holds a ticket from an earlier session with this broker).
+    pub fn connect(
+        addr: SocketAddr,
+        cfg: &TerminalConfig,
+        timeout: Duration,
+    ) -> Result<Self, TerminalError> {
+        let sock = TcpStream::connect_timeout(&addr, timeout)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        sock.set_nodelay(true)?;
+        let conn = ClientConnection::new(cfg.client.clone(), cfg.server_name.clone())
+            .map_err(|e| TerminalError::Protocol(e.to_string()))?;
+        let mut tls = StreamOwned::new(conn, sock);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock)?;
+        }
+        let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let mut xprime = Zeroizing::new([0u8; XPRIME_LEN]);
+        tls.conn
+            .export_keying_material(&mut *xprime, XPRIME_LABEL, None)
+            .map_err(|e| TerminalError::Protocol(e.to_string()))?;
+        Ok(Self {
+            tls,
+            xprime,
+            decoder: FrameDecoder::new(access::DEFAULT_MAX_FRAME),
+            next_id: 1,
+            resumed,
+        })
+    }
+
+    /// X', the key this terminal shares with the broker.
+    pub fn xprime(&self) -> &[u8; XPRIME_LEN] {
+        &self.xprime
+    }
+
+    /// Whether the TLS session was resumed from a ticket.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Sends raw bytes (tests use this to send malformed frames).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), TerminalError> {
+        self.tls.write_all(bytes)?;
+        self.tls.flush()?;
+        Ok(())
+    }
+
+    /// Reads the next frame from the broker.
+    pub fn recv(&mut self) -> Result<Frame, TerminalError> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(f) = self
+                .decoder
+                .next_frame()
+                .map_err(|e| TerminalError::Protocol(e.to_string()))?
+            {
+                return Ok(f);
+            }
+            let n = match self.tls.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return Err(TerminalError::Closed);
+            }
+            self.decoder.push(&buf[..n]);
+        }
+    }
+
+    /// Sends one message and waits for its answer; typed errors become
+    /// [`TerminalError::Refused`].
+    pub fn call(&mut self, msg: Message) -> Result<Message, TerminalError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let mut out = Vec::new();
+        access::encode(&Frame { id, msg }, &mut out);
+        self.send_raw(&out)?;
+        let reply = self.recv()?;
+        match reply.msg {
+            Message::Error { code, detail } => Err(TerminalError::Refused { code, detail }),
+            _ if reply.id != id => Err(TerminalError::Protocol(format!(
+                "answer for request {} while waiting for {id}",
+                reply.id
+            ))),
+            m => Ok(m),
+        }
+    }
+
+    /// Login with the first password; checks the broker's key confirmation.
+    pub fn login(&mut self, user: &str, password: &[u8]) -> Result<(), TerminalError> {
+        match self.call(Message::Login {
+            user: user.into(),
+            password: Password::new(password.to_vec()),
+        })? {
+            Message::LoginOk { confirm } => {
+                if crate::crypto::ct_eq(&confirm, &crate::crypto::confirm(&*self.xprime)) {
+                    Ok(())
+                } else {
+                    Err(TerminalError::Protocol(
+                        "key confirmation mismatch: X' differs".into(),
+                    ))
+                }
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Release with the second password.
+    pub fn release(&mut self, password: &[u8]) -> Result<(), TerminalError> {
+        match self.call(Message::Release {
+            password: Password::new(password.to_vec()),
+        })? {
+            Message::ReleaseOk => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn ping(&mut self) -> Result<(), TerminalError> {
+        match self.call(Message::Ping)? {
+            Message::Pong => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Ends the session cleanly.
+    pub fn logout(mut self) -> Result<(), TerminalError> {
+        match self.call(Message::Logout)? {
+            Message::Bye => {
+                self.tls.conn.send_close_notify();
+                let _ = self.tls.flush();
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(m: Message) -> TerminalError {
+    TerminalError::Protocol(format!("unexpected answer type 0x{:02x}", m.type_byte()))
+}

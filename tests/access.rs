@@ -1,0 +1,300 @@
+//! Access channel end to end: real binary, real SoftHSM token, real SQLite
+//! file, loopback sockets on port 0.
+
+mod common;
+
+use common::*;
+use keybroker::proto::ErrorCode;
+use keybroker::proto::access::{Frame, Message, encode};
+use keybroker::terminal::{Terminal, TerminalConfig, TerminalError};
+
+#[test]
+fn login_release_and_xprime_agree() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let mut t = released(&b, &alice, "alice");
+    // login() already checked the broker's HMAC(X') against our X'; a
+    // second session must derive a different X'.
+    let x1 = *t.xprime();
+    t.ping().unwrap();
+    t.logout().unwrap();
+    let t2 = released(&b, &alice, "alice");
+    assert_ne!(&x1, t2.xprime());
+    assert_ne!(x1, [0u8; 32]);
+}
+
+#[test]
+fn cli_login_and_listing() {
+    let env = Env::new("");
+    env.user("alice");
+    let b = env.broker();
+    let (p1, p2) = pw("alice");
+    let out = env
+        .kb_in(
+            &[
+                "terminal",
+                "login",
+                "--dir",
+                path_str(&env.terminal_dir("alice")),
+                "--user",
+                "alice",
+                "--broker",
+                &b.addr.to_string(),
+            ],
+            &format!("{p1}\n{p2}\n"),
+        )
+        .success();
+    assert!(out.stdout().contains("released"), "{}", out.stdout());
+    assert!(
+        env.kb(&["user", "list"])
+            .success()
+            .stdout()
+            .contains("alice@example.org")
+    );
+    assert!(
+        env.kb(&["terminal", "list"])
+            .success()
+            .stdout()
+            .contains("alice")
+    );
+}
+
+#[test]
+fn wrong_password_is_typed_and_session_continues() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let mut t = b.connect(&alice);
+    assert_eq!(refused(t.login("alice", b"nope")), ErrorCode::WrongPassword);
+    let (p1, p2) = pw("alice");
+    t.login("alice", p1.as_bytes()).unwrap();
+    assert_eq!(refused(t.release(b"nope")), ErrorCode::WrongPassword);
+    t.release(p2.as_bytes()).unwrap();
+}
+
+#[test]
+fn unknown_user_and_release_before_login() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let mut t = b.connect(&alice);
+    assert_eq!(refused(t.release(b"x")), ErrorCode::NotLoggedIn);
+    assert_eq!(refused(t.login("mallory", b"x")), ErrorCode::UnknownUser);
+    let (p1, _) = pw("alice");
+    t.login("alice", p1.as_bytes()).unwrap();
+}
+
+#[test]
+fn another_users_terminal_is_refused_and_closed() {
+    let env = Env::new("");
+    env.user("alice");
+    let bob = env.user("bob");
+    let b = env.broker();
+    let mut t = b.connect(&bob);
+    let (p1, _) = pw("alice");
+    assert_eq!(
+        refused(t.login("alice", p1.as_bytes())),
+        ErrorCode::WrongTerminal
+    );
+    assert!(matches!(
+        t.ping(),
+        Err(TerminalError::Closed | TerminalError::Io(_))
+    ));
+}
+
+#[test]
+fn revoked_terminal_is_refused() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let serial = env.kb(&["terminal", "list"]).success().stdout();
+    let serial = serial.split('\t').next().unwrap().to_owned();
+    env.kb(&["terminal", "revoke", &serial]).success();
+    let b = env.broker();
+    let mut t = b.connect(&alice);
+    let (p1, _) = pw("alice");
+    assert_eq!(
+        refused(t.login("alice", p1.as_bytes())),
+        ErrorCode::TerminalRevoked
+    );
+}
+
+#[test]
+fn lockout_survives_restart_until_admin_unlocks() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let (p1, p2) = pw("alice");
+    {
+        let b = env.broker();
+        let mut t = b.connect(&alice);
+        assert_eq!(refused(t.login("alice", b"bad1")), ErrorCode::WrongPassword);
+        assert_eq!(refused(t.login("alice", b"bad2")), ErrorCode::WrongPassword);
+        assert_eq!(refused(t.login("alice", b"bad3")), ErrorCode::Locked);
+        // The lock closed the connection.
+        assert!(t.ping().is_err());
+        // The right password no longer helps.
+        let mut t = b.connect(&alice);
+        assert_eq!(refused(t.login("alice", p1.as_bytes())), ErrorCode::Locked);
+    }
+    let b = env.broker();
+    let mut t = b.connect(&alice);
+    assert_eq!(refused(t.login("alice", p1.as_bytes())), ErrorCode::Locked);
+    assert!(
+        env.kb(&["user", "list"])
+            .success()
+            .stdout()
+            .contains("locked")
+    );
+    env.kb(&["user", "unlock", "alice"]).success();
+    let mut t = b.connect(&alice);
+    t.login("alice", p1.as_bytes()).unwrap();
+    t.release(p2.as_bytes()).unwrap();
+}
+
+#[test]
+fn failures_on_release_count_towards_the_lock() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let (p1, _) = pw("alice");
+    let mut t = b.connect(&alice);
+    t.login("alice", p1.as_bytes()).unwrap();
+    assert_eq!(refused(t.release(b"bad1")), ErrorCode::WrongPassword);
+    assert_eq!(refused(t.release(b"bad2")), ErrorCode::WrongPassword);
+    assert_eq!(refused(t.release(b"bad3")), ErrorCode::Locked);
+}
+
+fn expect_error_then_close(t: &mut Terminal, code: ErrorCode) {
+    match t.recv().expect("an error frame").msg {
+        Message::Error { code: c, .. } => assert_eq!(c, code),
+        other => panic!("expected error, got {other:?}"),
+    }
+    assert!(matches!(
+        t.recv(),
+        Err(TerminalError::Closed | TerminalError::Io(_))
+    ));
+}
+
+#[test]
+fn malformed_and_oversized_frames_close_only_that_connection() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let mut bystander = b.connect(&alice);
+
+    let mut t = b.connect(&alice);
+    t.send_raw(&[0, 0, 0, 5, 0x42, 0, 0, 0, 1]).unwrap(); // unknown type
+    expect_error_then_close(&mut t, ErrorCode::Malformed);
+
+    let mut t = b.connect(&alice);
+    t.send_raw(&[0, 0, 0, 7, 0x01, 0, 0, 0, 1, 0, 99]).unwrap(); // truncated user
+    expect_error_then_close(&mut t, ErrorCode::Malformed);
+
+    let mut t = b.connect(&alice);
+    t.send_raw(&(1u32 << 20).to_be_bytes()).unwrap(); // 1 MiB announced
+    expect_error_then_close(&mut t, ErrorCode::TooLarge);
+
+    // A broker message sent by a terminal is a state error, not fatal.
+    let mut t = b.connect(&alice);
+    let mut out = Vec::new();
+    encode(
+        &Frame {
+            id: 3,
+            msg: Message::Bye,
+        },
+        &mut out,
+    );
+    t.send_raw(&out).unwrap();
+    assert!(matches!(
+        t.recv().unwrap().msg,
+        Message::Error {
+            code: ErrorCode::Unexpected,
+            ..
+        }
+    ));
+    t.ping().unwrap();
+
+    bystander.ping().unwrap();
+    let (p1, _) = pw("alice");
+    bystander.login("alice", p1.as_bytes()).unwrap();
+}
+
+#[test]
+fn client_without_certificate_fails_the_handshake() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(env.terminal_dir("alice").join("broker-ca.crt")).unwrap();
+    for c in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let anon = TerminalConfig::new(roots, None).unwrap();
+    // TLS 1.3: the client finishes first, then learns of the alert.
+    let r = Terminal::connect(b.addr, &anon, TIMEOUT).and_then(|mut t| t.ping());
+    assert!(r.is_err(), "a client without a certificate was served");
+    let mut t = b.connect(&alice);
+    t.ping().unwrap();
+}
+
+#[test]
+fn silent_peer_hits_the_idle_timeout() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let mut t = b.connect(&alice);
+    // idle_timeout_ms = 3000 in the test config.
+    expect_error_then_close(&mut t, ErrorCode::Timeout);
+}
+
+#[test]
+fn reconnect_resumes_with_a_session_ticket() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let t = released(&b, &alice, "alice");
+    assert!(!t.resumed());
+    t.logout().unwrap();
+    let t = released(&b, &alice, "alice");
+    assert!(t.resumed(), "second connection did not resume");
+}
+
+#[test]
+fn second_broker_cannot_share_the_port() {
+    let env = Env::new("");
+    env.user("alice");
+    let b = env.broker();
+    let cfg = env.dir.path().join("second.toml");
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("127.0.0.1:0", &b.addr.to_string());
+    std::fs::write(&cfg, text).unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another broker"));
+}
+
+#[test]
+fn bad_enrolment_input_is_refused() {
+    let env = Env::new("");
+    let out = env.kb_in(
+        &["user", "add", "bad id", "--mail", "x@example.org"],
+        "a\nb\n",
+    );
+    assert!(!out.0.status.success());
+    let out = env.kb_in(&["user", "add", "carol", "--mail", "not-a-mail"], "a\nb\n");
+    assert!(!out.0.status.success());
+    let out = env.kb_in(
+        &["user", "add", "carol", "--mail", "c@example.org"],
+        "same\nsame\n",
+    );
+    assert!(!out.0.status.success());
+    let out = env.kb(&["terminal", "enroll", "nobody", "--out", "/tmp/never"]);
+    assert!(!out.0.status.success());
+}

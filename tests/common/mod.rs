@@ -1,0 +1,181 @@
+//! Test harness: a real SoftHSM token and SQLite file in a temporary data
+//! directory, the real `keybroker` binary, and the terminal library.
+#![allow(dead_code)]
+
+use keybroker::terminal::{Terminal, TerminalConfig, TerminalError};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+pub struct Broker {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Broker {
+    pub fn connect(&self, tc: &TerminalConfig) -> Terminal {
+        Terminal::connect(self.addr, tc, TIMEOUT).expect("connect")
+    }
+}
+
+/// Passwords of test user `u`.
+pub fn pw(u: &str) -> (String, String) {
+    (format!("{u}-first"), format!("{u}-second"))
+}
+
+impl Env {
+    /// A data directory with an initialised token and `extra` config lines.
+    pub fn new(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("keybroker.toml");
+        let data = dir.path().join("var");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {data:?}\n{extra}\n\
+                 [broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nhandshake_timeout_ms = 2000\nidle_timeout_ms = 3000\n\
+                 [auth]\nmax_failures = 3\nargon2_m_kib = 64\nargon2_t = 1\n"
+            ),
+        )
+        .unwrap();
+        let env = Self { dir, config };
+        env.kb(&["init"]).success();
+        env
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("var")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config").arg(&self.config).args(args);
+        c.env_remove("SOFTHSM2_CONF")
+            .env_remove("KEYBROKER_HSM_PIN");
+        c
+    }
+
+    /// Runs the CLI with `input` on stdin.
+    pub fn kb_in(&self, args: &[&str], input: &str) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keybroker");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        Output(out)
+    }
+
+    pub fn kb(&self, args: &[&str]) -> Output {
+        self.kb_in(args, "")
+    }
+
+    /// Adds user `u` with its test passwords and enrols one terminal.
+    pub fn user(&self, u: &str) -> TerminalConfig {
+        let (p1, p2) = pw(u);
+        self.kb_in(
+            &["user", "add", u, "--mail", &format!("{u}@example.org")],
+            &format!("{p1}\n{p2}\n"),
+        )
+        .success();
+        self.terminal(u, u)
+    }
+
+    /// Enrols another terminal for `u` into directory `name`.
+    pub fn terminal(&self, u: &str, name: &str) -> TerminalConfig {
+        let out = self.dir.path().join("terminals").join(name);
+        self.kb(&["terminal", "enroll", u, "--out", out.to_str().unwrap()])
+            .success();
+        TerminalConfig::load(&out).expect("terminal config")
+    }
+
+    pub fn terminal_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("terminals").join(name)
+    }
+
+    /// Starts `keybroker serve` and waits for its `listening` line.
+    pub fn broker(&self) -> Broker {
+        let mut child = self
+            .cmd(&["serve"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn broker");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("broker did not start: {line:?}"))
+            .trim()
+            .parse()
+            .unwrap();
+        Broker { child, addr }
+    }
+}
+
+pub struct Output(pub std::process::Output);
+
+impl Output {
+    pub fn success(self) -> Self {
+        assert!(
+            self.0.status.success(),
+            "command failed: {}\n{}",
+            String::from_utf8_lossy(&self.0.stdout),
+            String::from_utf8_lossy(&self.0.stderr)
+        );
+        self
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+}
+
+/// Logs in and releases `u` on a fresh connection.
+pub fn released(b: &Broker, tc: &TerminalConfig, u: &str) -> Terminal {
+    let (p1, p2) = pw(u);
+    let mut t = b.connect(tc);
+    t.login(u, p1.as_bytes()).expect("login");
+    t.release(p2.as_bytes()).expect("release");
+    t
+}
+
+pub fn refused(r: Result<impl std::fmt::Debug, TerminalError>) -> keybroker::proto::ErrorCode {
+    match r {
+        Err(e) => e.code().unwrap_or_else(|| panic!("untyped error: {e}")),
+        Ok(v) => panic!("expected a typed refusal, got {v:?}"),
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
