@@ -20,6 +20,49 @@ pub struct Config {
     pub hsm: HsmConfig,
     pub broker: BrokerConfig,
     pub auth: AuthConfig,
+    pub exchange: ExchangeConfig,
+}
+
+/// Where the ephemeral key and the ECDH secret live.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kx {
+    /// In the HSM (`C_GenerateKeyPair` + `C_DeriveKey`): Z never in memory.
+    Hsm,
+    /// In process with aws-lc-rs: faster; Z lives in memory for microseconds.
+    Software,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExchangeConfig {
+    /// Key-exchange mode. Default "software".
+    pub kx: Kx,
+    /// Flush a market batch at this many exchanges. 1..=1024; default 64.
+    pub batch_max: usize,
+    /// ...or this long after its first exchange, µs. Default 100.
+    pub batch_delay_us: u64,
+    /// A market silent this long with a batch in flight is down, ms. Default 2000.
+    pub market_timeout_ms: u64,
+    /// Reconnect backoff to a market, ms: starts at min, doubles to max.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Exchanges queued per core per market before `busy`. Default 4096.
+    pub queue: usize,
+}
+
+impl Default for ExchangeConfig {
+    fn default() -> Self {
+        Self {
+            kx: Kx::Software,
+            batch_max: 64,
+            batch_delay_us: 100,
+            market_timeout_ms: 2_000,
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 5_000,
+            queue: 4096,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -84,6 +127,7 @@ impl Default for Config {
             hsm: HsmConfig::default(),
             broker: BrokerConfig::default(),
             auth: AuthConfig::default(),
+            exchange: ExchangeConfig::default(),
         }
     }
 }
@@ -173,6 +217,21 @@ impl Config {
         }
         if a.argon2_m_kib < 8 || a.argon2_t == 0 {
             bail!("auth.argon2_m_kib must be >= 8 and auth.argon2_t >= 1");
+        }
+        let x = &self.exchange;
+        if !(1..=crate::proto::market::MAX_BATCH).contains(&x.batch_max)
+            || x.batch_delay_us > 100_000
+        {
+            bail!("exchange.batch_max must be 1..=1024 and exchange.batch_delay_us <= 100000");
+        }
+        if x.market_timeout_ms == 0
+            || x.reconnect_min_ms == 0
+            || x.reconnect_max_ms < x.reconnect_min_ms
+            || x.queue == 0
+        {
+            bail!(
+                "exchange timeouts and queue must be positive, reconnect_max_ms >= reconnect_min_ms"
+            );
         }
         Ok(())
     }

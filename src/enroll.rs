@@ -32,7 +32,7 @@ pub const CAS: [(&str, &str, &str); 3] = [
     (labels::USER_CA, "keybroker user CA", "user-ca.pem"),
 ];
 
-fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -260,7 +260,7 @@ pub fn terminal_enroll(admin: &Admin, user: &str, out: &Path) -> Result<String> 
 }
 
 /// `keybroker market add`.
-pub fn market_add(admin: &Admin, id: &str, endpoint: &str, ca_file: &Path) -> Result<()> {
+pub fn market_add(store: &Store, id: &str, endpoint: &str, ca_file: &Path) -> Result<()> {
     check_id("market", id)?;
     endpoint
         .rsplit_once(':')
@@ -271,7 +271,7 @@ pub fn market_add(admin: &Admin, id: &str, endpoint: &str, ca_file: &Path) -> Re
         .with_context(|| format!("reading {}", ca_file.display()))?;
     let der = pki::read_cert_pem(&ca_pem)?;
     x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("market CA: {e}"))?;
-    admin.store.market_add(&MarketRecord {
+    store.market_add(&MarketRecord {
         id: id.into(),
         endpoint: endpoint.into(),
         ca_pem,

@@ -84,6 +84,27 @@ enum TerminalCmd {
     },
     /// Refuse a terminal's certificate from now on.
     Revoke { serial: String },
+    /// Log in, release, have the broker agree a key with a market, and send
+    /// one encrypted request on the direct channel.
+    Exchange {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        broker: SocketAddr,
+        #[arg(long)]
+        market: String,
+        /// Partial proxy: the terminal does the ECDH; the broker only signs.
+        #[arg(long)]
+        partial: bool,
+        #[arg(long, default_value = "hello market")]
+        request: String,
+        #[arg(long, default_value = "-")]
+        access_password_file: String,
+        #[arg(long, default_value = "-")]
+        release_password_file: String,
+    },
     /// Connect, log in and release, as a terminal would.
     Login {
         /// Directory written by `terminal enroll`.
@@ -102,6 +123,25 @@ enum TerminalCmd {
 
 #[derive(Subcommand)]
 enum MarketCmd {
+    /// Create a reference market's keys, certificates and config in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        #[arg(long, default_value = "127.0.0.1:8444")]
+        direct_listen: String,
+        /// Users allowed to trade there (comma-separated); default all.
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        allow: Vec<String>,
+    },
+    /// Run the reference market from its config file.
+    Serve {
+        #[arg(long)]
+        market_config: PathBuf,
+    },
     /// Register a market and the CA that certifies it.
     Add {
         id: String,
@@ -241,6 +281,40 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
             let p2 = read_secret(&release_password_file, stdin)?;
             terminal_login(&dir, &user, broker, p1.as_bytes(), p2.as_bytes())?;
         }
+        TerminalCmd::Exchange {
+            dir,
+            user,
+            broker,
+            market,
+            partial,
+            request,
+            access_password_file,
+            release_password_file,
+        } => {
+            use keybroker::terminal::{Direct, Terminal, TerminalConfig};
+            let p1 = read_secret(&access_password_file, stdin)?;
+            let p2 = read_secret(&release_password_file, stdin)?;
+            let tc = TerminalConfig::load(&dir)?;
+            let mut t =
+                Terminal::connect(broker, &tc, Duration::from_secs(10)).context("connecting")?;
+            t.login(&user, p1.as_bytes()).context("login")?;
+            t.release(p2.as_bytes()).context("release")?;
+            let b = if partial {
+                t.exchange_partial(&market)
+            } else {
+                t.exchange(&market)
+            }
+            .context("exchange")?;
+            println!(
+                "session {} with {market} at {}",
+                hex::encode(b.session_id),
+                b.endpoint
+            );
+            let mut d = Direct::connect(&b, Duration::from_secs(10)).context("direct channel")?;
+            let answer = d.request(request.as_bytes()).context("direct request")?;
+            println!("market answered: {}", String::from_utf8_lossy(&answer));
+            t.logout()?;
+        }
     }
     Ok(())
 }
@@ -263,10 +337,40 @@ fn terminal_login(dir: &Path, user: &str, broker: SocketAddr, p1: &[u8], p2: &[u
 }
 
 fn market(cfg: &Config, c: MarketCmd) -> Result<()> {
+    match c {
+        MarketCmd::Init {
+            dir,
+            id,
+            listen,
+            direct_listen,
+            allow,
+        } => {
+            let path = keybroker::market::setup::init(&keybroker::market::setup::InitArgs {
+                dir: &dir,
+                id: &id,
+                broker_pki: &cfg.pki_dir(),
+                listen: &listen,
+                direct_listen: &direct_listen,
+                allowed_users: &allow,
+            })?;
+            println!("market {id} configured in {}", path.display());
+            return Ok(());
+        }
+        MarketCmd::Serve { market_config } => {
+            let m = keybroker::market::server::start(&market_config)?;
+            println!("listening {} direct {}", m.addr, m.direct_addr);
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            m.join();
+            return Ok(());
+        }
+        _ => {}
+    }
     let admin = Admin::open(cfg)?;
     match c {
+        MarketCmd::Init { .. } | MarketCmd::Serve { .. } => unreachable!("handled above"),
         MarketCmd::Add { id, endpoint, ca } => {
-            enroll::market_add(&admin, &id, &endpoint, &ca)?;
+            enroll::market_add(&admin.store, &id, &endpoint, &ca)?;
             println!("added market {id} at {endpoint}");
         }
         MarketCmd::List => {

@@ -62,6 +62,60 @@ pub fn refused_connection() {
     REFUSED.inc();
 }
 
+static MARKET_BATCH: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    register(
+        prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "keybroker_market_batch_size",
+                "Exchanges per market-channel batch",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+        )
+        .expect("valid metric"),
+    )
+});
+
+static MARKET_RTT: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    register(
+        prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "keybroker_market_round_trip_seconds",
+                "Time from sending a batch to the market until its last reply",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric"),
+    )
+});
+
+static EXCHANGE: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register(
+        HistogramVec::new(
+            HistogramOpts::new(
+                "keybroker_exchange_duration_seconds",
+                "End-to-end brokered exchange latency inside the broker, by key-exchange mode",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["kx"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub fn exchange_done(kx: &str, d: Duration) {
+    EXCHANGE.with_label_values(&[kx]).observe(d.as_secs_f64());
+}
+
+pub fn market_batch(n: usize) {
+    MARKET_BATCH.observe(n as f64);
+}
+
+pub fn market_round_trip(d: Duration) {
+    MARKET_RTT.observe(d.as_secs_f64());
+}
+
 pub fn pool_wait(pool: &str, d: Duration) {
     POOL_WAIT
         .with_label_values(&[pool])

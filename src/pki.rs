@@ -19,6 +19,8 @@ use std::time::{Duration, SystemTime};
 pub enum Usage {
     TlsServer,
     TlsClient,
+    /// A server that also authenticates as a client (the broker towards markets).
+    TlsServerAndClient,
     /// Signs exchange transcripts and receipts (user certificates).
     Signing,
 }
@@ -87,6 +89,10 @@ pub fn issue(
     p.extended_key_usages = match usage {
         Usage::TlsServer => vec![ExtendedKeyUsagePurpose::ServerAuth],
         Usage::TlsClient => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::TlsServerAndClient => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
         Usage::Signing => vec![],
     };
     for san in sans {

@@ -8,7 +8,7 @@
 use crate::passwords;
 use crate::proto::ErrorCode;
 use crate::proto::access::Password;
-use crate::store::Store;
+use crate::store::{Store, UserRecord};
 
 pub struct AuthWorker {
     pub store: Store,
@@ -29,14 +29,14 @@ fn internal(e: anyhow::Error) -> ErrorCode {
 
 impl AuthWorker {
     /// Checks `password` for `user` arriving on the terminal `fingerprint`.
-    /// On a release check, returns the user's wrapped home-card key.
+    /// Returns the user's record (wrapped home-card key, certificate).
     pub fn check(
         &mut self,
         which: Which,
         fingerprint: &[u8; 32],
         user: &str,
         password: &Password,
-    ) -> Result<Vec<u8>, ErrorCode> {
+    ) -> Result<UserRecord, ErrorCode> {
         let u = self
             .store
             .user_get(user)
@@ -62,7 +62,7 @@ impl AuthWorker {
         };
         if passwords::verify(password.expose(), phc) {
             self.store.reset_failures(user).map_err(internal)?;
-            return Ok(u.wrapped_key);
+            return Ok(u);
         }
         let (failures, locked) = self
             .store

@@ -6,24 +6,27 @@
 //! ```
 
 use super::auth::Which;
+use super::exchange::{self, Released, pool_code};
+use super::link::Link;
 use super::{Shared, ms};
 use crate::net::tls_io::TlsIo;
-use crate::pool::PoolError;
 use crate::proto::access::{Frame, FrameDecoder, Message, encode};
 use crate::proto::session::{AccessSession, Action};
 use crate::proto::{ErrorCode, XPRIME_LABEL, XPRIME_LEN};
 use compio::net::{TcpListener, TcpStream};
-use cryptoki::object::ObjectHandle;
-use futures_util::StreamExt;
 use rustls::ServerConnection;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
-struct Core {
-    shared: Arc<Shared>,
-    conns: Cell<usize>,
+pub(super) struct Core {
+    pub shared: Arc<Shared>,
+    pub index: usize,
+    /// This core's connection to each market, made on first use.
+    pub links: RefCell<HashMap<String, Link>>,
+    pub next_request: Cell<u64>,
 }
 
 pub(super) fn run_core(
@@ -36,57 +39,43 @@ pub(super) fn run_core(
         let listener = TcpListener::from_std(listener)?;
         let core = Rc::new(Core {
             shared,
-            conns: Cell::new(0),
+            index,
+            links: RefCell::new(HashMap::new()),
+            next_request: Cell::new(0),
         });
         let max = core.shared.cfg.broker.max_connections_per_core;
-        let mut incoming = listener.incoming();
-        while let Some(accepted) = incoming.next().await {
-            let stream = match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(core = index, error = %e, "accept failed");
-                    continue;
-                }
-            };
-            if core.conns.get() >= max {
-                // Over the limit: close before any TLS work is spent.
-                drop(stream);
-                crate::metrics::refused_connection();
-                continue;
-            }
-            core.conns.set(core.conns.get() + 1);
+        let live = Rc::new(Cell::new(0));
+        crate::net::accept_loop(listener, live, max, move |stream| {
             let core = core.clone();
-            compio::runtime::spawn(async move {
-                serve(&core, stream).await;
-                core.conns.set(core.conns.get() - 1);
-            })
-            .detach();
-        }
+            async move { serve(&core, stream).await }
+        })
+        .await;
         Ok(())
     })
 }
 
-/// A released home-card key, destroyed in the HSM when the session ends.
-struct ReleasedKey {
-    handle: ObjectHandle,
-    shared: Arc<Shared>,
-}
-
-impl Drop for ReleasedKey {
-    fn drop(&mut self) {
-        let h = self.handle;
-        if self
-            .shared
-            .hsm_pool
-            .submit(move |w| {
-                if let Err(e) = crate::hsm::ops::destroy(&w.session, h) {
-                    tracing::warn!(error = %e, "destroying a released key failed");
-                }
-            })
-            .is_err()
-        {
-            tracing::warn!("HSM queue full: a released key stays until its worker session closes");
+impl Core {
+    /// This core's link to `market`, started on first use.
+    pub fn link(&self, market: &str) -> Result<Link, ErrorCode> {
+        if let Some(l) = self.links.borrow().get(market) {
+            return Ok(l.clone());
         }
+        let info = self
+            .shared
+            .markets
+            .get(market)
+            .ok_or(ErrorCode::UnknownMarket)?
+            .clone();
+        let l = Link::spawn(info, self.shared.cfg.exchange.clone());
+        self.links.borrow_mut().insert(market.to_owned(), l.clone());
+        Ok(l)
+    }
+
+    /// A request id unique across cores and connections of this process.
+    pub fn request_id(&self) -> u64 {
+        let n = self.next_request.get();
+        self.next_request.set(n + 1);
+        ((self.index as u64) << 48) | n
     }
 }
 
@@ -94,7 +83,8 @@ struct Conn {
     io: TlsIo<ServerConnection>,
     out: Vec<u8>,
     fingerprint: [u8; 32],
-    released: Option<ReleasedKey>,
+    xprime: Zeroizing<[u8; XPRIME_LEN]>,
+    released: Option<Released>,
 }
 
 impl Conn {
@@ -105,13 +95,6 @@ impl Conn {
         self.out.clear();
         encode(frame, &mut self.out);
         self.io.send(&self.out).await.is_ok()
-    }
-}
-
-fn pool_code(e: PoolError) -> ErrorCode {
-    match e {
-        PoolError::Busy => ErrorCode::Busy,
-        PoolError::Gone => ErrorCode::Internal,
     }
 }
 
@@ -160,6 +143,7 @@ async fn serve(core: &Core, stream: TcpStream) {
         io,
         out: Vec::with_capacity(256),
         fingerprint,
+        xprime,
         released: None,
     };
     let mut buf = vec![0u8; 4096];
@@ -168,7 +152,7 @@ async fn serve(core: &Core, stream: TcpStream) {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     let action = session.handle(frame);
-                    if !perform(shared, &mut session, &mut c, action).await {
+                    if !perform(core, &mut session, &mut c, action).await {
                         c.io.close().await;
                         return;
                     }
@@ -204,12 +188,8 @@ async fn serve(core: &Core, stream: TcpStream) {
 }
 
 /// Carries out `action` and what follows from it. False: close.
-async fn perform(
-    shared: &Arc<Shared>,
-    session: &mut AccessSession,
-    c: &mut Conn,
-    action: Action,
-) -> bool {
+async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action: Action) -> bool {
+    let shared = &core.shared;
     let mut next = Some(action);
     while let Some(action) = next.take() {
         match action {
@@ -242,6 +222,33 @@ async fn perform(
                 }
                 next = Some(session.release_done(id, r));
             }
+            Action::Exchange {
+                id,
+                user,
+                market,
+                ephemeral,
+            } => {
+                let r = match &c.released {
+                    Some(rel) => {
+                        exchange::exchange(core, rel, &user, &market, ephemeral, &c.xprime).await
+                    }
+                    None => Err(ErrorCode::NotReleased),
+                };
+                let mode = if ephemeral.is_some() {
+                    "partial"
+                } else {
+                    "full"
+                };
+                match &r {
+                    Ok(_) => {
+                        tracing::info!(target: "audit", user, market, mode, result = "ok", "exchange")
+                    }
+                    Err(code) => {
+                        tracing::info!(target: "audit", user, market, mode, result = code.name(), "exchange")
+                    }
+                }
+                next = Some(session.exchange_done(id, r));
+            }
         }
     }
     true
@@ -255,11 +262,12 @@ async fn release(
 ) -> Result<(), ErrorCode> {
     let fp = c.fingerprint;
     let u = user.to_owned();
-    let wrapped = shared
+    let record = shared
         .auth
         .run(move |w| w.check(Which::Release, &fp, &u, &password))
         .await
         .map_err(pool_code)??;
+    let wrapped = record.wrapped_key;
     let handle = shared
         .hsm_pool
         .run(move |w| crate::hsm::ops::unwrap_user_key(&w.session, w.keys.master_wrap, &wrapped))
@@ -269,8 +277,10 @@ async fn release(
             tracing::error!(error = %e, "releasing the home-card key failed");
             ErrorCode::HsmUnavailable
         })?;
-    c.released = Some(ReleasedKey {
+    c.released = Some(Released {
         handle,
+        fingerprint: crate::pki::fingerprint(&record.cert),
+        cert: Arc::new(record.cert),
         shared: shared.clone(),
     });
     Ok(())

@@ -9,6 +9,8 @@
 
 pub mod auth;
 mod conn;
+mod exchange;
+pub mod link;
 pub mod tls;
 
 use crate::config::Config;
@@ -18,6 +20,7 @@ use crate::store::Store;
 use anyhow::{Context, Result};
 use cryptoki::session::Session;
 use rustls::ServerConfig;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +38,8 @@ pub struct Shared {
     pub auth: Pool<auth::AuthWorker>,
     pub hsm_pool: Pool<HsmWorker>,
     pub hsm: Arc<Hsm>,
+    /// Registered markets, loaded at start.
+    pub markets: HashMap<String, Arc<link::MarketInfo>>,
 }
 
 /// A running broker.
@@ -57,8 +62,6 @@ impl Broker {
         };
         let broker_ca = ca(crate::hsm::labels::BROKER_CA)?;
         let terminal_ca = ca(crate::hsm::labels::TERMINAL_CA)?;
-        drop(store);
-
         let provider = tls::provider();
         let session = hsm.session()?;
         let certifier = tls::certifier(
@@ -74,6 +77,24 @@ impl Broker {
         ));
         drop(session);
         certifier.spawn_rotation(hsm.clone(), resolver.clone(), provider.clone());
+        let mut markets = HashMap::new();
+        for m in store.market_list()? {
+            let host = m
+                .endpoint
+                .rsplit_once(':')
+                .map_or(m.endpoint.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let info = link::MarketInfo {
+                server_name: rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .with_context(|| format!("market {} endpoint host", m.id))?,
+                client: tls::market_client(provider.clone(), &m.ca_pem, resolver.clone())
+                    .with_context(|| format!("market {} CA", m.id))?,
+                id: m.id.clone(),
+                endpoint: m.endpoint,
+            };
+            markets.insert(m.id, Arc::new(info));
+        }
+        drop(store);
         let tls = tls::server_config(provider, &terminal_ca, resolver)?;
 
         let db = cfg.db_path();
@@ -101,6 +122,7 @@ impl Broker {
             auth,
             hsm_pool,
             hsm,
+            markets,
         });
         let mut threads = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {

@@ -39,6 +39,19 @@ impl RotatingCert {
     }
 }
 
+impl rustls::client::ResolvesClientCert for RotatingCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().expect("cert lock").clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 impl ResolvesServerCert for RotatingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.read().expect("cert lock").clone())
@@ -73,7 +86,7 @@ impl Certifier {
             &signer,
             "keybroker broker",
             &self.names,
-            Usage::TlsServer,
+            Usage::TlsServerAndClient,
             self.lifetime,
             &key,
         )?;
@@ -138,6 +151,24 @@ pub fn server_config(
     cfg.send_tls13_tickets = 2;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.max_early_data_size = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// The broker's client configuration towards one market: the market's CA
+/// as the only trust anchor, the broker's current TLS key as client identity.
+pub fn market_client(
+    provider: Arc<CryptoProvider>,
+    market_ca_pem: &str,
+    identity: Arc<RotatingCert>,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut market_ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(identity);
     Ok(Arc::new(cfg))
 }
 

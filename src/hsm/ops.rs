@@ -185,6 +185,70 @@ pub fn unwrap_user_key(
     .op("C_UnwrapKey")
 }
 
+/// An ephemeral P-256 key pair for ECDH, as session objects. Returns the
+/// public point and the private handle; the public object is gone already.
+/// `CKA_PRIVATE = false` keeps SoftHSM off its global lock.
+pub fn generate_ephemeral(s: &Session) -> HsmResult<(Vec<u8>, ObjectHandle)> {
+    let (public, private) = ec_pair(
+        s,
+        &[
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::EcParams(P256_PARAMS.to_vec()),
+        ],
+        &[
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Derive(true),
+        ],
+    )?;
+    let point = point_of(s, public);
+    let _ = s.destroy_object(public);
+    match point {
+        Ok(p) => Ok((p, private)),
+        Err(e) => {
+            let _ = s.destroy_object(private);
+            Err(e)
+        }
+    }
+}
+
+/// X = HMAC-SHA256(key = ECDH(private, peer), data) with Z inside the HSM:
+/// `ECDH1_DERIVE` (CKD_NULL) to a generic secret, then `SHA256_HMAC`. The
+/// ephemeral private key and Z are destroyed either way.
+pub fn derive_x(
+    s: &Session,
+    private: ObjectHandle,
+    peer: &[u8],
+    data: &[u8],
+) -> HsmResult<zeroize::Zeroizing<Vec<u8>>> {
+    use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+    let params = Ecdh1DeriveParams::new(EcKdf::null(), peer);
+    let z = s.derive_key(
+        &Mechanism::Ecdh1Derive(params),
+        private,
+        &[
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::ValueLen(32.into()),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+        ],
+    );
+    let _ = s.destroy_object(private);
+    let z = z.op("C_DeriveKey (ECDH1)")?;
+    let x = s
+        .sign(&Mechanism::Sha256Hmac, z, data)
+        .op("C_Sign (SHA256_HMAC)");
+    let _ = s.destroy_object(z);
+    Ok(zeroize::Zeroizing::new(x?))
+}
+
 pub fn destroy(s: &Session, key: ObjectHandle) -> HsmResult<()> {
     s.destroy_object(key).op("C_DestroyObject")
 }

@@ -9,7 +9,9 @@
 //! `type`, `id` and `body`. Nothing here touches a socket, a clock or the HSM.
 
 use super::code::ErrorCode;
+use super::market::MAX_ENDPOINT;
 use super::wire::{Put, Reader, WireError};
+use crate::exchange::{POINT_LEN, WRAPPED_LEN};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -53,6 +55,14 @@ pub enum Message {
     Logout,
     /// Terminal → broker: liveness probe (type 0x04).
     Ping,
+    /// Terminal → broker: agree a key X with `market`, full proxy (type 0x05).
+    Exchange { market: String },
+    /// Terminal → broker: partial proxy; the terminal brings its own
+    /// ephemeral key and the broker only signs (type 0x06).
+    ExchangePartial {
+        market: String,
+        ephemeral: [u8; POINT_LEN],
+    },
     /// Broker → terminal: access granted; `confirm` proves both hold X' (type 0x81).
     LoginOk { confirm: [u8; 32] },
     /// Broker → terminal: authority released for this session (type 0x82).
@@ -61,6 +71,21 @@ pub enum Message {
     Bye,
     /// Broker → terminal: answer to Ping (type 0x84).
     Pong,
+    /// Broker → terminal: X agreed with the market, wrapped under X' (type 0x85).
+    ExchangeOk {
+        session_id: [u8; 16],
+        expiry_ms: u64,
+        endpoint: String,
+        wrapped_x: [u8; WRAPPED_LEN],
+    },
+    /// Broker → terminal: the market's half of a partial exchange (type 0x86).
+    PartialOk {
+        session_id: [u8; 16],
+        expiry_ms: u64,
+        endpoint: String,
+        market_ephemeral: [u8; POINT_LEN],
+        transcript: [u8; 32],
+    },
     /// Broker → terminal: typed failure (type 0xFF).
     Error { code: ErrorCode, detail: String },
 }
@@ -72,6 +97,10 @@ impl Message {
             Self::Release { .. } => 0x02,
             Self::Logout => 0x03,
             Self::Ping => 0x04,
+            Self::Exchange { .. } => 0x05,
+            Self::ExchangePartial { .. } => 0x06,
+            Self::ExchangeOk { .. } => 0x85,
+            Self::PartialOk { .. } => 0x86,
             Self::LoginOk { .. } => 0x81,
             Self::ReleaseOk => 0x82,
             Self::Bye => 0x83,
@@ -132,6 +161,35 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         }
         Message::Release { password } => out.put_bytes(password.expose()),
         Message::LoginOk { confirm } => out.extend_from_slice(confirm),
+        Message::Exchange { market } => out.put_bytes(market.as_bytes()),
+        Message::ExchangePartial { market, ephemeral } => {
+            out.put_bytes(market.as_bytes());
+            out.extend_from_slice(ephemeral);
+        }
+        Message::ExchangeOk {
+            session_id,
+            expiry_ms,
+            endpoint,
+            wrapped_x,
+        } => {
+            out.extend_from_slice(session_id);
+            out.put_u64(*expiry_ms);
+            out.put_bytes(endpoint.as_bytes());
+            out.extend_from_slice(wrapped_x);
+        }
+        Message::PartialOk {
+            session_id,
+            expiry_ms,
+            endpoint,
+            market_ephemeral,
+            transcript,
+        } => {
+            out.extend_from_slice(session_id);
+            out.put_u64(*expiry_ms);
+            out.put_bytes(endpoint.as_bytes());
+            out.extend_from_slice(market_ephemeral);
+            out.extend_from_slice(transcript);
+        }
         Message::Error { code, detail } => {
             out.put_u16(*code as u16);
             out.put_bytes(detail.as_bytes());
@@ -149,11 +207,7 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
     let id = r.u32("id")?;
     let msg = match ty {
         0x01 => {
-            let user = r.str(MAX_USER, "user")?;
-            if user.is_empty() {
-                return Err(WireError::Invalid("user").into());
-            }
-            let user = user.to_owned();
+            let user = id_str(&mut r, "user")?;
             let password = Password::new(r.bytes(MAX_PASSWORD, "password")?);
             Message::Login { user, password }
         }
@@ -162,6 +216,26 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         },
         0x03 => Message::Logout,
         0x04 => Message::Ping,
+        0x05 => Message::Exchange {
+            market: id_str(&mut r, "market")?,
+        },
+        0x06 => Message::ExchangePartial {
+            market: id_str(&mut r, "market")?,
+            ephemeral: r.array("ephemeral")?,
+        },
+        0x85 => Message::ExchangeOk {
+            session_id: r.array("session_id")?,
+            expiry_ms: r.u64("expiry")?,
+            endpoint: r.str(MAX_ENDPOINT, "endpoint")?.to_owned(),
+            wrapped_x: r.array("wrapped_x")?,
+        },
+        0x86 => Message::PartialOk {
+            session_id: r.array("session_id")?,
+            expiry_ms: r.u64("expiry")?,
+            endpoint: r.str(MAX_ENDPOINT, "endpoint")?.to_owned(),
+            market_ephemeral: r.array("market_ephemeral")?,
+            transcript: r.array("transcript")?,
+        },
         0x81 => Message::LoginOk {
             confirm: r.array("confirm")?,
         },
@@ -178,6 +252,15 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
     };
     r.finish()?;
     Ok(Frame { id, msg })
+}
+
+/// A non-empty id (user or market) of at most [`MAX_USER`] bytes.
+fn id_str(r: &mut Reader<'_>, what: &'static str) -> Result<String, WireError> {
+    let s = r.str(MAX_USER, what)?;
+    if s.is_empty() {
+        return Err(WireError::Invalid(what));
+    }
+    Ok(s.to_owned())
 }
 
 /// Splits a byte stream into frames. Holds at most one frame plus one read.
@@ -262,6 +345,26 @@ mod tests {
             Message::ReleaseOk,
             Message::Bye,
             Message::Pong,
+            Message::Exchange {
+                market: "m1".into(),
+            },
+            Message::ExchangePartial {
+                market: "m1".into(),
+                ephemeral: [4; 65],
+            },
+            Message::ExchangeOk {
+                session_id: [1; 16],
+                expiry_ms: 77,
+                endpoint: "127.0.0.1:9".into(),
+                wrapped_x: [2; 40],
+            },
+            Message::PartialOk {
+                session_id: [1; 16],
+                expiry_ms: 77,
+                endpoint: "127.0.0.1:9".into(),
+                market_ephemeral: [3; 65],
+                transcript: [5; 32],
+            },
             Message::error(ErrorCode::Locked, "card locked"),
         ];
         msgs.into_iter()

@@ -36,10 +36,34 @@ pub enum ErrorCode {
     NotReleased = 16,
     /// The HSM did not answer; retry later.
     HsmUnavailable = 20,
+    /// No market with that id is registered.
+    UnknownMarket = 30,
+    /// The market is down or unreachable; retry later.
+    MarketUnavailable = 31,
+    /// The market did not answer in time; retry later.
+    MarketTimeout = 32,
+    /// The market does not let this user trade there.
+    UserNotAllowed = 33,
+    /// The user's signature or certificate did not verify.
+    BadSignature = 34,
+    /// The exchange was seen before.
+    Replay = 35,
+    /// The exchange is too old or from the future.
+    Stale = 36,
+    /// The market failed internally.
+    MarketInternal = 37,
+    /// Too many exchanges in flight for this session.
+    TooManyInFlight = 38,
+    /// Direct channel: no such session at the market.
+    UnknownSession = 40,
+    /// Direct channel: the session has expired. Closes.
+    SessionExpired = 41,
+    /// Direct channel: a record failed authentication or was out of order. Closes.
+    BadRecord = 42,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::Malformed,
         Self::TooLarge,
         Self::Unexpected,
@@ -54,6 +78,18 @@ impl ErrorCode {
         Self::NotLoggedIn,
         Self::NotReleased,
         Self::HsmUnavailable,
+        Self::UnknownMarket,
+        Self::MarketUnavailable,
+        Self::MarketTimeout,
+        Self::UserNotAllowed,
+        Self::BadSignature,
+        Self::Replay,
+        Self::Stale,
+        Self::MarketInternal,
+        Self::TooManyInFlight,
+        Self::UnknownSession,
+        Self::SessionExpired,
+        Self::BadRecord,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -70,6 +106,8 @@ impl ErrorCode {
                 | Self::Locked
                 | Self::WrongTerminal
                 | Self::TerminalRevoked
+                | Self::SessionExpired
+                | Self::BadRecord
         )
     }
 
@@ -90,6 +128,18 @@ impl ErrorCode {
             Self::NotLoggedIn => "not_logged_in",
             Self::NotReleased => "not_released",
             Self::HsmUnavailable => "hsm_unavailable",
+            Self::UnknownMarket => "unknown_market",
+            Self::MarketUnavailable => "market_unavailable",
+            Self::MarketTimeout => "market_timeout",
+            Self::UserNotAllowed => "user_not_allowed",
+            Self::BadSignature => "bad_signature",
+            Self::Replay => "replay",
+            Self::Stale => "stale",
+            Self::MarketInternal => "market_internal",
+            Self::TooManyInFlight => "too_many_in_flight",
+            Self::UnknownSession => "unknown_session",
+            Self::SessionExpired => "session_expired",
+            Self::BadRecord => "bad_record",
         }
     }
 }

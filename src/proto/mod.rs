@@ -10,6 +10,8 @@
 
 pub mod access;
 pub mod code;
+pub mod direct;
+pub mod market;
 pub mod session;
 pub mod wire;
 

@@ -17,6 +17,7 @@
 
 use super::access::{Frame, Message, Password};
 use super::code::ErrorCode;
+use crate::exchange::POINT_LEN;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {
@@ -46,6 +47,15 @@ pub enum Action {
         id: u32,
         user: String,
         password: Password,
+    },
+    /// Broker an exchange with `market` for the released user, then call
+    /// [`AccessSession::exchange_done`]. `ephemeral` is the terminal's key
+    /// in partial mode.
+    Exchange {
+        id: u32,
+        user: String,
+        market: String,
+        ephemeral: Option<[u8; POINT_LEN]>,
     },
 }
 
@@ -131,6 +141,31 @@ impl AccessSession {
                 error(id, ErrorCode::NotLoggedIn, "log in first")
             }
             (Message::Release { .. }, _) => error(id, ErrorCode::Unexpected, "already released"),
+            (Message::Exchange { market }, State::Released { user }) => {
+                self.in_flight = true;
+                Action::Exchange {
+                    id,
+                    user: user.clone(),
+                    market,
+                    ephemeral: None,
+                }
+            }
+            (Message::ExchangePartial { market, ephemeral }, State::Released { user }) => {
+                self.in_flight = true;
+                Action::Exchange {
+                    id,
+                    user: user.clone(),
+                    market,
+                    ephemeral: Some(ephemeral),
+                }
+            }
+            (
+                Message::Exchange { .. } | Message::ExchangePartial { .. },
+                State::LoggedIn { .. },
+            ) => error(id, ErrorCode::NotReleased, "release first"),
+            (Message::Exchange { .. } | Message::ExchangePartial { .. }, _) => {
+                error(id, ErrorCode::NotLoggedIn, "log in first")
+            }
             (_, _) => error(id, ErrorCode::Unexpected, "not a terminal message"),
         }
     }
@@ -165,6 +200,15 @@ impl AccessSession {
             }
             (Ok(()), _) => self.fail(id, ErrorCode::Internal),
             (Err(code), _) => self.fail(id, code),
+        }
+    }
+
+    /// Result of an [`Action::Exchange`]: the answer to send.
+    pub fn exchange_done(&mut self, id: u32, result: Result<Message, ErrorCode>) -> Action {
+        self.in_flight = false;
+        match result {
+            Ok(msg) => Action::Reply(Frame { id, msg }),
+            Err(code) => self.fail(id, code),
         }
     }
 
@@ -233,6 +277,34 @@ mod tests {
         assert_eq!(
             s.release_done(2, Ok(())),
             Action::Reply(frame(2, Message::ReleaseOk))
+        );
+        assert!(s.is_released());
+    }
+
+    #[test]
+    fn exchange_needs_release() {
+        let mut s = AccessSession::new([0; 32]);
+        let ex = || frame(4, Message::Exchange { market: "m".into() });
+        assert_eq!(code_of(&s.handle(ex())), Some(ErrorCode::NotLoggedIn));
+        s.handle(login(1));
+        s.login_done(1, "alice".into(), Ok(()));
+        assert_eq!(code_of(&s.handle(ex())), Some(ErrorCode::NotReleased));
+        s.handle(release(2));
+        s.release_done(2, Ok(()));
+        assert!(matches!(
+            s.handle(ex()),
+            Action::Exchange {
+                id: 4,
+                ephemeral: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            s.exchange_done(4, Err(ErrorCode::MarketUnavailable)),
+            Action::Reply(frame(
+                4,
+                Message::error(ErrorCode::MarketUnavailable, "market_unavailable")
+            ))
         );
         assert!(s.is_released());
     }

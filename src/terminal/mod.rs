@@ -11,6 +11,11 @@
 //! tests and the demo read best this way. Any TLS 1.3 stack can replace it
 //! (docs/PROTOCOL.md is the whole contract).
 
+pub mod direct;
+
+pub use direct::{Brokered, Direct};
+
+use crate::exchange::Ephemeral;
 use crate::proto::access::{self, Frame, FrameDecoder, Message, Password};
 use crate::proto::{ErrorCode, XPRIME_LABEL, XPRIME_LEN};
 use anyhow::Context;
@@ -217,6 +222,61 @@ impl Terminal {
             password: Password::new(password.to_vec()),
         })? {
             Message::ReleaseOk => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Full proxy: the broker agrees X with `market` and sends it wrapped
+    /// under X'; this unwraps it.
+    pub fn exchange(&mut self, market: &str) -> Result<Brokered, TerminalError> {
+        match self.call(Message::Exchange {
+            market: market.into(),
+        })? {
+            Message::ExchangeOk {
+                session_id,
+                expiry_ms,
+                endpoint,
+                wrapped_x,
+            } => {
+                let x = crate::exchange::unwrap(&self.xprime, &wrapped_x).ok_or_else(|| {
+                    TerminalError::Protocol("wrapped X failed its integrity check".into())
+                })?;
+                Ok(Brokered {
+                    session_id,
+                    x,
+                    endpoint,
+                    expiry_ms,
+                })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Partial proxy (claim 8): this terminal makes the ephemeral key and the
+    /// ECDH; the broker only signs the transcript, so it never learns X.
+    pub fn exchange_partial(&mut self, market: &str) -> Result<Brokered, TerminalError> {
+        let eph = Ephemeral::generate();
+        match self.call(Message::ExchangePartial {
+            market: market.into(),
+            ephemeral: eph.public,
+        })? {
+            Message::PartialOk {
+                session_id,
+                expiry_ms,
+                endpoint,
+                market_ephemeral,
+                transcript,
+            } => {
+                let x = eph
+                    .x(&market_ephemeral, &transcript, &market_ephemeral)
+                    .ok_or_else(|| TerminalError::Protocol("invalid market key".into()))?;
+                Ok(Brokered {
+                    session_id,
+                    x,
+                    endpoint,
+                    expiry_ms,
+                })
+            }
             other => Err(unexpected(other)),
         }
     }

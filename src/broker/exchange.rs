@@ -1,0 +1,224 @@
+//! One brokered exchange on a core: sign in the HSM, batch to the market,
+//! derive X, wrap it under X'.
+//!
+//! ```text
+//! kx=software: aws-lc-rs ephemeral ─► HSM: sign T ─► market ─► aws-lc-rs ECDH+HMAC ─► wrap
+//! kx=hsm:      HSM: ephemeral + sign T (one job) ─► market ─► HSM: ECDH1_DERIVE + SHA256_HMAC ─► wrap
+//! partial:     terminal's ephemeral ─► HSM: sign T ─► market ─► the terminal derives X itself
+//! ```
+
+use super::Shared;
+use super::conn::Core;
+use super::link::Pending;
+use crate::config::Kx;
+use crate::exchange::{self, Ephemeral, Mode, POINT_LEN, Transcript};
+use crate::hsm::HsmError;
+use crate::pool::PoolError;
+use crate::proto::ErrorCode;
+use crate::proto::access::Message;
+use crate::proto::market::ExchangeRequest;
+use cryptoki::object::ObjectHandle;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The released home-card key of a session; destroyed in the HSM on drop.
+pub struct Released {
+    pub handle: ObjectHandle,
+    pub cert: Arc<Vec<u8>>,
+    pub fingerprint: [u8; 32],
+    pub shared: Arc<Shared>,
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        destroy_later(&self.shared, self.handle);
+    }
+}
+
+fn destroy_later(shared: &Shared, h: ObjectHandle) {
+    let queued = shared.hsm_pool.submit(move |w| {
+        if let Err(e) = crate::hsm::ops::destroy(&w.session, h) {
+            tracing::warn!(error = %e, "destroying an HSM session object failed");
+        }
+    });
+    if queued.is_err() {
+        tracing::warn!("HSM queue full: a session object stays until its worker session closes");
+    }
+}
+
+pub fn pool_code(e: PoolError) -> ErrorCode {
+    match e {
+        PoolError::Busy => ErrorCode::Busy,
+        PoolError::Gone => ErrorCode::Internal,
+    }
+}
+
+fn hsm_code(e: HsmError) -> ErrorCode {
+    tracing::error!(error = %e, "HSM operation failed");
+    ErrorCode::HsmUnavailable
+}
+
+/// The requester's ephemeral key.
+enum Eph {
+    Software(Ephemeral),
+    Hsm(ObjectHandle),
+    Terminal,
+}
+
+pub async fn exchange(
+    core: &Core,
+    rel: &Released,
+    user: &str,
+    market: &str,
+    terminal_eph: Option<[u8; POINT_LEN]>,
+    xprime: &[u8; 32],
+) -> Result<Message, ErrorCode> {
+    let started = Instant::now();
+    let shared = &core.shared;
+    let link = core.link(market)?;
+    let binding = link
+        .binding_when_up()
+        .await
+        .ok_or(ErrorCode::MarketUnavailable)?;
+    let mut nonce = [0u8; 16];
+    rand::fill(&mut nonce);
+    let mut t = Transcript {
+        mode: if terminal_eph.is_some() {
+            Mode::Partial
+        } else {
+            Mode::Full
+        },
+        market: market.to_owned(),
+        user: user.to_owned(),
+        cert_fingerprint: rel.fingerprint,
+        request_id: core.request_id(),
+        ephemeral: [0; POINT_LEN],
+        time_ms: crate::market::now_ms(),
+        nonce,
+        binding,
+    };
+    let key = rel.handle;
+    let kx = shared.cfg.exchange.kx;
+    let (eph, digest, signature) = match (terminal_eph, kx) {
+        (Some(p), _) => {
+            t.ephemeral = p;
+            let (d, sig) = sign(shared, key, &t).await?;
+            (Eph::Terminal, d, sig)
+        }
+        (None, Kx::Software) => {
+            let e = Ephemeral::generate();
+            t.ephemeral = e.public;
+            let (d, sig) = sign(shared, key, &t).await?;
+            (Eph::Software(e), d, sig)
+        }
+        (None, Kx::Hsm) => {
+            let tt = t.clone();
+            let (point, private, digest, sig) = shared
+                .hsm_pool
+                .run(move |w| -> Result<_, HsmError> {
+                    let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
+                    let mut tt = tt;
+                    tt.ephemeral = point
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| HsmError::Format("a bad EC point"))?;
+                    let digest = tt.digest();
+                    match crate::hsm::ops::sign_digest_p256(&w.session, key, &digest) {
+                        Ok(sig) => Ok((tt.ephemeral, private, digest, sig)),
+                        Err(e) => {
+                            let _ = crate::hsm::ops::destroy(&w.session, private);
+                            Err(e)
+                        }
+                    }
+                })
+                .await
+                .map_err(pool_code)?
+                .map_err(hsm_code)?;
+            t.ephemeral = point;
+            (Eph::Hsm(private), digest, sig)
+        }
+    };
+    let (tx, rx) = futures_channel::oneshot::channel();
+    let pending = Pending {
+        req: ExchangeRequest {
+            request_id: t.request_id,
+            mode: t.mode,
+            user: t.user.clone(),
+            user_cert: rel.cert.to_vec(),
+            ephemeral: t.ephemeral,
+            time_ms: t.time_ms,
+            nonce: t.nonce,
+            signature,
+        },
+        binding,
+        reply: tx,
+    };
+    let answer = match link.submit(pending) {
+        Ok(()) => rx.await.unwrap_or(Err(ErrorCode::MarketUnavailable)),
+        Err(code) => Err(code),
+    };
+    let accepted = match answer {
+        Ok(a) => a,
+        Err(code) => {
+            if let Eph::Hsm(h) = eph {
+                destroy_later(shared, h);
+            }
+            return Err(code);
+        }
+    };
+    let x = match eph {
+        Eph::Terminal => {
+            crate::metrics::exchange_done("partial", started.elapsed());
+            return Ok(Message::PartialOk {
+                session_id: accepted.session_id,
+                expiry_ms: accepted.expiry_ms,
+                endpoint: accepted.endpoint,
+                market_ephemeral: accepted.ephemeral,
+                transcript: digest,
+            });
+        }
+        Eph::Software(e) => e
+            .x(&accepted.ephemeral, &digest, &accepted.ephemeral)
+            .ok_or(ErrorCode::MarketInternal)?,
+        Eph::Hsm(private) => {
+            let peer = accepted.ephemeral;
+            let input = exchange::x_input(&digest, &peer);
+            let x = shared
+                .hsm_pool
+                .run(move |w| crate::hsm::ops::derive_x(&w.session, private, &peer, &input))
+                .await
+                .map_err(pool_code)?
+                .map_err(hsm_code)?;
+            zeroize::Zeroizing::new(
+                <[u8; 32]>::try_from(x.as_slice()).map_err(|_| ErrorCode::HsmUnavailable)?,
+            )
+        }
+    };
+    let wrapped_x = exchange::wrap(xprime, &x);
+    crate::metrics::exchange_done(
+        if kx == Kx::Hsm { "hsm" } else { "software" },
+        started.elapsed(),
+    );
+    Ok(Message::ExchangeOk {
+        session_id: accepted.session_id,
+        expiry_ms: accepted.expiry_ms,
+        endpoint: accepted.endpoint,
+        wrapped_x,
+    })
+}
+
+/// T and the home-card key's signature over it.
+async fn sign(
+    shared: &Shared,
+    key: ObjectHandle,
+    t: &Transcript,
+) -> Result<([u8; 32], Vec<u8>), ErrorCode> {
+    let digest = t.digest();
+    let sig = shared
+        .hsm_pool
+        .run(move |w| crate::hsm::ops::sign_digest_p256(&w.session, key, &digest))
+        .await
+        .map_err(pool_code)?
+        .map_err(hsm_code)?;
+    Ok((digest, sig))
+}

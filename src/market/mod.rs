@@ -1,0 +1,285 @@
+//! The reference market: accepts the broker's market channel, verifies each
+//! brokered exchange, and serves the direct channel for the sessions it
+//! agreed. Usable as a library by a merchant (`MarketState::exchange` and
+//! `server::start`).
+//!
+//! ```text
+//! broker ══market channel (TLS 1.3, mutual)══► verify batch ─► sessions{id → X, user, expiry}
+//! terminal ──direct channel (AEAD records keyed from X)──► look up session ─► answer
+//! ```
+
+pub mod server;
+pub mod setup;
+
+use crate::exchange::{self, Ephemeral, Transcript};
+use crate::proto::ErrorCode;
+use crate::proto::market::{Accepted, ExchangeRequest};
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use zeroize::Zeroizing;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketConfig {
+    /// The market id the broker registered; part of every transcript.
+    pub id: String,
+    /// Market-channel listener (TLS, the broker connects here).
+    pub listen: SocketAddr,
+    /// Direct-channel listener (terminals connect here).
+    pub direct_listen: SocketAddr,
+    /// Address advertised to terminals; default: the direct listener's.
+    #[serde(default)]
+    pub direct_endpoint: Option<String>,
+    /// PEM files, relative to the config file's directory.
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    pub broker_ca: PathBuf,
+    pub user_ca: PathBuf,
+    /// Users allowed to trade here; `"*"` allows every certified user.
+    #[serde(default = "all_users")]
+    pub allowed_users: Vec<String>,
+    /// Largest clock difference accepted on an exchange, ms. Default 30000.
+    #[serde(default = "freshness")]
+    pub freshness_ms: u64,
+    /// Lifetime of a direct-channel session, s. Default 600.
+    #[serde(default = "ttl")]
+    pub session_ttl_s: u64,
+    /// Most live sessions held. Default 1,000,000.
+    #[serde(default = "max_sessions")]
+    pub max_sessions: usize,
+    /// Core threads; 0 = one per CPU.
+    #[serde(default)]
+    pub cores: usize,
+    /// A connection silent this long is closed, ms. Default 60000.
+    #[serde(default = "idle")]
+    pub idle_timeout_ms: u64,
+}
+
+fn all_users() -> Vec<String> {
+    vec!["*".into()]
+}
+fn freshness() -> u64 {
+    30_000
+}
+fn ttl() -> u64 {
+    600
+}
+fn max_sessions() -> usize {
+    1_000_000
+}
+fn idle() -> u64 {
+    60_000
+}
+
+impl MarketConfig {
+    pub fn load(path: &Path) -> Result<(Self, PathBuf)> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Self =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok((cfg, base))
+    }
+}
+
+/// A direct-channel session the market agreed with a terminal's broker.
+pub struct Session {
+    pub x: Zeroizing<[u8; 32]>,
+    pub user: String,
+    pub expiry_ms: u64,
+}
+
+/// A verified user certificate: its user id and public key.
+#[derive(Clone)]
+struct UserKey {
+    user: String,
+    point: Vec<u8>,
+    not_after_ms: u64,
+}
+
+/// Everything the market's cores share.
+pub struct MarketState {
+    pub cfg: MarketConfig,
+    pub endpoint: String,
+    user_ca_spki: Vec<u8>,
+    certs: Mutex<HashMap<[u8; 32], UserKey>>,
+    replay: Mutex<HashMap<[u8; 16], u64>>,
+    sessions: Mutex<HashMap<[u8; 16], Session>>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+const MAX_CERT_CACHE: usize = 100_000;
+
+impl MarketState {
+    pub fn new(cfg: MarketConfig, user_ca_der: &[u8], endpoint: String) -> Result<Self> {
+        let (_, ca) = x509_parser::parse_x509_certificate(user_ca_der)
+            .map_err(|e| anyhow::anyhow!("user CA: {e}"))?;
+        Ok(Self {
+            cfg,
+            endpoint,
+            user_ca_spki: ca.public_key().raw.to_vec(),
+            certs: Mutex::new(HashMap::new()),
+            replay: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn allowed(&self, user: &str) -> bool {
+        self.cfg.allowed_users.iter().any(|u| u == "*" || u == user)
+    }
+
+    /// Checks a user certificate against the user CA; cached by fingerprint.
+    fn user_key(&self, der: &[u8], fp: [u8; 32], now: u64) -> Result<UserKey, ErrorCode> {
+        if let Some(k) = self.certs.lock().expect("cert cache").get(&fp)
+            && k.not_after_ms > now
+        {
+            return Ok(k.clone());
+        }
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|_| ErrorCode::BadSignature)?;
+        let (_, ca_spki) = <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(&self.user_ca_spki)
+            .map_err(|_| ErrorCode::MarketInternal)?;
+        cert.verify_signature(Some(&ca_spki))
+            .map_err(|_| ErrorCode::BadSignature)?;
+        if !cert.validity().is_valid() {
+            return Err(ErrorCode::BadSignature);
+        }
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .and_then(|c| c.strip_prefix("user "))
+            .ok_or(ErrorCode::BadSignature)?;
+        let key = UserKey {
+            user: cn.to_owned(),
+            point: cert.public_key().subject_public_key.data.to_vec(),
+            not_after_ms: cert.validity().not_after.timestamp().max(0) as u64 * 1000,
+        };
+        let mut cache = self.certs.lock().expect("cert cache");
+        if cache.len() >= MAX_CERT_CACHE {
+            cache.clear();
+        }
+        cache.insert(fp, key.clone());
+        Ok(key)
+    }
+
+    /// Verifies one exchange arriving on a market-channel connection whose
+    /// exporter value is `binding`, and agrees a session for it.
+    pub fn exchange(
+        &self,
+        req: &ExchangeRequest,
+        binding: [u8; 32],
+        now: u64,
+    ) -> Result<Accepted, ErrorCode> {
+        if !self.allowed(&req.user) {
+            return Err(ErrorCode::UserNotAllowed);
+        }
+        if now.abs_diff(req.time_ms) > self.cfg.freshness_ms {
+            return Err(ErrorCode::Stale);
+        }
+        let fp = crate::pki::fingerprint(&req.user_cert);
+        let key = self.user_key(&req.user_cert, fp, now)?;
+        if key.user != req.user {
+            return Err(ErrorCode::BadSignature);
+        }
+        let t = Transcript {
+            mode: req.mode,
+            market: self.cfg.id.clone(),
+            user: req.user.clone(),
+            cert_fingerprint: fp,
+            request_id: req.request_id,
+            ephemeral: req.ephemeral,
+            time_ms: req.time_ms,
+            nonce: req.nonce,
+            binding,
+        };
+        let preimage = t.preimage();
+        if !exchange::verify_signature(&key.point, &preimage, &req.signature) {
+            return Err(ErrorCode::BadSignature);
+        }
+        self.check_replay(req.nonce, now)?;
+        let digest = exchange::sha256(&preimage);
+        let eph = Ephemeral::generate();
+        let x = eph
+            .x(&req.ephemeral, &digest, &eph.public)
+            .ok_or(ErrorCode::BadSignature)?;
+        let mut session_id = [0u8; 16];
+        rand::fill(&mut session_id);
+        let expiry_ms = now + self.cfg.session_ttl_s * 1000;
+        self.insert_session(
+            session_id,
+            Session {
+                x,
+                user: req.user.clone(),
+                expiry_ms,
+            },
+            now,
+        )?;
+        Ok(Accepted {
+            session_id,
+            ephemeral: eph.public,
+            expiry_ms,
+            endpoint: self.endpoint.clone(),
+        })
+    }
+
+    /// Remembers each nonce for twice the freshness window; a nonce seen
+    /// again inside it is a replay. Older ones are refused as stale anyway.
+    fn check_replay(&self, nonce: [u8; 16], now: u64) -> Result<(), ErrorCode> {
+        let mut seen = self.replay.lock().expect("replay cache");
+        if seen.len() >= self.cfg.max_sessions {
+            seen.retain(|_, exp| *exp > now);
+            if seen.len() >= self.cfg.max_sessions {
+                return Err(ErrorCode::Busy);
+            }
+        }
+        match seen.insert(nonce, now + 2 * self.cfg.freshness_ms) {
+            Some(exp) if exp > now => Err(ErrorCode::Replay),
+            _ => Ok(()),
+        }
+    }
+
+    fn insert_session(&self, id: [u8; 16], s: Session, now: u64) -> Result<(), ErrorCode> {
+        let mut sessions = self.sessions.lock().expect("sessions");
+        if sessions.len() >= self.cfg.max_sessions {
+            sessions.retain(|_, s| s.expiry_ms > now);
+            if sessions.len() >= self.cfg.max_sessions {
+                return Err(ErrorCode::Busy);
+            }
+        }
+        sessions.insert(id, s);
+        Ok(())
+    }
+
+    /// X and user of a live session; typed errors for unknown or expired.
+    pub fn session(
+        &self,
+        id: &[u8; 16],
+        now: u64,
+    ) -> Result<(Zeroizing<[u8; 32]>, String, u64), ErrorCode> {
+        let mut sessions = self.sessions.lock().expect("sessions");
+        match sessions.get(id) {
+            None => Err(ErrorCode::UnknownSession),
+            Some(s) if s.expiry_ms <= now => {
+                sessions.remove(id);
+                Err(ErrorCode::SessionExpired)
+            }
+            Some(s) => Ok((s.x.clone(), s.user.clone(), s.expiry_ms)),
+        }
+    }
+
+    /// The number of live sessions (for tests and metrics).
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().expect("sessions").len()
+    }
+}

@@ -1,0 +1,282 @@
+//! The market's network side: thread per core, compio, two listeners.
+//!
+//! ```text
+//! market channel: TLS 1.3 (broker cert from the broker CA) ─► batch ─► MarketState::exchange ─► batch reply
+//! direct channel: Hello{session} ─► HelloOk ─► Record ⇄ Record (answers each request)
+//! ```
+
+use super::{MarketConfig, MarketState, now_ms};
+use crate::exchange::BINDING_LABEL;
+use crate::net::tls_io::TlsIo;
+use crate::proto::ErrorCode;
+use crate::proto::direct::{self, Channel, Decoder, Role};
+use crate::proto::market::{self, ExchangeReply, Splitter};
+use anyhow::{Context, Result};
+use compio::BufResult;
+use compio::io::{AsyncRead, AsyncWriteExt};
+use compio::net::{TcpListener, TcpStream};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+const MAX_CONNECTIONS_PER_CORE: usize = 20_000;
+
+pub struct MarketServer {
+    pub addr: SocketAddr,
+    pub direct_addr: SocketAddr,
+    pub state: Arc<MarketState>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl MarketServer {
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn tls_config(cfg: &MarketConfig, base: &Path) -> Result<Arc<ServerConfig>> {
+    let read = |p: &Path| {
+        std::fs::read(base.join(p)).with_context(|| format!("reading {}", base.join(p).display()))
+    };
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut &read(&cfg.cert)?[..]).collect::<Result<_, _>>()?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &read(&cfg.key)?[..])?
+        .context("no key in market key file")?;
+    let mut roots = RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &read(&cfg.broker_ca)?[..]) {
+        roots.add(c?)?;
+    }
+    let provider = crate::broker::tls::provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut sc = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    sc.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    Ok(Arc::new(sc))
+}
+
+/// Binds both listeners and starts the core threads.
+pub fn start(cfg_path: &Path) -> Result<MarketServer> {
+    let (cfg, base) = MarketConfig::load(cfg_path)?;
+    let tls = tls_config(&cfg, &base)?;
+    let user_ca = crate::pki::read_cert_pem(&std::fs::read_to_string(base.join(&cfg.user_ca))?)?;
+    let cores = if cfg.cores == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cfg.cores
+    };
+    let (chan, addr) =
+        crate::net::listen::reuseport_group(cfg.listen, cores, 1024).context("market listener")?;
+    let (dir, direct_addr) = crate::net::listen::reuseport_group(cfg.direct_listen, cores, 1024)
+        .context("direct listener")?;
+    let endpoint = cfg
+        .direct_endpoint
+        .clone()
+        .unwrap_or_else(|| direct_addr.to_string());
+    let state = Arc::new(MarketState::new(cfg, &user_ca, endpoint)?);
+    let mut threads = Vec::new();
+    for (i, (c, d)) in chan.into_iter().zip(dir).enumerate() {
+        let state = state.clone();
+        let tls = tls.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("market-{i}"))
+                .spawn(move || {
+                    if let Err(e) = run_core(c, d, state, tls) {
+                        tracing::error!(error = %e, "market core stopped");
+                    }
+                })?,
+        );
+    }
+    tracing::info!(%addr, %direct_addr, "market listening");
+    Ok(MarketServer {
+        addr,
+        direct_addr,
+        state,
+        threads,
+    })
+}
+
+fn run_core(
+    chan: std::net::TcpListener,
+    dir: std::net::TcpListener,
+    state: Arc<MarketState>,
+    tls: Arc<ServerConfig>,
+) -> Result<()> {
+    let rt = crate::broker::core_runtime()?;
+    rt.block_on(async move {
+        let chan = TcpListener::from_std(chan)?;
+        let dir = TcpListener::from_std(dir)?;
+        let live = Rc::new(Cell::new(0));
+        let s = state.clone();
+        compio::runtime::spawn(crate::net::accept_loop(
+            dir,
+            live.clone(),
+            MAX_CONNECTIONS_PER_CORE,
+            move |stream| {
+                let s = s.clone();
+                async move { serve_direct(&s, stream).await }
+            },
+        ))
+        .detach();
+        crate::net::accept_loop(chan, live, MAX_CONNECTIONS_PER_CORE, move |stream| {
+            let s = state.clone();
+            let tls = tls.clone();
+            async move { serve_channel(&s, tls, stream).await }
+        })
+        .await;
+        Ok(())
+    })
+}
+
+async fn serve_channel(state: &MarketState, tls: Arc<ServerConfig>, stream: TcpStream) {
+    let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
+    let Ok(conn) = ServerConnection::new(tls) else {
+        return;
+    };
+    let mut io = TlsIo::new(stream, conn);
+    if !matches!(
+        compio::time::timeout(Duration::from_secs(5), io.handshake()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    let mut binding = [0u8; 32];
+    if io
+        .conn
+        .export_keying_material(&mut binding, BINDING_LABEL, None)
+        .is_err()
+    {
+        return;
+    }
+    let mut split = Splitter::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        loop {
+            let frame = match split.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => return io.close().await,
+            };
+            let Ok(reqs) = market::decode_requests(&frame) else {
+                tracing::warn!("malformed batch from the broker; closing");
+                return io.close().await;
+            };
+            let now = now_ms();
+            let replies: Vec<ExchangeReply> = reqs
+                .iter()
+                .map(|r| {
+                    let result = state.exchange(r, binding, now);
+                    match &result {
+                        Ok(_) => tracing::debug!(user = %r.user, request = r.request_id, "exchange accepted"),
+                        Err(code) => tracing::info!(user = %r.user, request = r.request_id, %code, "exchange refused"),
+                    }
+                    ExchangeReply {
+                        request_id: r.request_id,
+                        result,
+                    }
+                })
+                .collect();
+            out.clear();
+            market::encode_replies(&replies, &mut out);
+            if io.send(&out).await.is_err() {
+                return;
+            }
+        }
+        match compio::time::timeout(idle, io.read_some(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => split.push(&buf[..n]),
+            _ => return io.close().await,
+        }
+    }
+}
+
+async fn write(sock: &mut TcpStream, out: Vec<u8>) -> Option<Vec<u8>> {
+    let BufResult(r, out) = sock.write_all(out).await;
+    r.ok().map(|()| out)
+}
+
+async fn alert(sock: &mut TcpStream, code: ErrorCode) {
+    let mut out = Vec::new();
+    direct::frame(direct::ALERT, &(code as u16).to_be_bytes(), &mut out);
+    let _ = write(sock, out).await;
+}
+
+async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
+    let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
+    let mut dec = Decoder::default();
+    let mut channel: Option<(Channel, String, u64)> = None;
+    let mut rbuf = Vec::with_capacity(16 * 1024);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        loop {
+            let (ty, payload) = match dec.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return alert(&mut sock, e.code()).await,
+            };
+            out.clear();
+            match (ty, &mut channel) {
+                (direct::HELLO, None) => {
+                    let Ok(sid) = <[u8; 16]>::try_from(&payload[..]) else {
+                        return alert(&mut sock, ErrorCode::Malformed).await;
+                    };
+                    match state.session(&sid, now_ms()) {
+                        Ok((x, user, expiry)) => {
+                            channel = Some((Channel::new(&x, sid, Role::Market), user, expiry));
+                            direct::frame(direct::HELLO_OK, &[], &mut out);
+                        }
+                        Err(code) => return alert(&mut sock, code).await,
+                    }
+                }
+                (direct::RECORD, Some((ch, user, expiry))) => {
+                    if now_ms() >= *expiry {
+                        return alert(&mut sock, ErrorCode::SessionExpired).await;
+                    }
+                    let request = match ch.open(&payload) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::info!(user = %user, error = %e, "direct record refused");
+                            return alert(&mut sock, e.code()).await;
+                        }
+                    };
+                    let answer = answer(&state.cfg.id, user, &request);
+                    ch.seal(&answer, &mut out);
+                }
+                _ => return alert(&mut sock, ErrorCode::Unexpected).await,
+            }
+            match write(&mut sock, std::mem::take(&mut out)).await {
+                Some(o) => out = o,
+                None => return,
+            }
+        }
+        rbuf.clear();
+        let BufResult(r, b) = match compio::time::timeout(idle, sock.read(rbuf)).await {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        rbuf = b;
+        match r {
+            Ok(n) if n > 0 => dec.push(&rbuf[..n]),
+            _ => return,
+        }
+    }
+}
+
+/// The reference market's answer to a direct request: it names the market
+/// and user and echoes the request, so a terminal can check the round trip.
+pub fn answer(market: &str, user: &str, request: &[u8]) -> Vec<u8> {
+    let mut a = format!("market {market} to {user}: ").into_bytes();
+    a.extend_from_slice(&request[..request.len().min(direct::MAX_PAYLOAD - 512)]);
+    a
+}

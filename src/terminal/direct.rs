@@ -1,0 +1,129 @@
+//! The terminal's side of the direct channel and of a brokered exchange.
+//!
+//! ```text
+//! Brokered{session id, X, endpoint} ─► TCP ─► Hello ─► HelloOk ─► Record ⇄ Record
+//! ```
+
+use super::TerminalError;
+use crate::proto::ErrorCode;
+use crate::proto::direct::{self, Channel, Decoder, Role};
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// A session key X agreed with a market, and where to use it.
+pub struct Brokered {
+    pub session_id: [u8; 16],
+    pub x: Zeroizing<[u8; 32]>,
+    pub endpoint: String,
+    pub expiry_ms: u64,
+}
+
+impl std::fmt::Debug for Brokered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Brokered")
+            .field("session_id", &hex::encode(self.session_id))
+            .field("endpoint", &self.endpoint)
+            .field("expiry_ms", &self.expiry_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An open direct channel to a market.
+pub struct Direct {
+    sock: TcpStream,
+    channel: Channel,
+    decoder: Decoder,
+}
+
+fn refused(payload: &[u8]) -> TerminalError {
+    let code = <[u8; 2]>::try_from(payload)
+        .ok()
+        .and_then(|b| ErrorCode::from_u16(u16::from_be_bytes(b)));
+    match code {
+        Some(code) => TerminalError::Refused {
+            code,
+            detail: format!("market: {code}"),
+        },
+        None => TerminalError::Protocol("malformed alert from the market".into()),
+    }
+}
+
+impl Direct {
+    /// Connects to the market and names the session.
+    pub fn connect(b: &Brokered, timeout: Duration) -> Result<Self, TerminalError> {
+        let addr = b
+            .endpoint
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| TerminalError::Protocol(format!("bad endpoint {}", b.endpoint)))?;
+        let sock = TcpStream::connect_timeout(&addr, timeout)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        sock.set_nodelay(true)?;
+        let mut d = Self {
+            sock,
+            channel: Channel::new(&b.x, b.session_id, Role::Terminal),
+            decoder: Decoder::default(),
+        };
+        let mut hello = Vec::new();
+        direct::frame(direct::HELLO, &b.session_id, &mut hello);
+        d.sock.write_all(&hello)?;
+        match d.next()? {
+            (direct::HELLO_OK, _) => Ok(d),
+            (direct::ALERT, p) => Err(refused(&p)),
+            _ => Err(TerminalError::Protocol("unexpected answer to hello".into())),
+        }
+    }
+
+    fn next(&mut self) -> Result<(u8, Vec<u8>), TerminalError> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if let Some(f) = self
+                .decoder
+                .next_frame()
+                .map_err(|e| TerminalError::Protocol(e.to_string()))?
+            {
+                return Ok(f);
+            }
+            let n = self.sock.read(&mut buf)?;
+            if n == 0 {
+                return Err(TerminalError::Closed);
+            }
+            self.decoder.push(&buf[..n]);
+        }
+    }
+
+    /// Sends raw bytes (tests use this to send tampered records).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), TerminalError> {
+        self.sock.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Seals `request` without sending it (tests tamper with it).
+    pub fn seal(&mut self, request: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.channel.seal(request, &mut out);
+        out
+    }
+
+    /// Reads and opens the market's next answer.
+    pub fn receive(&mut self) -> Result<Vec<u8>, TerminalError> {
+        match self.next()? {
+            (direct::RECORD, p) => self
+                .channel
+                .open(&p)
+                .map_err(|e| TerminalError::Protocol(format!("market record refused: {e}"))),
+            (direct::ALERT, p) => Err(refused(&p)),
+            _ => Err(TerminalError::Protocol("unexpected frame".into())),
+        }
+    }
+
+    /// One encrypted request and its encrypted answer.
+    pub fn request(&mut self, request: &[u8]) -> Result<Vec<u8>, TerminalError> {
+        let rec = self.seal(request);
+        self.send_raw(&rec)?;
+        self.receive()
+    }
+}
