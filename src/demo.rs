@@ -1,25 +1,68 @@
-//! `keybroker demo`: starts a broker in this process on a free loopback
-//! port and drives the demo terminals (enrolled by `demo-enroll`) through
-//! the whole flow, then prints one summary line starting `demo ok:`.
+//! `keybroker demo`: the whole flow on loopback, in one process.
+//!
+//! ```text
+//! reference market (in process) ◄── broker kx=software ◄── demo terminals (alice, bob)
+//!                               ◄── broker kx=hsm      ◄──┘
+//! ```
+//!
+//! Each demo terminal (enrolled by `demo-enroll`) logs in (after a wrong
+//! password that must be refused), releases, has both brokers agree keys
+//! with the market in full and partial mode, and talks to the market on the
+//! direct channel. Ends with one summary line starting `demo ok:`.
 
-use crate::config::Config;
-use crate::terminal::{Terminal, TerminalConfig};
+use crate::broker::Broker;
+use crate::config::{Config, Kx};
+use crate::market;
+use crate::proto::ErrorCode;
+use crate::store::{MarketRecord, Store};
+use crate::terminal::{Brokered, Direct, Terminal, TerminalConfig};
 use anyhow::{Context, Result, bail};
 use std::time::Duration;
 
 pub const DEMO_USERS: [&str; 2] = ["alice", "bob"];
+const MARKET: &str = "demo-market";
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Tally {
     logins: u32,
-    releases: u32,
+    exchanges: u32,
+    direct_requests: u32,
     refusals_checked: u32,
     errors: u32,
 }
 
+/// Starts the demo market on free ports and registers its current endpoint.
+fn start_market(cfg: &Config) -> Result<market::server::MarketServer> {
+    let dir = cfg.data_dir.join("demo").join("market");
+    let path = market::setup::init(&market::setup::InitArgs {
+        dir: &dir,
+        id: MARKET,
+        broker_pki: &cfg.pki_dir(),
+        listen: "127.0.0.1:0",
+        direct_listen: "127.0.0.1:0",
+        allowed_users: &["*".to_owned()],
+    })?;
+    let m = market::server::start(&path)?;
+    let store = Store::open(&cfg.db_path())?;
+    store.market_remove(MARKET)?;
+    store.market_add(&MarketRecord {
+        id: MARKET.into(),
+        endpoint: m.addr.to_string(),
+        ca_pem: std::fs::read_to_string(dir.join("market-ca.crt"))?,
+    })?;
+    Ok(m)
+}
+
 pub fn run(mut cfg: Config) -> Result<()> {
+    let _market = start_market(&cfg)?;
     cfg.broker.listen = "127.0.0.1:0".parse().expect("valid address");
-    let broker = crate::broker::Broker::start(cfg.clone())?;
+    let mut brokers = Vec::new();
+    for kx in [Kx::Software, Kx::Hsm] {
+        let mut c = cfg.clone();
+        c.exchange.kx = kx;
+        brokers.push((kx, Broker::start(c)?));
+    }
     let mut tally = Tally::default();
     for user in DEMO_USERS {
         let dir = cfg.data_dir.join("demo").join(user);
@@ -29,17 +72,21 @@ pub fn run(mut cfg: Config) -> Result<()> {
         };
         let (p1, p2) = (read("access.pw")?, read("release.pw")?);
         let tc = TerminalConfig::load(&dir)?;
-        match session(&broker, &tc, user, &p1, &p2, &mut tally) {
-            Ok(()) => println!("{user}: logged in, X' confirmed, released, logged out"),
-            Err(e) => {
-                tally.errors += 1;
-                println!("{user}: FAILED: {e:#}");
+        for (kx, broker) in &brokers {
+            match session(broker, &tc, user, &p1, &p2, &mut tally) {
+                Ok(()) => println!(
+                    "{user} via kx={kx:?}: login, release, full and partial exchanges, direct requests: ok"
+                ),
+                Err(e) => {
+                    tally.errors += 1;
+                    println!("{user} via kx={kx:?}: FAILED: {e:#}");
+                }
             }
         }
     }
     let line = format!(
-        "logins={} releases={} refusals_checked={} errors={}",
-        tally.logins, tally.releases, tally.refusals_checked, tally.errors
+        "logins={} exchanges={} direct_requests={} refusals_checked={} errors={}",
+        tally.logins, tally.exchanges, tally.direct_requests, tally.refusals_checked, tally.errors
     );
     if tally.errors > 0 {
         bail!("demo failed: {line}");
@@ -48,27 +95,48 @@ pub fn run(mut cfg: Config) -> Result<()> {
     Ok(())
 }
 
+fn direct(b: &Brokered, user: &str, tally: &mut Tally) -> Result<()> {
+    let mut d = Direct::connect(b, TIMEOUT)?;
+    for i in 0..2 {
+        let req = format!("demo order {i}");
+        let answer = d.request(req.as_bytes())?;
+        if !String::from_utf8_lossy(&answer).contains(&format!("to {user}: {req}")) {
+            bail!("unexpected answer from the market");
+        }
+        tally.direct_requests += 1;
+    }
+    Ok(())
+}
+
 fn session(
-    broker: &crate::broker::Broker,
+    broker: &Broker,
     tc: &TerminalConfig,
     user: &str,
     p1: &[u8],
     p2: &[u8],
     tally: &mut Tally,
 ) -> Result<()> {
-    let mut t = Terminal::connect(broker.addr, tc, Duration::from_secs(10))?;
-    // A wrong first password must be refused with a typed error (and is
-    // then cleared by the successful login below).
+    let mut t = Terminal::connect(broker.addr, tc, TIMEOUT)?;
     match t.login(user, b"not the password") {
-        Err(e) if e.code() == Some(crate::proto::ErrorCode::WrongPassword) => {
-            tally.refusals_checked += 1
-        }
-        other => bail!("wrong password was not refused: {other:?}"),
+        Err(e) if e.code() == Some(ErrorCode::WrongPassword) => tally.refusals_checked += 1,
+        other => bail!("a wrong password was not refused: {other:?}"),
     }
     t.login(user, p1)?;
     tally.logins += 1;
+    match t.exchange(MARKET) {
+        Err(e) if e.code() == Some(ErrorCode::NotReleased) => tally.refusals_checked += 1,
+        other => bail!("an exchange before release was not refused: {other:?}"),
+    }
     t.release(p2)?;
-    tally.releases += 1;
+    for partial in [false, true] {
+        let b = if partial {
+            t.exchange_partial(MARKET)?
+        } else {
+            t.exchange(MARKET)?
+        };
+        tally.exchanges += 1;
+        direct(&b, user, tally)?;
+    }
     t.logout()?;
     Ok(())
 }

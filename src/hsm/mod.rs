@@ -115,9 +115,18 @@ pub fn read_pin(path: &Path) -> HsmResult<AuthPin> {
 
 fn load_module(path: &Path) -> HsmResult<Pkcs11> {
     let ctx = Pkcs11::new(path).op("C_GetFunctionList (load module)")?;
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .op("C_Initialize")?;
-    Ok(ctx)
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        // A second Hsm in the same process (the demo runs two brokers).
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::CryptokiAlreadyInitialized,
+            _,
+        )) => Ok(ctx),
+        Err(e) => Err(HsmError::Pkcs11 {
+            op: "C_Initialize",
+            source: e,
+        }),
+    }
 }
 
 fn find_slot(ctx: &Pkcs11, label: &str) -> HsmResult<Option<Slot>> {

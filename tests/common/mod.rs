@@ -120,12 +120,23 @@ impl Env {
 
     /// Starts `keybroker serve` and waits for its `listening` line.
     pub fn broker(&self) -> Broker {
-        let mut child = self
-            .cmd(&["serve"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn broker");
+        self.broker_logging(None)
+    }
+
+    /// Starts the broker at debug log level, its log written to `log`.
+    pub fn broker_logging(&self, log: Option<&Path>) -> Broker {
+        let mut cmd = self.cmd(&["serve"]);
+        cmd.stdout(Stdio::piped());
+        match log {
+            Some(p) => {
+                cmd.env("RUST_LOG", "debug")
+                    .stderr(std::fs::File::create(p).unwrap());
+            }
+            None => {
+                cmd.stderr(Stdio::inherit());
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn broker");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -137,6 +148,105 @@ impl Env {
             .parse()
             .unwrap();
         Broker { child, addr }
+    }
+}
+
+/// A reference market run by the real binary.
+pub struct Market {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub direct: SocketAddr,
+    pub config: PathBuf,
+}
+
+impl Drop for Market {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Market {
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+}
+
+impl Env {
+    /// Creates market `id` (allowing `allow`), starts it on free ports and
+    /// registers it with the broker's registry.
+    pub fn market(&self, id: &str, allow: &str) -> Market {
+        let dir = self.dir.path().join("markets").join(id);
+        self.kb(&[
+            "market",
+            "init",
+            "--dir",
+            path_str(&dir),
+            "--id",
+            id,
+            "--listen",
+            "127.0.0.1:0",
+            "--direct-listen",
+            "127.0.0.1:0",
+            "--allow",
+            allow,
+        ])
+        .success();
+        let m = self.start_market(&dir.join("market.toml"));
+        self.kb(&[
+            "market",
+            "add",
+            id,
+            "--endpoint",
+            &m.addr.to_string(),
+            "--ca",
+            path_str(&dir.join("market-ca.crt")),
+        ])
+        .success();
+        // From now on the market restarts on the same ports.
+        let text = std::fs::read_to_string(&m.config)
+            .unwrap()
+            .replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"{}\"", m.addr),
+                1,
+            )
+            .replacen(
+                "direct_listen = \"127.0.0.1:0\"",
+                &format!("direct_listen = \"{}\"", m.direct),
+                1,
+            );
+        std::fs::write(&m.config, text).unwrap();
+        m
+    }
+
+    pub fn start_market(&self, config: &Path) -> Market {
+        let mut child = Command::new(BIN)
+            .args(["market", "serve", "--market-config", path_str(config)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn market");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            parts.len() == 4 && parts[0] == "listening",
+            "market did not start: {line:?}"
+        );
+        Market {
+            child,
+            addr: parts[1].parse().unwrap(),
+            direct: parts[3].parse().unwrap(),
+            config: config.to_path_buf(),
+        }
     }
 }
 

@@ -1,0 +1,225 @@
+//! Brokered key exchange end to end: real broker and market binaries,
+//! SoftHSM, loopback sockets. The direct channel succeeding is the proof
+//! that terminal and market hold the same X (AES-GCM would refuse otherwise).
+
+mod common;
+
+use common::*;
+use keybroker::proto::ErrorCode;
+use keybroker::proto::direct;
+use keybroker::terminal::{Brokered, Direct, TerminalError};
+use std::time::{Duration, Instant};
+
+fn direct_round_trip(b: &Brokered, who: &str) {
+    let mut d = Direct::connect(b, TIMEOUT).expect("direct channel");
+    for i in 0..3 {
+        let req = format!("order {i}");
+        let answer = d.request(req.as_bytes()).expect("direct request");
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.contains(&format!("to {who}: {req}")), "{answer}");
+    }
+}
+
+fn brokered_in_mode(kx: &str) {
+    let env = Env::new(&format!("[exchange]\nkx = \"{kx}\"\n"));
+    let alice = env.user("alice");
+    let _m = env.market("m1", "alice");
+    let log = env.dir.path().join("broker.log");
+    let b = env.broker_logging(Some(&log));
+    let mut t = released(&b, &alice, "alice");
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        let full = t.exchange("m1").expect("full exchange");
+        direct_round_trip(&full, "alice");
+        keys.push(hex::encode(*full.x));
+        let partial = t.exchange_partial("m1").expect("partial exchange");
+        direct_round_trip(&partial, "alice");
+        keys.push(hex::encode(*partial.x));
+    }
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 6, "every exchange must agree a fresh X");
+    t.logout().unwrap();
+    drop(b);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("exchange"),
+        "the audit lines are missing from the log"
+    );
+    for k in &keys {
+        assert!(
+            !text.to_lowercase().contains(k),
+            "X appears in the broker log"
+        );
+    }
+}
+
+#[test]
+fn full_and_partial_exchange_with_software_kx() {
+    brokered_in_mode("software");
+}
+
+#[test]
+fn full_and_partial_exchange_with_hsm_kx() {
+    brokered_in_mode("hsm");
+}
+
+#[test]
+fn exchange_refusals_are_typed() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let bob = env.user("bob");
+    let _m = env.market("m1", "alice");
+    let b = env.broker();
+    // Not released.
+    let mut t = b.connect(&alice);
+    let (p1, _) = pw("alice");
+    t.login("alice", p1.as_bytes()).unwrap();
+    assert_eq!(refused(t.exchange("m1")), ErrorCode::NotReleased);
+    // Unknown market, user not allowed there.
+    let mut t = released(&b, &alice, "alice");
+    assert_eq!(refused(t.exchange("nowhere")), ErrorCode::UnknownMarket);
+    let mut tb = released(&b, &bob, "bob");
+    assert_eq!(refused(tb.exchange("m1")), ErrorCode::UserNotAllowed);
+    assert_eq!(
+        refused(tb.exchange_partial("m1")),
+        ErrorCode::UserNotAllowed
+    );
+    // Alice is unaffected.
+    t.exchange("m1").unwrap();
+}
+
+#[test]
+fn direct_channel_refuses_bad_sessions_and_records() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let _m = env.market("m1", "*");
+    let b = env.broker();
+    let mut t = released(&b, &alice, "alice");
+    let good = t.exchange("m1").unwrap();
+
+    // A session id the market never issued.
+    let wrong = Brokered {
+        session_id: [0xAA; 16],
+        x: good.x.clone(),
+        endpoint: good.endpoint.clone(),
+        expiry_ms: good.expiry_ms,
+    };
+    match Direct::connect(&wrong, TIMEOUT) {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::UnknownSession)),
+        Ok(_) => panic!("unknown session accepted"),
+    }
+
+    // A tampered record.
+    let mut d = Direct::connect(&good, TIMEOUT).unwrap();
+    let mut rec = d.seal(b"pay 10");
+    let last = rec.len() - 1;
+    rec[last] ^= 0x01;
+    d.send_raw(&rec).unwrap();
+    assert_eq!(
+        d.receive().err().and_then(|e| e.code()),
+        Some(ErrorCode::BadRecord)
+    );
+
+    // A replayed record.
+    let mut d = Direct::connect(&good, TIMEOUT).unwrap();
+    let rec = d.seal(b"pay 10");
+    d.send_raw(&rec).unwrap();
+    d.receive().unwrap();
+    d.send_raw(&rec).unwrap();
+    assert_eq!(
+        d.receive().err().and_then(|e| e.code()),
+        Some(ErrorCode::BadRecord)
+    );
+
+    // The wrong key: a record sealed with another X.
+    let other = t.exchange("m1").unwrap();
+    let mut d = Direct::connect(&good, TIMEOUT).unwrap();
+    let mut foreign =
+        keybroker::proto::direct::Channel::new(&other.x, good.session_id, direct::Role::Terminal);
+    let mut rec = Vec::new();
+    foreign.seal(b"x", &mut rec);
+    d.send_raw(&rec).unwrap();
+    assert_eq!(
+        d.receive().err().and_then(|e| e.code()),
+        Some(ErrorCode::BadRecord)
+    );
+
+    // The good session still works.
+    direct_round_trip(&good, "alice");
+}
+
+#[test]
+fn market_killed_mid_batch_fails_exactly_the_pending_and_recovers() {
+    let env = Env::new("[exchange]\nmarket_timeout_ms = 20000\nreconnect_max_ms = 200\n");
+    const N: usize = 6;
+    let users: Vec<String> = (0..N).map(|i| format!("u{i}")).collect();
+    let tcs: Vec<_> = users.iter().map(|u| env.user(u)).collect();
+    let m = env.market("m1", "*");
+    let b = env.broker();
+    let mut terms: Vec<_> = users
+        .iter()
+        .zip(&tcs)
+        .map(|(u, tc)| released(&b, tc, u))
+        .collect();
+    for t in terms.iter_mut() {
+        t.exchange("m1").expect("warm-up exchange");
+    }
+    // Freeze the market so the next batch is certainly in flight, then kill it.
+    m.signal("-STOP");
+    let handles: Vec<_> = terms
+        .into_iter()
+        .map(|mut t| {
+            std::thread::spawn(move || {
+                let r = t.exchange("m1").map(|_| ());
+                (t, r)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    m.signal("-KILL");
+    let mut terms = Vec::new();
+    for h in handles {
+        let (t, r) = h.join().unwrap();
+        match r {
+            Err(TerminalError::Refused { code, .. }) => assert!(
+                matches!(
+                    code,
+                    ErrorCode::MarketUnavailable | ErrorCode::MarketTimeout
+                ),
+                "pending exchange failed with {code}"
+            ),
+            other => panic!("pending exchange did not fail typed: {other:?}"),
+        }
+        terms.push(t);
+    }
+    // While the market is down, exchanges fail fast.
+    let started = Instant::now();
+    assert_eq!(
+        refused(terms[0].exchange("m1")),
+        ErrorCode::MarketUnavailable
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Bring it back on the same ports; exchanges succeed again.
+    let config = m.config.clone();
+    drop(m);
+    let _m2 = env.start_market(&config);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (t, u) in terms.iter_mut().zip(&users) {
+        loop {
+            match t.exchange("m1") {
+                Ok(b) => {
+                    direct_round_trip(&b, u);
+                    break;
+                }
+                Err(e)
+                    if e.code() == Some(ErrorCode::MarketUnavailable)
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("exchange after restart: {e}"),
+            }
+        }
+    }
+}
