@@ -21,6 +21,23 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub auth: AuthConfig,
     pub exchange: ExchangeConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/metrics`, `/healthz`, `/readyz`. Default 127.0.0.1:9464 (loopback:
+    /// the metrics say who trades where and when).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".parse().expect("valid default"),
+        }
+    }
 }
 
 /// Where the ephemeral key and the ECDH secret live.
@@ -128,6 +145,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             auth: AuthConfig::default(),
             exchange: ExchangeConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }

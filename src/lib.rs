@@ -10,6 +10,7 @@
 //! sockets; `hsm` is the home card; `store` the registry; `enroll` the
 //! enrolment commands.
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod crypto;

@@ -191,7 +191,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve => {
             let broker = keybroker::broker::Broker::start(cfg)?;
             // One machine-readable line, so scripts and tests learn the port.
-            println!("listening {}", broker.addr);
+            println!("listening {} admin {}", broker.addr, broker.admin_addr);
             use std::io::Write;
             std::io::stdout().flush()?;
             broker.join();

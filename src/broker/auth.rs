@@ -69,6 +69,10 @@ impl AuthWorker {
             .record_failure(user, self.max_failures)
             .map_err(internal)?;
         tracing::warn!(user, failures, locked, ?which, "wrong password");
+        if locked {
+            crate::metrics::lockout();
+            tracing::warn!(target: "audit", user, "card locked");
+        }
         Err(if locked {
             ErrorCode::Locked
         } else {

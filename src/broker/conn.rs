@@ -43,11 +43,22 @@ pub(super) fn run_core(
             links: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
         });
+        let metrics = crate::metrics::attach_core(index);
+        // Dial every market now, so the first exchanges find the link up
+        // and `keybroker_market_up` tells the truth from the start.
+        for id in core.shared.markets.keys() {
+            let _ = core.link(id);
+        }
         let max = core.shared.cfg.broker.max_connections_per_core;
         let live = Rc::new(Cell::new(0));
         crate::net::accept_loop(listener, live, max, move |stream| {
             let core = core.clone();
-            async move { serve(&core, stream).await }
+            let metrics = metrics.clone();
+            async move {
+                metrics.connections.inc();
+                serve(&core, stream).await;
+                metrics.connections.dec();
+            }
         })
         .await;
         Ok(())
@@ -109,6 +120,7 @@ async fn serve(core: &Core, stream: TcpStream) {
         }
     };
     let mut io = TlsIo::new(stream, conn);
+    let started = std::time::Instant::now();
     match compio::time::timeout(ms(cfg.handshake_timeout_ms), io.handshake()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -120,6 +132,7 @@ async fn serve(core: &Core, stream: TcpStream) {
             return;
         }
     }
+    crate::metrics::handshake_done(started.elapsed());
     let Some(fingerprint) = io
         .conn
         .peer_certificates()
@@ -188,10 +201,22 @@ async fn serve(core: &Core, stream: TcpStream) {
 }
 
 /// Carries out `action` and what follows from it. False: close.
+/// Runs a closure when dropped, so a gauge comes back down on every path.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action: Action) -> bool {
     let shared = &core.shared;
     let mut next = Some(action);
     while let Some(action) = next.take() {
+        let waits = !matches!(action, Action::Reply(_) | Action::Close(_));
+        crate::metrics::inflight(i64::from(waits));
+        let _done = Defer(move || crate::metrics::inflight(-i64::from(waits)));
         match action {
             Action::Reply(f) => {
                 if !c.send(&f).await {
@@ -268,15 +293,10 @@ async fn release(
         .await
         .map_err(pool_code)??;
     let wrapped = record.wrapped_key;
-    let handle = shared
-        .hsm_pool
-        .run(move |w| crate::hsm::ops::unwrap_user_key(&w.session, w.keys.master_wrap, &wrapped))
-        .await
-        .map_err(pool_code)?
-        .map_err(|e| {
-            tracing::error!(error = %e, "releasing the home-card key failed");
-            ErrorCode::HsmUnavailable
-        })?;
+    let handle = exchange::hsm(shared, "unwrap", move |w| {
+        crate::hsm::ops::unwrap_user_key(&w.session, w.keys.master_wrap, &wrapped)
+    })
+    .await?;
     c.released = Some(Released {
         handle,
         fingerprint: crate::pki::fingerprint(&record.cert),

@@ -7,9 +7,9 @@
 //! partial:     terminal's ephemeral ─► HSM: sign T ─► market ─► the terminal derives X itself
 //! ```
 
-use super::Shared;
 use super::conn::Core;
 use super::link::Pending;
+use super::{HsmWorker, Shared};
 use crate::config::Kx;
 use crate::exchange::{self, Ephemeral, Mode, POINT_LEN, Transcript};
 use crate::hsm::HsmError;
@@ -56,6 +56,25 @@ pub fn pool_code(e: PoolError) -> ErrorCode {
 fn hsm_code(e: HsmError) -> ErrorCode {
     tracing::error!(error = %e, "HSM operation failed");
     ErrorCode::HsmUnavailable
+}
+
+/// Runs `f` on an HSM worker, timing the operation apart from the queue wait.
+pub async fn hsm<R: Send + 'static>(
+    shared: &Shared,
+    op: &'static str,
+    f: impl FnOnce(&HsmWorker) -> Result<R, HsmError> + Send + 'static,
+) -> Result<R, ErrorCode> {
+    shared
+        .hsm_pool
+        .run(move |w| {
+            let started = Instant::now();
+            let r = f(w);
+            crate::metrics::hsm_op(op, started.elapsed(), r.is_ok());
+            r
+        })
+        .await
+        .map_err(pool_code)?
+        .map_err(hsm_code)
 }
 
 /// The requester's ephemeral key.
@@ -113,27 +132,23 @@ pub async fn exchange(
         }
         (None, Kx::Hsm) => {
             let tt = t.clone();
-            let (point, private, digest, sig) = shared
-                .hsm_pool
-                .run(move |w| -> Result<_, HsmError> {
-                    let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
-                    let mut tt = tt;
-                    tt.ephemeral = point
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| HsmError::Format("a bad EC point"))?;
-                    let digest = tt.digest();
-                    match crate::hsm::ops::sign_digest_p256(&w.session, key, &digest) {
-                        Ok(sig) => Ok((tt.ephemeral, private, digest, sig)),
-                        Err(e) => {
-                            let _ = crate::hsm::ops::destroy(&w.session, private);
-                            Err(e)
-                        }
+            let (point, private, digest, sig) = hsm(shared, "keygen_sign", move |w| {
+                let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
+                let mut tt = tt;
+                tt.ephemeral = point
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| HsmError::Format("a bad EC point"))?;
+                let digest = tt.digest();
+                match crate::hsm::ops::sign_digest_p256(&w.session, key, &digest) {
+                    Ok(sig) => Ok((tt.ephemeral, private, digest, sig)),
+                    Err(e) => {
+                        let _ = crate::hsm::ops::destroy(&w.session, private);
+                        Err(e)
                     }
-                })
-                .await
-                .map_err(pool_code)?
-                .map_err(hsm_code)?;
+                }
+            })
+            .await?;
             t.ephemeral = point;
             (Eph::Hsm(private), digest, sig)
         }
@@ -183,12 +198,10 @@ pub async fn exchange(
         Eph::Hsm(private) => {
             let peer = accepted.ephemeral;
             let input = exchange::x_input(&digest, &peer);
-            let x = shared
-                .hsm_pool
-                .run(move |w| crate::hsm::ops::derive_x(&w.session, private, &peer, &input))
-                .await
-                .map_err(pool_code)?
-                .map_err(hsm_code)?;
+            let x = hsm(shared, "derive", move |w| {
+                crate::hsm::ops::derive_x(&w.session, private, &peer, &input)
+            })
+            .await?;
             zeroize::Zeroizing::new(
                 <[u8; 32]>::try_from(x.as_slice()).map_err(|_| ErrorCode::HsmUnavailable)?,
             )
@@ -214,11 +227,9 @@ async fn sign(
     t: &Transcript,
 ) -> Result<([u8; 32], Vec<u8>), ErrorCode> {
     let digest = t.digest();
-    let sig = shared
-        .hsm_pool
-        .run(move |w| crate::hsm::ops::sign_digest_p256(&w.session, key, &digest))
-        .await
-        .map_err(pool_code)?
-        .map_err(hsm_code)?;
+    let sig = hsm(shared, "sign", move |w| {
+        crate::hsm::ops::sign_digest_p256(&w.session, key, &digest)
+    })
+    .await?;
     Ok((digest, sig))
 }

@@ -140,9 +140,11 @@ async fn run(
             Ok((mut io, binding)) => {
                 tracing::info!(market = %info.id, "market channel up");
                 state.set(Some(binding));
+                crate::metrics::market_link(&info.id, true);
                 backoff = min;
                 let closed = serve(&mut io, &mut rx, &cfg, binding).await;
                 state.set(None);
+                crate::metrics::market_link(&info.id, false);
                 fail_all(&mut rx, ErrorCode::MarketUnavailable);
                 io.close().await;
                 if closed {

@@ -45,6 +45,7 @@ pub struct Shared {
 /// A running broker.
 pub struct Broker {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -92,6 +93,7 @@ impl Broker {
                 id: m.id.clone(),
                 endpoint: m.endpoint,
             };
+            crate::metrics::market_known(&m.id);
             markets.insert(m.id, Arc::new(info));
         }
         drop(store);
@@ -113,6 +115,8 @@ impl Broker {
             })
         })?;
 
+        crate::metrics::init();
+        let admin_addr = start_admin(&cfg, hsm.clone())?;
         let cores = cfg.cores();
         let (listeners, addr) = crate::net::listen::reuseport_group(cfg.broker.listen, cores, 1024)
             .context("binding the access channel")?;
@@ -138,7 +142,11 @@ impl Broker {
             );
         }
         tracing::info!(%addr, cores, "access channel listening");
-        Ok(Self { addr, threads })
+        Ok(Self {
+            addr,
+            admin_addr,
+            threads,
+        })
     }
 
     /// Blocks until every core thread ends (they run until the process exits).
@@ -147,6 +155,30 @@ impl Broker {
             let _ = t.join();
         }
     }
+}
+
+/// The admin listener, and a monitor that keeps `keybroker_hsm_up` current.
+fn start_admin(cfg: &Config, hsm: Arc<Hsm>) -> Result<SocketAddr> {
+    let h = hsm.clone();
+    std::thread::Builder::new()
+        .name("hsm-monitor".into())
+        .spawn(move || {
+            loop {
+                crate::metrics::hsm_up(h.ping());
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        })?;
+    let db = cfg.db_path();
+    let ready: crate::admin::ReadyCheck = Arc::new(move || {
+        if !hsm.ping() {
+            return Err("the HSM does not answer".into());
+        }
+        Store::open(&db)
+            .and_then(|s| s.meta_get("kb-broker-ca"))
+            .map(drop)
+            .map_err(|e| format!("the registry does not open: {e}"))
+    });
+    crate::admin::start(cfg.admin.listen, ready)
 }
 
 /// A compio runtime tuned for one core: single issuer, deferred and

@@ -20,6 +20,7 @@ pub struct Env {
 pub struct Broker {
     pub child: Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 impl Drop for Broker {
@@ -50,7 +51,7 @@ impl Env {
             &config,
             format!(
                 "data_dir = {data:?}\n{extra}\n\
-                 [broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nhandshake_timeout_ms = 2000\nidle_timeout_ms = 3000\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nhandshake_timeout_ms = 2000\nidle_timeout_ms = 3000\n\
                  [auth]\nmax_failures = 3\nargon2_m_kib = 64\nargon2_t = 1\n"
             ),
         )
@@ -141,13 +142,16 @@ impl Env {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let addr = line
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("broker did not start: {line:?}"))
-            .trim()
-            .parse()
-            .unwrap();
-        Broker { child, addr }
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            parts.len() == 4 && parts[0] == "listening",
+            "broker did not start: {line:?}"
+        );
+        Broker {
+            child,
+            addr: parts[1].parse().unwrap(),
+            admin: parts[3].parse().unwrap(),
+        }
     }
 }
 
