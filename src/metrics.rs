@@ -494,7 +494,7 @@ mod tests {
         let merged = merge(a.registry.gather().into_iter().chain(b.registry.gather()));
         let fam = |n: &str| merged.iter().find(|f| f.name() == n).unwrap().clone();
         let ex = fam("keybroker_exchange_duration_seconds");
-        assert_eq!(ex.get_metric().len(), 2);
+        assert_eq!(ex.get_metric().len(), 3); // software, hsm, partial
         let sw = ex
             .get_metric()
             .iter()
@@ -502,11 +502,16 @@ mod tests {
             .unwrap();
         assert_eq!(sw.get_histogram().get_sample_count(), 2);
         assert!((sw.get_histogram().get_sample_sum() - 0.004).abs() < 1e-9);
+        let errors = fam("keybroker_errors_total");
+        let busy = errors
+            .get_metric()
+            .iter()
+            .find(|m| m.get_label()[0].value() == "busy")
+            .unwrap();
+        assert_eq!(busy.get_counter().get_value(), 3.0);
         assert_eq!(
-            fam("keybroker_errors_total").get_metric()[0]
-                .get_counter()
-                .get_value(),
-            3.0
+            errors.get_metric().len(),
+            crate::proto::ErrorCode::ALL.len()
         );
         // Per-core gauges keep their core label.
         assert_eq!(fam("keybroker_connections").get_metric().len(), 2);
