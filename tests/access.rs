@@ -265,9 +265,10 @@ fn second_broker_cannot_share_the_port() {
     env.user("alice");
     let b = env.broker();
     let cfg = env.dir.path().join("second.toml");
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace("127.0.0.1:0", &b.addr.to_string());
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "[broker]\nlisten = \"127.0.0.1:0\"",
+        &format!("[broker]\nlisten = \"{}\"", b.addr),
+    );
     std::fs::write(&cfg, text).unwrap();
     let out = std::process::Command::new(BIN)
         .arg("--config")
@@ -277,7 +278,8 @@ fn second_broker_cannot_share_the_port() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another broker"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another broker"), "{err}");
 }
 
 #[test]
