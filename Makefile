@@ -7,7 +7,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (promtool and the server, used by the tests), aiosmtpd (a real SMTP relay for tests).
 APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config prometheus python3-aiosmtpd
 
-.PHONY: all setup deps build run serve test lint demo bench clean
+.PHONY: all setup deps build run serve test lint demo bench fuzz clean
 
 all: build
 
@@ -47,6 +47,18 @@ demo: setup
 
 bench: setup
 	$(CARGO) run --release -p keybroker-bench
+
+# Every parser and state machine under libFuzzer for FUZZ_SECONDS each.
+# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable
+# toolchain accept them (only this one is installable here).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := access_frames market_frames direct_records access_session
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | tail -n 3 || exit 1; \
+	done
 
 clean:
 	rm -rf target/bench

@@ -116,6 +116,8 @@ pub struct BrokerConfig {
     pub handshake_timeout_ms: u64,
     /// A session silent this long is closed, ms. Default 300000.
     pub idle_timeout_ms: u64,
+    /// A frame must arrive whole this long after its first byte, ms. Default 10000.
+    pub frame_timeout_ms: u64,
     /// DNS names and IP addresses in the broker's TLS certificate.
     pub server_names: Vec<String>,
     /// Lifetime of the in-memory TLS key's certificate, hours. Default 24.
@@ -173,6 +175,7 @@ impl Default for BrokerConfig {
             max_frame: crate::proto::access::DEFAULT_MAX_FRAME,
             handshake_timeout_ms: 5_000,
             idle_timeout_ms: 300_000,
+            frame_timeout_ms: 10_000,
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             tls_cert_hours: 24,
         }
@@ -217,7 +220,7 @@ impl Config {
         if b.max_connections_per_core == 0 {
             bail!("broker.max_connections_per_core must be positive");
         }
-        if b.handshake_timeout_ms == 0 || b.idle_timeout_ms == 0 {
+        if b.handshake_timeout_ms == 0 || b.idle_timeout_ms == 0 || b.frame_timeout_ms == 0 {
             bail!("broker timeouts must be positive");
         }
         if !(1..=24 * 30).contains(&b.tls_cert_hours) {

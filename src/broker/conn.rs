@@ -160,6 +160,10 @@ async fn serve(core: &Core, stream: TcpStream) {
         released: None,
     };
     let mut buf = vec![0u8; 4096];
+    // When the first byte of a still-incomplete frame arrived: a frame must
+    // complete within frame_timeout_ms, so a peer that trickles bytes
+    // (slowloris) cannot hold a connection by staying just under idle.
+    let mut partial_since: Option<std::time::Instant> = None;
     loop {
         loop {
             match decoder.next_frame() {
@@ -183,7 +187,16 @@ async fn serve(core: &Core, stream: TcpStream) {
                 }
             }
         }
-        let read = compio::time::timeout(ms(cfg.idle_timeout_ms), c.io.read_some(&mut buf)).await;
+        let wait = if decoder.pending() == 0 {
+            partial_since = None;
+            ms(cfg.idle_timeout_ms)
+        } else {
+            let since = *partial_since.get_or_insert_with(std::time::Instant::now);
+            ms(cfg.frame_timeout_ms)
+                .saturating_sub(since.elapsed())
+                .min(ms(cfg.idle_timeout_ms))
+        };
+        let read = compio::time::timeout(wait, c.io.read_some(&mut buf)).await;
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(n)) => decoder.push(&buf[..n]),

@@ -44,6 +44,11 @@ pub fn pw(u: &str) -> (String, String) {
 impl Env {
     /// A data directory with an initialised token and `extra` config lines.
     pub fn new(extra: &str) -> Self {
+        Self::with_broker("", extra)
+    }
+
+    /// As [`Env::new`], with `broker` lines added to the `[broker]` table.
+    pub fn with_broker(broker: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("keybroker.toml");
         let data = dir.path().join("var");
@@ -51,7 +56,7 @@ impl Env {
             &config,
             format!(
                 "data_dir = {data:?}\n{extra}\n\
-                 [admin]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nhandshake_timeout_ms = 2000\nidle_timeout_ms = 3000\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nhandshake_timeout_ms = 2000\nidle_timeout_ms = 3000\nframe_timeout_ms = 1500\n{broker}\n\
                  [auth]\nmax_failures = 3\nargon2_m_kib = 64\nargon2_t = 1\n"
             ),
         )
