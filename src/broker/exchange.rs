@@ -70,6 +70,19 @@ pub async fn hsm<R: Send + 'static>(
             let started = Instant::now();
             let r = f(w);
             crate::metrics::hsm_op(op, started.elapsed(), r.is_ok());
+            if let Err(e) = &r
+                && e.session_lost()
+            {
+                // This request fails (its session objects went with the
+                // session); the next one gets a fresh session.
+                match w.hsm.recover() {
+                    Ok(s) => {
+                        w.session = s;
+                        tracing::warn!(error = %e, "HSM session lost; reopened");
+                    }
+                    Err(again) => tracing::error!(error = %again, "HSM still unavailable"),
+                }
+            }
             r
         })
         .await

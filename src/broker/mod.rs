@@ -29,6 +29,7 @@ use std::time::Duration;
 pub struct HsmWorker {
     pub session: Session,
     pub keys: KeyHandles,
+    pub hsm: Arc<Hsm>,
 }
 
 /// What every core shares.
@@ -112,6 +113,7 @@ impl Broker {
             Ok::<_, HsmError>(HsmWorker {
                 session: h.session()?,
                 keys,
+                hsm: h.clone(),
             })
         })?;
 

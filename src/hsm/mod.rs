@@ -54,6 +54,30 @@ pub enum HsmError {
 
 pub type HsmResult<T> = Result<T, HsmError>;
 
+impl HsmError {
+    /// Whether the session (or the login) is gone, so the worker should
+    /// open a new one: the HSM restarted, the token was reinserted, or a
+    /// network HSM dropped the connection.
+    pub fn session_lost(&self) -> bool {
+        use cryptoki::error::{Error, RvError};
+        matches!(
+            self,
+            HsmError::Pkcs11 {
+                source: Error::Pkcs11(
+                    RvError::SessionHandleInvalid
+                        | RvError::SessionClosed
+                        | RvError::DeviceRemoved
+                        | RvError::DeviceError
+                        | RvError::TokenNotPresent
+                        | RvError::UserNotLoggedIn,
+                    _
+                ),
+                ..
+            }
+        )
+    }
+}
+
 /// Adds the operation name to a cryptoki error.
 pub(crate) trait Ctx<T> {
     fn op(self, op: &'static str) -> HsmResult<T>;
@@ -79,6 +103,8 @@ pub struct Hsm {
     slot: Slot,
     token: String,
     anchor: Mutex<Session>,
+    /// Kept (zeroized on drop) to log in again after the HSM comes back.
+    pin: AuthPin,
 }
 
 /// Exports `SOFTHSM2_CONF` from the config unless the environment has it.
@@ -111,6 +137,19 @@ pub fn read_pin(path: &Path) -> HsmResult<AuthPin> {
         return Err(HsmError::Pin(format!("{} is empty", path.display())));
     }
     Ok(AuthPin::from(pin))
+}
+
+fn login(s: &Session, pin: &AuthPin) -> HsmResult<()> {
+    match s.login(UserType::User, Some(pin)) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+            Ok(())
+        }
+        Err(e) => Err(HsmError::Pkcs11 {
+            op: "C_Login",
+            source: e,
+        }),
+    }
 }
 
 fn load_module(path: &Path) -> HsmResult<Pkcs11> {
@@ -147,25 +186,26 @@ impl Hsm {
         let slot =
             find_slot(&ctx, &token)?.ok_or_else(|| HsmError::TokenNotFound(token.clone()))?;
         let anchor = ctx.open_rw_session(slot).op("C_OpenSession")?;
-        match anchor.login(UserType::User, Some(&user_pin(cfg)?)) {
-            Ok(())
-            | Err(cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::UserAlreadyLoggedIn,
-                _,
-            )) => {}
-            Err(e) => {
-                return Err(HsmError::Pkcs11 {
-                    op: "C_Login",
-                    source: e,
-                });
-            }
-        }
+        let pin = user_pin(cfg)?;
+        login(&anchor, &pin)?;
         Ok(Self {
             ctx,
             slot,
             token,
             anchor: Mutex::new(anchor),
+            pin,
         })
+    }
+
+    /// A fresh session after the old one was lost, logged in again (the
+    /// login goes with the last session) and made the new anchor.
+    pub fn recover(&self) -> HsmResult<Session> {
+        let slot = find_slot(&self.ctx, &self.token)?
+            .ok_or_else(|| HsmError::TokenNotFound(self.token.clone()))?;
+        let anchor = self.ctx.open_rw_session(slot).op("C_OpenSession")?;
+        login(&anchor, &self.pin)?;
+        *self.anchor.lock().expect("anchor lock") = anchor;
+        self.ctx.open_rw_session(slot).op("C_OpenSession")
     }
 
     /// Initialises the token if no token has the label yet. Idempotent.
