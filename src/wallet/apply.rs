@@ -591,7 +591,6 @@ impl Writer {
                 note(format!("account {user}/{cur}: missing, entries give {bal}"));
             }
         }
-        drop(note);
         tx.rollback()?;
         Ok(AuditReport {
             entries: count,

@@ -165,7 +165,8 @@ mod tests {
         let base = entry(1);
         let mac = entry_mac(&m, &base, &GENESIS).unwrap();
         assert_eq!(mac, entry_mac(&m, &base.clone(), &GENESIS).unwrap());
-        let variants: Vec<Box<dyn Fn(&mut Entry)>> = vec![
+        type Change = Box<dyn Fn(&mut Entry)>;
+        let variants: Vec<Change> = vec![
             Box::new(|e| e.seq = 2),
             Box::new(|e| e.user = "alicf".into()),
             Box::new(|e| e.kind = EntryKind::Cancel),

@@ -133,29 +133,29 @@ impl SqliteLedger {
         })
     }
 
-    fn submit(&self, req: Request) -> Result<(), (WalletError, Request)> {
+    /// Queues `req`; if it cannot be queued, answers it with the reason.
+    fn submit(&self, req: Request) {
         let Some(tx) = &self.tx else {
-            return Err((WalletError::Storage("ledger closed".into()), req));
+            return fail(req, WalletError::Storage("ledger closed".into()));
         };
-        tx.try_send(req).map_err(|e| match e {
-            TrySendError::Full(r) => (WalletError::Busy, r),
-            TrySendError::Disconnected(r) => (WalletError::Storage("ledger writer gone".into()), r),
-        })
+        match tx.try_send(req) {
+            Ok(()) => {}
+            Err(TrySendError::Full(r)) => fail(r, WalletError::Busy),
+            Err(TrySendError::Disconnected(r)) => {
+                fail(r, WalletError::Storage("ledger writer gone".into()))
+            }
+        }
     }
 
     fn pending<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Pending<T> {
         let (tx, rx) = oneshot::channel();
-        if let Err((e, req)) = self.submit(make(Reply::Async(tx))) {
-            fail(req, e);
-        }
+        self.submit(make(Reply::Async(tx)));
         rx
     }
 
     fn blocking<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> WalletResult<T> {
         let (tx, rx) = bounded(1);
-        if let Err((e, _)) = self.submit(make(Reply::Sync(tx))) {
-            return Err(e);
-        }
+        self.submit(make(Reply::Sync(tx)));
         rx.recv()
             .map_err(|_| WalletError::Storage("ledger writer gone".into()))?
     }
