@@ -124,7 +124,7 @@ impl Admin {
 }
 
 /// `keybroker init`: data directory, token, CA keys and certificates,
-/// master wrap key. Safe to run again: existing parts are kept.
+/// master wrap key, ledger MAC key. Safe to run again: existing parts are kept.
 pub fn init(cfg: &Config) -> Result<()> {
     prepare_dirs(cfg)?;
     if Hsm::init_token(cfg)? {
@@ -155,6 +155,14 @@ pub fn init(cfg: &Config) -> Result<()> {
     {
         ops::generate_master_wrap_key(s, labels::MASTER_WRAP)?;
         tracing::info!("generated master wrap key in the HSM");
+    }
+    if admin
+        .hsm
+        .find(s, labels::LEDGER_MAC, ObjectClass::SECRET_KEY)?
+        .is_none()
+    {
+        ops::generate_ledger_mac_key(s, labels::LEDGER_MAC)?;
+        tracing::info!("generated ledger MAC key in the HSM");
     }
     admin.keys()?;
     Ok(())

@@ -27,3 +27,4 @@ pub mod pool;
 pub mod proto;
 pub mod store;
 pub mod terminal;
+pub mod wallet;

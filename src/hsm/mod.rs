@@ -31,6 +31,8 @@ pub mod labels {
     pub const TERMINAL_CA: &str = "kb-terminal-ca";
     pub const USER_CA: &str = "kb-user-ca";
     pub const MASTER_WRAP: &str = "kb-master-wrap";
+    /// HMAC-SHA256 key chaining the wallet ledger's entries.
+    pub const LEDGER_MAC: &str = "kb-ledger-mac";
 }
 
 #[derive(Debug, Error)]

@@ -65,6 +65,27 @@ pub fn generate_master_wrap_key(s: &Session, label: &str) -> HsmResult<ObjectHan
     .op("C_GenerateKey")
 }
 
+/// The long-term HMAC-SHA256 key (generic secret, 32 bytes) that chains
+/// the wallet ledger's entries: sign and verify only, never extractable.
+pub fn generate_ledger_mac_key(s: &Session, label: &str) -> HsmResult<ObjectHandle> {
+    s.generate_key(
+        &Mechanism::GenericSecretKeyGen,
+        &[
+            Attribute::Token(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::ValueLen(32.into()),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Verify(true),
+        ],
+    )
+    .op("C_GenerateKey (generic secret)")
+}
+
 /// The uncompressed EC point (65 bytes) of the public key matching `private`.
 pub fn public_point(s: &Session, label: &str) -> HsmResult<Vec<u8>> {
     let found = s

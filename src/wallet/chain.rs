@@ -1,0 +1,209 @@
+//! The ledger's HMAC chain: each entry's MAC covers the previous entry's
+//! MAC and the entry's own fields, so changing, removing or reordering any
+//! entry breaks every MAC after it.
+//!
+//! ```text
+//! prev_mac (32 zero bytes for seq 1) ─┐
+//! canonical(entry) ───────────────────┴─► ChainMac::mac ─► entry.mac ─► next entry's prev_mac
+//! ```
+//!
+//! The key lives in the HSM (`kb-ledger-mac`, generic secret, sign/verify
+//! only, never extractable): someone who can write the database but cannot
+//! use the token cannot forge entries. [`SoftChainMac`] exists for unit
+//! tests of the chain logic only.
+
+use super::{Entry, WalletError, WalletResult};
+use crate::hsm::{Hsm, labels};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use std::sync::{Arc, Mutex};
+
+/// The MAC of the first entry's predecessor.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+const DOMAIN: &[u8] = b"keybroker ledger entry v1";
+
+/// A keyed MAC over ledger data. Implementations keep the key out of reach
+/// of the database.
+pub trait ChainMac: Send + Sync {
+    fn mac(&self, data: &[u8]) -> Result<[u8; 32], WalletError>;
+}
+
+/// Appends `s` with a big-endian u32 length prefix.
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// `prev_mac ‖ canonical(entry)`: a domain label, then every field in a
+/// fixed order, integers big-endian, strings length-prefixed.
+pub fn mac_input(e: &Entry, prev_mac: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        32 + DOMAIN.len()
+            + 96
+            + e.user.len()
+            + e.decision_id.len()
+            + e.market.len()
+            + e.order_ref.len()
+            + e.idempotency_key.len()
+            + e.voucher_id.len(),
+    );
+    out.extend_from_slice(prev_mac);
+    put_str(&mut out, DOMAIN);
+    out.extend_from_slice(&e.seq.to_be_bytes());
+    put_str(&mut out, e.user.as_bytes());
+    put_str(&mut out, e.kind.as_str().as_bytes());
+    put_str(&mut out, e.decision_id.as_bytes());
+    out.extend_from_slice(&e.amount.minor.to_be_bytes());
+    out.extend_from_slice(&e.amount.currency.bytes());
+    out.extend_from_slice(&e.balance_after.to_be_bytes());
+    put_str(&mut out, e.market.as_bytes());
+    put_str(&mut out, e.order_ref.as_bytes());
+    put_str(&mut out, e.idempotency_key.as_bytes());
+    put_str(&mut out, e.voucher_id.as_bytes());
+    out.extend_from_slice(&e.created_ms.to_be_bytes());
+    out
+}
+
+/// The MAC `e` should carry after `prev_mac`.
+pub fn entry_mac(m: &dyn ChainMac, e: &Entry, prev_mac: &[u8; 32]) -> WalletResult<[u8; 32]> {
+    m.mac(&mac_input(e, prev_mac))
+}
+
+/// HMAC-SHA256 in process. For unit tests of the chain logic only: the
+/// key is in memory.
+pub struct SoftChainMac(aws_lc_rs::hmac::Key);
+
+impl SoftChainMac {
+    pub fn new(key: &[u8]) -> Self {
+        Self(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key))
+    }
+}
+
+impl ChainMac for SoftChainMac {
+    fn mac(&self, data: &[u8]) -> WalletResult<[u8; 32]> {
+        let tag = aws_lc_rs::hmac::sign(&self.0, data);
+        tag.as_ref()
+            .try_into()
+            .map_err(|_| WalletError::Mac("HMAC-SHA256 tag is not 32 bytes".into()))
+    }
+}
+
+/// `CKM_SHA256_HMAC` with the token key `kb-ledger-mac`, on a session of
+/// its own. Build it on the thread that uses it (the ledger writer): a
+/// PKCS#11 session belongs to one thread. The mutex is never contended;
+/// it only makes the type `Sync`.
+pub struct HsmChainMac {
+    _hsm: Arc<Hsm>,
+    session: Mutex<Session>,
+    key: ObjectHandle,
+}
+
+impl HsmChainMac {
+    pub fn new(hsm: Arc<Hsm>) -> WalletResult<Self> {
+        let session = hsm.session().map_err(|e| WalletError::Mac(e.to_string()))?;
+        let key = hsm
+            .find(&session, labels::LEDGER_MAC, ObjectClass::SECRET_KEY)
+            .map_err(|e| WalletError::Mac(e.to_string()))?
+            .ok_or_else(|| {
+                WalletError::Mac(format!(
+                    "key pkcs11:token={};object={} missing; run `keybroker init`",
+                    hsm.token(),
+                    labels::LEDGER_MAC
+                ))
+            })?;
+        Ok(Self {
+            _hsm: hsm,
+            session: Mutex::new(session),
+            key,
+        })
+    }
+}
+
+impl ChainMac for HsmChainMac {
+    fn mac(&self, data: &[u8]) -> WalletResult<[u8; 32]> {
+        let s = self
+            .session
+            .lock()
+            .map_err(|_| WalletError::Mac("session lock poisoned".into()))?;
+        let tag = s
+            .sign(&Mechanism::Sha256Hmac, self.key, data)
+            .map_err(|e| WalletError::Mac(format!("C_Sign (SHA256_HMAC): {e}")))?;
+        tag.as_slice()
+            .try_into()
+            .map_err(|_| WalletError::Mac("CKM_SHA256_HMAC tag is not 32 bytes".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wallet::{Amount, EntryKind};
+
+    fn entry(seq: i64) -> Entry {
+        Entry {
+            seq,
+            user: "alice".into(),
+            kind: EntryKind::Purchase,
+            decision_id: "d1".into(),
+            amount: Amount::new(100, "EUR").unwrap(),
+            balance_after: 900,
+            market: "m1".into(),
+            order_ref: "o".into(),
+            idempotency_key: "k".into(),
+            voucher_id: String::new(),
+            created_ms: 1,
+            prev_mac: GENESIS,
+            mac: GENESIS,
+        }
+    }
+
+    #[test]
+    fn every_field_and_the_predecessor_are_covered() {
+        let m = SoftChainMac::new(b"k");
+        let base = entry(1);
+        let mac = entry_mac(&m, &base, &GENESIS).unwrap();
+        assert_eq!(mac, entry_mac(&m, &base.clone(), &GENESIS).unwrap());
+        type Change = Box<dyn Fn(&mut Entry)>;
+        let variants: Vec<Change> = vec![
+            Box::new(|e| e.seq = 2),
+            Box::new(|e| e.user = "alicf".into()),
+            Box::new(|e| e.kind = EntryKind::Cancel),
+            Box::new(|e| e.decision_id = "d2".into()),
+            Box::new(|e| e.amount.minor = 101),
+            Box::new(|e| e.amount = Amount::new(100, "USD").unwrap()),
+            Box::new(|e| e.balance_after = 901),
+            Box::new(|e| e.market = "m2".into()),
+            Box::new(|e| e.order_ref = "p".into()),
+            Box::new(|e| e.idempotency_key = "l".into()),
+            Box::new(|e| e.voucher_id = "v".into()),
+            Box::new(|e| e.created_ms = 2),
+        ];
+        for (i, change) in variants.iter().enumerate() {
+            let mut e = base.clone();
+            change(&mut e);
+            assert_ne!(entry_mac(&m, &e, &GENESIS).unwrap(), mac, "field {i}");
+        }
+        assert_ne!(entry_mac(&m, &base, &[1; 32]).unwrap(), mac);
+        assert_ne!(
+            entry_mac(&SoftChainMac::new(b"other"), &base, &GENESIS).unwrap(),
+            mac
+        );
+    }
+
+    #[test]
+    fn length_prefixes_keep_fields_apart() {
+        let m = SoftChainMac::new(b"k");
+        let mut a = entry(1);
+        let mut b = entry(1);
+        a.market = "ab".into();
+        a.order_ref = "c".into();
+        b.market = "a".into();
+        b.order_ref = "bc".into();
+        assert_ne!(
+            entry_mac(&m, &a, &GENESIS).unwrap(),
+            entry_mac(&m, &b, &GENESIS).unwrap()
+        );
+    }
+}

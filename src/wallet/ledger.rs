@@ -1,0 +1,262 @@
+//! [`SqliteLedger`]: one writer thread doing group commit, one read
+//! connection for balances and history.
+//!
+//! ```text
+//! purchase / cancel / top_up ──try_send──► bounded queue (full → Busy)
+//!                                             │
+//!                         writer: recv one, then take all queued (≤ group_max)
+//!                                 BEGIN IMMEDIATE; apply each in order; COMMIT (one fsync)
+//!                                 then answer each caller (oneshot or blocking channel)
+//! balance / history ──► read connection (WAL: never blocks the writer)
+//! audit ──► writer queue (runs between groups, with the writer's HSM session)
+//! ```
+//!
+//! Requests of one group are applied one after the other, so two
+//! submissions of the same idempotency key in one group still debit once:
+//! the second sees the first's decision. A business refusal (insufficient
+//! funds, cancelled already, ...) changes nothing because every check runs
+//! before the first write. A storage or MAC failure rolls the whole group
+//! back and every caller in it gets the error: nothing of it is durable.
+
+use super::apply::{Writer, entry_from_row};
+use super::{
+    Amount, AuditReport, CancelRequest, ChainMac, Currency, DEFAULT_CURRENCIES, Decision, Entry,
+    Ledger, Pending, PurchaseRequest, TopUpRequest, WalletError, WalletResult, schema,
+};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use futures_channel::oneshot;
+use rusqlite::Connection;
+use std::path::Path;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+#[derive(Clone, Debug)]
+pub struct LedgerConfig {
+    /// Requests waiting for the writer; beyond this callers get `Busy`.
+    pub queue: usize,
+    /// Most requests committed in one transaction.
+    pub group_max: usize,
+    /// Accepted currency codes.
+    pub currencies: Vec<String>,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            queue: 8192,
+            group_max: 512,
+            currencies: DEFAULT_CURRENCIES
+                .iter()
+                .map(|(c, _)| (*c).to_owned())
+                .collect(),
+        }
+    }
+}
+
+/// Where an answer goes: a future on a core thread, or a blocked caller.
+pub(crate) enum Reply<T> {
+    Async(oneshot::Sender<WalletResult<T>>),
+    Sync(Sender<WalletResult<T>>),
+}
+
+impl<T> Reply<T> {
+    pub(crate) fn send(self, r: WalletResult<T>) {
+        // A caller that went away no longer wants the answer.
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(r);
+            }
+            Reply::Sync(tx) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+pub(crate) enum Request {
+    Purchase(PurchaseRequest, Reply<Decision>),
+    Cancel(CancelRequest, Reply<Entry>),
+    TopUp(TopUpRequest, Reply<Entry>),
+    Audit(Reply<AuditReport>),
+}
+
+/// The embedded ledger. Dropping it lets the writer finish what is queued
+/// and stop.
+pub struct SqliteLedger {
+    tx: Option<Sender<Request>>,
+    reader: Mutex<Connection>,
+    writer: Option<JoinHandle<()>>,
+}
+
+/// Builds the chain MAC on the writer thread (an HSM session is per thread).
+pub type MacFactory = Box<dyn FnOnce() -> WalletResult<Box<dyn ChainMac>> + Send>;
+
+impl SqliteLedger {
+    /// Opens (creating if needed) the ledger at `path` and starts the
+    /// writer. `mac` runs on the writer thread.
+    pub fn open(path: &Path, cfg: LedgerConfig, mac: MacFactory) -> WalletResult<Self> {
+        let mut currencies = Vec::with_capacity(cfg.currencies.len());
+        for c in &cfg.currencies {
+            currencies.push(Currency::new(c)?);
+        }
+        let (tx, rx) = bounded::<Request>(cfg.queue.max(1));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let path_w = path.to_path_buf();
+        let group_max = cfg.group_max.max(1);
+        let writer = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                let w = (|| {
+                    let conn = schema::open(&path_w)?;
+                    conn.execute_batch(schema::SCHEMA)?;
+                    Writer::new(conn, mac()?, currencies)
+                })();
+                match w {
+                    Ok(w) => {
+                        let _ = ready_tx.send(Ok(()));
+                        writer_loop(w, &rx, group_max);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| WalletError::Storage(format!("spawning the ledger writer: {e}")))?;
+        ready_rx
+            .recv()
+            .map_err(|_| WalletError::Storage("ledger writer died at start".into()))??;
+        let reader = schema::open(path)?;
+        Ok(Self {
+            tx: Some(tx),
+            reader: Mutex::new(reader),
+            writer: Some(writer),
+        })
+    }
+
+    /// Queues `req`; if it cannot be queued, answers it with the reason.
+    fn submit(&self, req: Request) {
+        let Some(tx) = &self.tx else {
+            return fail(req, WalletError::Storage("ledger closed".into()));
+        };
+        match tx.try_send(req) {
+            Ok(()) => {}
+            Err(TrySendError::Full(r)) => fail(r, WalletError::Busy),
+            Err(TrySendError::Disconnected(r)) => {
+                fail(r, WalletError::Storage("ledger writer gone".into()))
+            }
+        }
+    }
+
+    fn pending<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(make(Reply::Async(tx)));
+        rx
+    }
+
+    fn blocking<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> WalletResult<T> {
+        let (tx, rx) = bounded(1);
+        self.submit(make(Reply::Sync(tx)));
+        rx.recv()
+            .map_err(|_| WalletError::Storage("ledger writer gone".into()))?
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> WalletResult<T>) -> WalletResult<T> {
+        let c = self
+            .reader
+            .lock()
+            .map_err(|_| WalletError::Storage("reader lock poisoned".into()))?;
+        f(&c)
+    }
+}
+
+/// Answers a request that never reached the writer.
+fn fail(req: Request, e: WalletError) {
+    match req {
+        Request::Purchase(_, r) => r.send(Err(e)),
+        Request::Cancel(_, r) => r.send(Err(e)),
+        Request::TopUp(_, r) => r.send(Err(e)),
+        Request::Audit(r) => r.send(Err(e)),
+    }
+}
+
+fn writer_loop(mut w: Writer, rx: &Receiver<Request>, group_max: usize) {
+    let mut group = Vec::with_capacity(group_max);
+    while let Ok(first) = rx.recv() {
+        group.push(first);
+        while group.len() < group_max {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        w.run_group(&mut group);
+    }
+}
+
+impl Drop for SqliteLedger {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Ledger for SqliteLedger {
+    fn purchase_async(&self, req: PurchaseRequest) -> Pending<Decision> {
+        self.pending(|r| Request::Purchase(req, r))
+    }
+    fn cancel_async(&self, req: CancelRequest) -> Pending<Entry> {
+        self.pending(|r| Request::Cancel(req, r))
+    }
+    fn top_up_async(&self, req: TopUpRequest) -> Pending<Entry> {
+        self.pending(|r| Request::TopUp(req, r))
+    }
+    fn purchase(&self, req: PurchaseRequest) -> WalletResult<Decision> {
+        self.blocking(|r| Request::Purchase(req, r))
+    }
+    fn cancel(&self, req: CancelRequest) -> WalletResult<Entry> {
+        self.blocking(|r| Request::Cancel(req, r))
+    }
+    fn top_up(&self, req: TopUpRequest) -> WalletResult<Entry> {
+        self.blocking(|r| Request::TopUp(req, r))
+    }
+
+    fn balance(&self, user: &str) -> WalletResult<Vec<Amount>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT currency, balance FROM accounts WHERE user = ?1 AND balance != 0 ORDER BY currency",
+            )?;
+            let rows = st.query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (c, minor) = row?;
+                out.push(Amount {
+                    minor,
+                    currency: Currency::new(&c)
+                        .map_err(|_| WalletError::Storage(format!("bad currency {c:?} stored")))?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn history(&self, user: &str) -> WalletResult<Vec<Entry>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {} FROM entries WHERE user = ?1 ORDER BY seq",
+                super::apply::ENTRY_COLUMNS
+            ))?;
+            let rows = st.query_map([user], entry_from_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row?.map_err(WalletError::Storage)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn audit(&self) -> WalletResult<AuditReport> {
+        self.blocking(Request::Audit)
+    }
+}

@@ -1,0 +1,330 @@
+//! The mailer: drains the ledger's outbox to an SMTP relay, or to a
+//! Maildir when no relay is configured.
+//!
+//! ```text
+//! ledger writer ──INSERT outbox (same transaction as the money)──► outbox (pending)
+//! mailer thread ──every poll: rows with next_attempt_ms ≤ now──► transport
+//!     accepted ──► collected, then one UPDATE … state='sent' transaction
+//!     refused  ──► attempts+1, next_attempt_ms = now + min·2^attempts (capped)
+//! ```
+//!
+//! Delivery is at-least-once with a stable id: a row is marked sent only
+//! after the transport accepted it, so a crash between the two sends it
+//! again, with the same `Message-ID` (`<decision-…@keybroker>`,
+//! `<cancel-…@keybroker>`, `<topup-…@keybroker>`), which lets the receiver
+//! or the user recognise the duplicate. Nothing is lost: a pending row
+//! stays pending across restarts and relay outages.
+
+use super::{WalletError, WalletResult, now_ms, schema};
+use crossbeam_channel::{RecvTimeoutError, Sender, bounded};
+use lettre::message::Mailbox;
+use lettre::message::header::ContentType;
+use lettre::{Message, SmtpTransport, Transport as _};
+use rusqlite::{Connection, params};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// Plain SMTP to a relay on loopback (no TLS: the relay is local).
+    Smtp { host: String, port: u16 },
+    /// A Maildir (`tmp/`, `new/`, `cur/`), created if missing.
+    Maildir(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct MailerConfig {
+    pub transport: Transport,
+    /// The `From:` address.
+    pub from: String,
+    /// How often the outbox is looked at.
+    pub poll: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Most rows taken per round.
+    pub batch: usize,
+    /// SMTP connect and command timeout.
+    pub timeout: Duration,
+}
+
+impl MailerConfig {
+    pub fn new(transport: Transport) -> Self {
+        Self {
+            transport,
+            from: "keybroker <keybroker@localhost>".into(),
+            poll: Duration::from_millis(250),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            batch: 64,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// `min · 2^(attempts-1)`, at most `max`.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.saturating_sub(1).min(20);
+        self.backoff_min
+            .saturating_mul(factor)
+            .min(self.backoff_max)
+    }
+}
+
+/// A running mailer thread. Dropping it (or [`Mailer::stop`]) stops it
+/// after the current round.
+pub struct Mailer {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Mailer {
+    pub fn start(db: &Path, cfg: MailerConfig) -> WalletResult<Self> {
+        let conn = schema::open(db)?;
+        let sender = Sender_::new(&cfg)?;
+        let (stop_tx, stop_rx) = bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("mailer".into())
+            .spawn(move || {
+                loop {
+                    loop {
+                        match drain_once(&conn, &sender, &cfg, now_ms()) {
+                            Ok(n) if n >= cfg.batch => continue,
+                            Ok(_) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "mailer round failed");
+                                break;
+                            }
+                        }
+                    }
+                    match stop_rx.recv_timeout(cfg.poll) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            })
+            .map_err(|e| WalletError::Storage(format!("spawning the mailer: {e}")))?;
+        Ok(Self {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.try_send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Mailer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// How many mails wait in the outbox of the ledger at `db`.
+pub fn outbox_pending(db: &Path) -> WalletResult<usize> {
+    let c = schema::open(db)?;
+    let n: i64 = c.query_row(
+        "SELECT count(*) FROM outbox WHERE state = 'pending'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// One outbox row on its way out.
+struct Outgoing {
+    id: i64,
+    message_id: String,
+    to: String,
+    subject: String,
+    body: String,
+    attempts: u32,
+}
+
+/// The transport, built once.
+enum Sender_ {
+    Smtp(SmtpTransport),
+    Maildir(PathBuf),
+}
+
+static MAILDIR_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Sender_ {
+    fn new(cfg: &MailerConfig) -> WalletResult<Self> {
+        match &cfg.transport {
+            Transport::Smtp { host, port } => Ok(Sender_::Smtp(
+                SmtpTransport::builder_dangerous(host.as_str())
+                    .port(*port)
+                    .timeout(Some(cfg.timeout))
+                    .build(),
+            )),
+            Transport::Maildir(dir) => {
+                for sub in ["tmp", "new", "cur"] {
+                    std::fs::create_dir_all(dir.join(sub)).map_err(|e| {
+                        WalletError::Storage(format!("creating {}: {e}", dir.display()))
+                    })?;
+                }
+                Ok(Sender_::Maildir(dir.clone()))
+            }
+        }
+    }
+
+    fn send(&self, from: &str, m: &Outgoing) -> Result<(), String> {
+        let from: Mailbox = from.parse().map_err(|e| format!("From address: {e}"))?;
+        let to: Mailbox = m.to.parse().map_err(|e| format!("To address: {e}"))?;
+        let msg = Message::builder()
+            .from(from)
+            .to(to)
+            .subject(m.subject.clone())
+            .message_id(Some(m.message_id.clone()))
+            .header(ContentType::TEXT_PLAIN)
+            .body(m.body.clone())
+            .map_err(|e| format!("building the message: {e}"))?;
+        match self {
+            Sender_::Smtp(t) => t.send(&msg).map(|_| ()).map_err(|e| format!("SMTP: {e}")),
+            Sender_::Maildir(dir) => write_maildir(dir, &msg.formatted()),
+        }
+    }
+}
+
+/// Maildir delivery: write under `tmp/`, fsync, rename into `new/`.
+fn write_maildir(dir: &Path, bytes: &[u8]) -> Result<(), String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut r = [0u8; 6];
+    rand::fill(&mut r);
+    let name = format!(
+        "{}.M{}P{}Q{}R{}.keybroker",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::process::id(),
+        MAILDIR_SEQ.fetch_add(1, Ordering::Relaxed),
+        hex::encode(r)
+    );
+    let tmp = dir.join("tmp").join(&name);
+    let io = |e: std::io::Error| format!("Maildir {}: {e}", dir.display());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, dir.join("new").join(&name)).map_err(io)?;
+    Ok(())
+}
+
+/// One round: sends the due rows, marks the accepted ones sent and backs
+/// off the rest. After a refusal the rest of the round is deferred too, so
+/// a dead relay costs one attempt per round. Returns the rows looked at.
+fn drain_once(c: &Connection, tx: &Sender_, cfg: &MailerConfig, now: i64) -> WalletResult<usize> {
+    let due: Vec<Outgoing> = {
+        let mut st = c.prepare_cached(
+            "SELECT id, message_id, mail_to, subject, body, attempts FROM outbox
+             WHERE state = 'pending' AND next_attempt_ms <= ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![now, cfg.batch as i64], |r| {
+            Ok(Outgoing {
+                id: r.get(0)?,
+                message_id: r.get(1)?,
+                to: r.get(2)?,
+                subject: r.get(3)?,
+                body: r.get(4)?,
+                attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+            })
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut sent = Vec::with_capacity(due.len());
+    let mut failed: Option<(usize, i64)> = None;
+    for (i, m) in due.iter().enumerate() {
+        match tx.send(&cfg.from, m) {
+            Ok(()) => sent.push(m.id),
+            Err(e) => {
+                let attempts = m.attempts.saturating_add(1);
+                tracing::warn!(message_id = %m.message_id, attempts, error = %e, "mail not accepted");
+                let delay = i64::try_from(cfg.backoff(attempts).as_millis()).unwrap_or(i64::MAX);
+                failed = Some((i, now.saturating_add(delay)));
+                break;
+            }
+        }
+    }
+    let t = c.unchecked_transaction()?;
+    {
+        let mut mark = c.prepare_cached("UPDATE outbox SET state = 'sent' WHERE id = ?1")?;
+        for id in &sent {
+            mark.execute([id])?;
+        }
+        if let Some((i, next)) = failed {
+            let mut retry = c.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?2 WHERE id = ?1",
+            )?;
+            let mut defer =
+                c.prepare_cached("UPDATE outbox SET next_attempt_ms = ?2 WHERE id = ?1")?;
+            for (j, m) in due.iter().enumerate().skip(i) {
+                if j == i {
+                    retry.execute(params![m.id, next])?;
+                } else {
+                    defer.execute(params![m.id, next])?;
+                }
+            }
+        }
+    }
+    t.commit()?;
+    Ok(due.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let c = MailerConfig::new(Transport::Maildir(PathBuf::new()));
+        assert_eq!(c.backoff(1), Duration::from_secs(1));
+        assert_eq!(c.backoff(2), Duration::from_secs(2));
+        assert_eq!(c.backoff(4), Duration::from_secs(8));
+        assert_eq!(c.backoff(9), Duration::from_secs(256));
+        assert_eq!(c.backoff(10), Duration::from_secs(300));
+        assert_eq!(c.backoff(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn maildir_gets_each_pending_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("l.db");
+        let c = schema::open(&db).unwrap();
+        c.execute_batch(schema::SCHEMA).unwrap();
+        for i in 0..3 {
+            c.execute(
+                "INSERT INTO outbox (message_id, user, mail_to, subject, body, state, attempts, next_attempt_ms, created_ms)
+                 VALUES (?1, 'alice', 'alice@example.org', 's', 'b', 'pending', 0, 0, 0)",
+                [format!("<m{i}@keybroker>")],
+            )
+            .unwrap();
+        }
+        let md = dir.path().join("Maildir");
+        let cfg = MailerConfig::new(Transport::Maildir(md.clone()));
+        let tx = Sender_::new(&cfg).unwrap();
+        assert_eq!(drain_once(&c, &tx, &cfg, 1).unwrap(), 3);
+        assert_eq!(drain_once(&c, &tx, &cfg, 2).unwrap(), 0);
+        assert_eq!(outbox_pending(&db).unwrap(), 0);
+        let files: Vec<_> = std::fs::read_dir(md.join("new")).unwrap().collect();
+        assert_eq!(files.len(), 3);
+        assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 0);
+        let text = std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap();
+        assert!(text.contains("Message-ID: <m"), "{text}");
+    }
+}

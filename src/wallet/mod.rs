@@ -1,0 +1,392 @@
+//! The home-card wallet: e-money balances, purchases, cancellations and
+//! top-ups, in an append-only ledger chained with an HSM-held HMAC key.
+//!
+//! ```text
+//! broker core ──purchase/cancel/top_up──► bounded queue ──► writer thread (one)
+//!                                                             │ group of ≤ 512 requests
+//!                                                             │ ONE transaction, ONE fsync
+//!                                                             │ entries chained: mac = HMAC(prev_mac ‖ entry)
+//!                                                             ▼
+//!                                     ledger.db (SQLite WAL, synchronous=FULL)
+//!                                     accounts · entries · decisions · vouchers_used · outbox
+//!                                                             │
+//!                          mailer thread ◄── pending outbox rows ── SMTP relay or Maildir
+//! ```
+//!
+//! Why one writer: SQLite serialises writers anyway, and one thread that
+//! takes everything queued and commits it at once pays one fsync per group
+//! instead of one per purchase. Why money as `i64` minor units: floats lose
+//! cents. Why the mail is queued in the same transaction: a debit without
+//! its notification (or the reverse) cannot be committed.
+//!
+//! Modules: [`ledger`] (the writer and reads), [`chain`] (the HMAC chain),
+//! [`voucher`] (signed top-up vouchers), [`cancel`] (market-signed
+//! cancellation authorisations), [`mailer`] (the outbox drain).
+
+mod apply;
+pub mod cancel;
+pub mod chain;
+pub mod ledger;
+pub mod mailer;
+mod schema;
+pub mod voucher;
+
+pub use chain::{ChainMac, HsmChainMac, SoftChainMac};
+pub use ledger::{LedgerConfig, SqliteLedger};
+
+use futures_channel::oneshot;
+use std::fmt;
+use thiserror::Error;
+
+/// Largest amount of one operation, in minor units (10^12: ten billion EUR).
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
+
+/// Currencies accepted by default, with their number of minor-unit digits.
+pub const DEFAULT_CURRENCIES: [(&str, u32); 5] =
+    [("EUR", 2), ("USD", 2), ("GBP", 2), ("JPY", 0), ("CHF", 2)];
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum WalletError {
+    #[error("insufficient funds")]
+    InsufficientFunds,
+    #[error("unknown currency")]
+    UnknownCurrency,
+    #[error("invalid amount: must be > 0 and <= {MAX_AMOUNT} minor units")]
+    InvalidAmount,
+    #[error("arithmetic overflow")]
+    Overflow,
+    #[error("unknown decision")]
+    UnknownDecision,
+    #[error("decision belongs to another user")]
+    NotYourDecision,
+    #[error("decision already cancelled")]
+    AlreadyCancelled,
+    #[error("voucher already used")]
+    VoucherUsed,
+    #[error("bad voucher: {0}")]
+    BadVoucher(&'static str),
+    #[error("bad cancellation authorisation")]
+    BadAuthorisation,
+    #[error("invalid input: {0}")]
+    InvalidInput(&'static str),
+    #[error("ledger queue full")]
+    Busy,
+    #[error("ledger storage: {0}")]
+    Storage(String),
+    #[error("ledger MAC: {0}")]
+    Mac(String),
+}
+
+impl From<rusqlite::Error> for WalletError {
+    fn from(e: rusqlite::Error) -> Self {
+        WalletError::Storage(e.to_string())
+    }
+}
+
+pub type WalletResult<T> = Result<T, WalletError>;
+
+/// An ISO 4217-style code: three ASCII capital letters. Whether the ledger
+/// accepts it is [`LedgerConfig::currencies`]' business.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Currency([u8; 3]);
+
+impl Currency {
+    pub fn new(code: &str) -> WalletResult<Self> {
+        match code.as_bytes() {
+            &[a, b, c] if [a, b, c].iter().all(u8::is_ascii_uppercase) => Ok(Self([a, b, c])),
+            _ => Err(WalletError::UnknownCurrency),
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        // Only ASCII capitals are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("???")
+    }
+    pub fn bytes(&self) -> [u8; 3] {
+        self.0
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Money: integer minor units (cents, yen) and a currency. Never a float.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Amount {
+    pub minor: i64,
+    pub currency: Currency,
+}
+
+impl Amount {
+    /// `Amount::new(1250, "EUR")` is 12.50 EUR. Checks only the code's form.
+    pub fn new(minor: i64, currency: &str) -> WalletResult<Self> {
+        Ok(Self {
+            minor,
+            currency: Currency::new(currency)?,
+        })
+    }
+}
+
+impl fmt::Display for Amount {
+    /// `12.50 EUR`, `300 JPY`; unknown codes print minor units.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digits = DEFAULT_CURRENCIES
+            .iter()
+            .find(|(c, _)| *c == self.currency.as_str())
+            .map_or(0, |(_, d)| *d);
+        if digits == 0 {
+            return write!(f, "{} {}", self.minor, self.currency);
+        }
+        let scale = 10i64.pow(digits);
+        let sign = if self.minor < 0 { "-" } else { "" };
+        let abs = self.minor.unsigned_abs();
+        let scale_u = scale.unsigned_abs();
+        write!(
+            f,
+            "{sign}{}.{:0width$} {}",
+            abs / scale_u,
+            abs % scale_u,
+            self.currency,
+            width = digits as usize
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    Purchase,
+    Cancel,
+    TopUp,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Purchase => "purchase",
+            EntryKind::Cancel => "cancel",
+            EntryKind::TopUp => "topup",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "purchase" => Some(EntryKind::Purchase),
+            "cancel" => Some(EntryKind::Cancel),
+            "topup" => Some(EntryKind::TopUp),
+            _ => None,
+        }
+    }
+}
+
+/// A purchase decision: the receipt of a debit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// 16 random bytes, hex.
+    pub id: String,
+    /// The ledger entry that debited.
+    pub seq: i64,
+    pub user: String,
+    pub market: String,
+    pub amount: Amount,
+    pub order_ref: String,
+    pub balance_after: i64,
+    pub created_ms: i64,
+}
+
+/// One ledger entry, as stored. `amount` is always positive; the kind
+/// says whether it debited (purchase) or credited (cancel, top-up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: i64,
+    pub user: String,
+    pub kind: EntryKind,
+    pub decision_id: String,
+    pub amount: Amount,
+    pub balance_after: i64,
+    pub market: String,
+    pub order_ref: String,
+    pub idempotency_key: String,
+    pub voucher_id: String,
+    pub created_ms: i64,
+    pub prev_mac: [u8; 32],
+    pub mac: [u8; 32],
+}
+
+/// What `audit` found: `ok` only if the chain verifies and every balance
+/// recomputed from the entries equals the stored one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditReport {
+    pub entries: u64,
+    pub ok: bool,
+    pub problems: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PurchaseRequest {
+    pub user: String,
+    pub market: String,
+    pub amount: Amount,
+    pub order_ref: String,
+    /// Client-chosen; a retry with the same key returns the first decision.
+    pub idempotency_key: String,
+    pub mail_to: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct CancelRequest {
+    pub user: String,
+    pub decision_id: String,
+    pub mail_to: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct TopUpRequest {
+    pub user: String,
+    pub amount: Amount,
+    /// Hex of the voucher's 16-byte id; each id credits once.
+    pub voucher_id: String,
+    pub mail_to: String,
+}
+
+impl TopUpRequest {
+    /// The top-up a verified voucher pays for.
+    pub fn from_voucher(v: &voucher::Voucher, mail_to: &str) -> Self {
+        Self {
+            user: v.user.clone(),
+            amount: v.amount,
+            voucher_id: hex::encode(v.id),
+            mail_to: mail_to.into(),
+        }
+    }
+}
+
+/// An answer that arrives later; `Err(Canceled)` means the writer is gone.
+pub type Pending<T> = oneshot::Receiver<WalletResult<T>>;
+
+/// The ledger interface. [`SqliteLedger`] is the embedded implementation;
+/// a PostgreSQL one would fill the same trait (one writer per shard,
+/// `SERIALIZABLE` groups, the same chain).
+pub trait Ledger: Send + Sync {
+    /// Queues a purchase; a full queue answers `Busy` at once.
+    fn purchase_async(&self, req: PurchaseRequest) -> Pending<Decision>;
+    fn cancel_async(&self, req: CancelRequest) -> Pending<Entry>;
+    fn top_up_async(&self, req: TopUpRequest) -> Pending<Entry>;
+    fn purchase(&self, req: PurchaseRequest) -> WalletResult<Decision>;
+    fn cancel(&self, req: CancelRequest) -> WalletResult<Entry>;
+    fn top_up(&self, req: TopUpRequest) -> WalletResult<Entry>;
+    /// Every non-zero balance of `user`, by currency.
+    fn balance(&self, user: &str) -> WalletResult<Vec<Amount>>;
+    /// `user`'s entries, oldest first.
+    fn history(&self, user: &str) -> WalletResult<Vec<Entry>>;
+    /// Re-verifies the whole chain and every balance.
+    fn audit(&self) -> WalletResult<AuditReport>;
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A user or market id: 1 to 64 bytes of `[A-Za-z0-9._-]` (as `enroll`).
+pub(crate) fn check_id(what: &'static str, s: &str) -> WalletResult<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(WalletError::InvalidInput(what))
+    }
+}
+
+/// Free text that ends up in mail headers: printable ASCII, bounded.
+pub(crate) fn check_text(
+    what: &'static str,
+    s: &str,
+    max: usize,
+    empty_ok: bool,
+) -> WalletResult<()> {
+    let ok = (empty_ok || !s.is_empty())
+        && s.len() <= max
+        && s.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(WalletError::InvalidInput(what))
+    }
+}
+
+/// A mail address: one `@`, a dot in the domain, no spaces or controls.
+pub(crate) fn check_mail(s: &str) -> WalletResult<()> {
+    let mut parts = s.split('@');
+    let ok = match (parts.next(), parts.next(), parts.next()) {
+        (Some(l), Some(d), None) => !l.is_empty() && d.contains('.') && !d.starts_with('.'),
+        _ => false,
+    } && s.len() <= 254
+        && s.bytes()
+            .all(|b| (0x21..0x7f).contains(&b) && !b"<>\"(),;:[]\\".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(WalletError::InvalidInput("mail address"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_print_in_major_units() {
+        assert_eq!(Amount::new(1250, "EUR").unwrap().to_string(), "12.50 EUR");
+        assert_eq!(Amount::new(5, "USD").unwrap().to_string(), "0.05 USD");
+        assert_eq!(Amount::new(300, "JPY").unwrap().to_string(), "300 JPY");
+        assert_eq!(
+            Amount::new(i64::MIN, "EUR").unwrap().to_string(),
+            "-92233720368547758.08 EUR"
+        );
+    }
+
+    #[test]
+    fn currency_codes_are_three_capitals() {
+        assert!(Currency::new("EUR").is_ok());
+        for bad in ["eur", "EU", "EURO", "", "E1R", "ÉUR"] {
+            assert_eq!(
+                Currency::new(bad),
+                Err(WalletError::UnknownCurrency),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_text_and_mail_are_bounded() {
+        assert!(check_id("user", "alice.b-1_").is_ok());
+        assert!(check_id("user", "").is_err());
+        assert!(check_id("user", &"a".repeat(65)).is_err());
+        assert!(check_id("user", "a b").is_err());
+        assert!(check_text("ref", "order 17", 128, false).is_ok());
+        assert!(check_text("ref", "x\r\nBcc: y", 128, false).is_err());
+        assert!(check_mail("alice@example.org").is_ok());
+        for bad in [
+            "alice",
+            "a@b",
+            "a@@b.c",
+            "a b@c.d",
+            "a@c.d\r\nX: y",
+            "<a@b.c>",
+            "@b.c",
+        ] {
+            assert!(check_mail(bad).is_err(), "{bad}");
+        }
+    }
+}
