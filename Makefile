@@ -5,7 +5,7 @@ BIN       := target/release/keybroker
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # System packages: SoftHSM (the test HSM), PKCS#11 and TLS tools, Prometheus
 # (promtool and the server, used by the tests), aiosmtpd (a real SMTP relay for tests).
-APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config prometheus python3-aiosmtpd
+APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config prometheus python3-pip
 
 .PHONY: all setup deps build run serve test lint demo bench fuzz clean
 
@@ -18,6 +18,8 @@ deps:
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# aiosmtpd for whichever python3 is first on PATH (it may not be Debian's).
+	@python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd || python3 -m pip install -q --break-system-packages aiosmtpd
 
 build:
 	$(CARGO) build --release --workspace

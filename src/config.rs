@@ -22,6 +22,43 @@ pub struct Config {
     pub auth: AuthConfig,
     pub exchange: ExchangeConfig,
     pub admin: AdminConfig,
+    pub wallet: WalletConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalletConfig {
+    /// The ledger database, relative to data_dir. Default `ledger.db`.
+    pub ledger: PathBuf,
+    /// SMTP relay `host:port` for notifications; empty: a Maildir under
+    /// data_dir/mail.
+    pub smtp_relay: String,
+    /// The notifications' From address.
+    pub mail_from: String,
+    /// PEM public key of the voucher issuer; empty: top-ups are refused.
+    pub voucher_issuer: PathBuf,
+    /// Currencies the wallet keeps.
+    pub currencies: Vec<String>,
+    /// Ledger writes queued before `busy`. Default 8192.
+    pub queue: usize,
+    /// Most writes committed in one group. Default 512.
+    pub group_max: usize,
+}
+
+impl Default for WalletConfig {
+    fn default() -> Self {
+        Self {
+            ledger: PathBuf::from("ledger.db"),
+            smtp_relay: String::new(),
+            mail_from: "keybroker@localhost".into(),
+            voucher_issuer: PathBuf::new(),
+            currencies: ["EUR", "USD", "GBP", "JPY", "CHF"]
+                .map(String::from)
+                .to_vec(),
+            queue: 8192,
+            group_max: 512,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -148,6 +185,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             exchange: ExchangeConfig::default(),
             admin: AdminConfig::default(),
+            wallet: WalletConfig::default(),
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod passwords;
 pub mod pki;
 pub mod pool;
 pub mod proto;
+pub mod receipt;
 pub mod store;
 pub mod terminal;
 pub mod wallet;

@@ -5,9 +5,10 @@ use clap::{Parser, Subcommand};
 use keybroker::config::Config;
 use keybroker::enroll::{self, Admin};
 use keybroker::passwords::read_secret;
+use keybroker::terminal::{Direct, Terminal, TerminalConfig};
 use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[global_allocator]
@@ -45,6 +46,47 @@ enum Cmd {
     Terminal(TerminalCmd),
     #[command(subcommand)]
     Market(MarketCmd),
+    #[command(subcommand)]
+    Wallet(WalletCmd),
+    #[command(subcommand)]
+    Voucher(VoucherCmd),
+}
+
+#[derive(Subcommand)]
+enum WalletCmd {
+    /// A user's balances.
+    Balance { user: String },
+    /// A user's ledger entries, oldest first.
+    History { user: String },
+    /// Re-verify the HMAC chain and every balance; exits 1 on any mismatch.
+    Audit,
+}
+
+#[derive(Subcommand)]
+enum VoucherCmd {
+    /// Create an issuer key pair: DIR/issuer.key (keep it offline) and
+    /// DIR/issuer.pub (set wallet.voucher_issuer to it).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a single-use top-up voucher for a user.
+    Issue {
+        #[arg(long)]
+        issuer_key: PathBuf,
+        #[arg(long)]
+        user: String,
+        /// Minor units (cents).
+        #[arg(long)]
+        amount: i64,
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+        /// Days until it expires.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -87,12 +129,8 @@ enum TerminalCmd {
     /// Log in, release, have the broker agree a key with a market, and send
     /// one encrypted request on the direct channel.
     Exchange {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        user: String,
-        #[arg(long, default_value = "127.0.0.1:7443")]
-        broker: SocketAddr,
+        #[command(flatten)]
+        session: SessionArgs,
         #[arg(long)]
         market: String,
         /// Partial proxy: the terminal does the ECDH; the broker only signs.
@@ -100,25 +138,87 @@ enum TerminalCmd {
         partial: bool,
         #[arg(long, default_value = "hello market")]
         request: String,
-        #[arg(long, default_value = "-")]
-        access_password_file: String,
-        #[arg(long, default_value = "-")]
-        release_password_file: String,
     },
     /// Connect, log in and release, as a terminal would.
     Login {
-        /// Directory written by `terminal enroll`.
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        user: String,
-        #[arg(long, default_value = "127.0.0.1:7443")]
-        broker: SocketAddr,
-        #[arg(long, default_value = "-")]
-        access_password_file: String,
-        #[arg(long, default_value = "-")]
-        release_password_file: String,
+        #[command(flatten)]
+        session: SessionArgs,
     },
+    /// Buy: debit the wallet, then present the signed receipt to the market.
+    Purchase {
+        #[command(flatten)]
+        session: SessionArgs,
+        #[arg(long)]
+        market: String,
+        /// Minor units (cents).
+        #[arg(long)]
+        amount: i64,
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+        #[arg(long)]
+        order_ref: String,
+        /// Retrying with the same key never debits twice.
+        #[arg(long)]
+        idempotency_key: String,
+    },
+    /// Cancel a decision: get the market's authorisation on the direct
+    /// channel, then have the broker refund it.
+    Cancel {
+        #[command(flatten)]
+        session: SessionArgs,
+        #[arg(long)]
+        market: String,
+        #[arg(long)]
+        decision: String,
+    },
+    /// Top up with a voucher file (the second password is asked again).
+    Topup {
+        #[command(flatten)]
+        session: SessionArgs,
+        #[arg(long)]
+        voucher: PathBuf,
+    },
+}
+
+/// How a terminal CLI command reaches the broker and logs in.
+#[derive(clap::Args)]
+struct SessionArgs {
+    /// Directory written by `terminal enroll`.
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long)]
+    user: String,
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    broker: SocketAddr,
+    #[arg(long, default_value = "-")]
+    access_password_file: String,
+    #[arg(long, default_value = "-")]
+    release_password_file: String,
+}
+
+impl SessionArgs {
+    /// Connects, logs in and releases; returns the session and the second
+    /// password (top-ups need it again).
+    fn open(&self, stdin: &mut dyn BufRead) -> Result<(Terminal, zeroize::Zeroizing<String>)> {
+        let p1 = read_secret(&self.access_password_file, stdin)?;
+        let p2 = read_secret(&self.release_password_file, stdin)?;
+        let tc = TerminalConfig::load(&self.dir)?;
+        let mut t =
+            Terminal::connect(self.broker, &tc, Duration::from_secs(10)).context("connecting")?;
+        t.login(&self.user, p1.as_bytes()).context("login")?;
+        println!("logged in as {}; X' confirmed by the broker", self.user);
+        t.release(p2.as_bytes()).context("release")?;
+        println!(
+            "released: the broker may act for {} in this session",
+            self.user
+        );
+        Ok((t, p2))
+    }
+}
+
+fn direct_to(t: &mut Terminal, market: &str) -> Result<Direct> {
+    let b = t.exchange(market).context("exchange")?;
+    Direct::connect(&b, Duration::from_secs(10)).context("direct channel")
 }
 
 #[derive(Subcommand)]
@@ -201,6 +301,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::User(c) => user(&cfg, c, &mut stdin)?,
         Cmd::Terminal(c) => terminal(&cfg, c, &mut stdin)?,
         Cmd::Market(c) => market(&cfg, c)?,
+        Cmd::Wallet(c) => wallet(&cfg, c)?,
+        Cmd::Voucher(c) => voucher(c)?,
     }
     Ok(())
 }
@@ -270,35 +372,23 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
             }
             println!("revoked terminal {serial}");
         }
-        TerminalCmd::Login {
-            dir,
-            user,
-            broker,
-            access_password_file,
-            release_password_file,
-        } => {
-            let p1 = read_secret(&access_password_file, stdin)?;
-            let p2 = read_secret(&release_password_file, stdin)?;
-            terminal_login(&dir, &user, broker, p1.as_bytes(), p2.as_bytes())?;
+        TerminalCmd::Login { session } => {
+            let (t, _) = session.open(stdin)?;
+            let fp =
+                keybroker::crypto::hmac_sha256(t.xprime(), &[b"keybroker x-prime fingerprint"]);
+            println!(
+                "X' fingerprint (HMAC, not the key): {}",
+                hex::encode(&fp[..8])
+            );
+            t.logout()?;
         }
         TerminalCmd::Exchange {
-            dir,
-            user,
-            broker,
+            session,
             market,
             partial,
             request,
-            access_password_file,
-            release_password_file,
         } => {
-            use keybroker::terminal::{Direct, Terminal, TerminalConfig};
-            let p1 = read_secret(&access_password_file, stdin)?;
-            let p2 = read_secret(&release_password_file, stdin)?;
-            let tc = TerminalConfig::load(&dir)?;
-            let mut t =
-                Terminal::connect(broker, &tc, Duration::from_secs(10)).context("connecting")?;
-            t.login(&user, p1.as_bytes()).context("login")?;
-            t.release(p2.as_bytes()).context("release")?;
+            let (mut t, _) = session.open(stdin)?;
             let b = if partial {
                 t.exchange_partial(&market)
             } else {
@@ -315,24 +405,133 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
             println!("market answered: {}", String::from_utf8_lossy(&answer));
             t.logout()?;
         }
+        TerminalCmd::Purchase {
+            session,
+            market,
+            amount,
+            currency,
+            order_ref,
+            idempotency_key,
+        } => {
+            let (mut t, _) = session.open(stdin)?;
+            let (balance, receipt) = t
+                .purchase(&market, amount, &currency, &order_ref, &idempotency_key)
+                .context("purchase")?;
+            let decision = direct_to(&mut t, &market)?
+                .present_receipt(&receipt)
+                .context("receipt")?;
+            println!(
+                "decision {decision}: the market accepted the receipt; balance {balance} {currency}"
+            );
+            t.logout()?;
+        }
+        TerminalCmd::Cancel {
+            session,
+            market,
+            decision,
+        } => {
+            let (mut t, _) = session.open(stdin)?;
+            let (cert, sig) = direct_to(&mut t, &market)?
+                .cancel_authorisation(&decision)
+                .context("authorisation")?;
+            let balance = t.cancel(&decision, cert, sig).context("cancel")?;
+            println!("cancelled {decision}; balance {balance}");
+            t.logout()?;
+        }
+        TerminalCmd::Topup { session, voucher } => {
+            let (mut t, p2) = session.open(stdin)?;
+            let bytes = std::fs::read(&voucher)
+                .with_context(|| format!("reading {}", voucher.display()))?;
+            let balance = t.top_up(&bytes, p2.as_bytes()).context("top-up")?;
+            println!("topped up; balance {balance}");
+            t.logout()?;
+        }
     }
     Ok(())
 }
 
-fn terminal_login(dir: &Path, user: &str, broker: SocketAddr, p1: &[u8], p2: &[u8]) -> Result<()> {
-    use keybroker::terminal::{Terminal, TerminalConfig};
-    let tc = TerminalConfig::load(dir)?;
-    let mut t = Terminal::connect(broker, &tc, Duration::from_secs(10)).context("connecting")?;
-    t.login(user, p1).context("login")?;
-    println!("logged in as {user}; X' confirmed by the broker");
-    t.release(p2).context("release")?;
-    println!("released: the broker may act for {user} in this session");
-    let fp = keybroker::crypto::hmac_sha256(t.xprime(), &[b"keybroker x-prime fingerprint"]);
-    println!(
-        "X' fingerprint (HMAC, not the key): {}",
-        hex::encode(&fp[..8])
-    );
-    t.logout()?;
+fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
+    use keybroker::wallet::Ledger;
+    use keybroker::wallet::chain::{ChainMac, HsmChainMac};
+    use keybroker::wallet::ledger::{LedgerConfig, SqliteLedger};
+    let hsm = std::sync::Arc::new(keybroker::hsm::Hsm::open(cfg)?);
+    let ledger = SqliteLedger::open(
+        &cfg.path(&cfg.wallet.ledger),
+        LedgerConfig {
+            currencies: cfg.wallet.currencies.clone(),
+            ..LedgerConfig::default()
+        },
+        Box::new(move || Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn ChainMac>)),
+    )?;
+    match c {
+        WalletCmd::Balance { user } => {
+            for a in ledger.balance(&user)? {
+                println!("{a}");
+            }
+        }
+        WalletCmd::History { user } => {
+            for e in ledger.history(&user)? {
+                println!(
+                    "{}\t{}\t{}\t{}\tbalance={}\t{}\t{}",
+                    e.seq,
+                    e.kind.as_str(),
+                    e.amount,
+                    e.decision_id,
+                    e.balance_after,
+                    e.market,
+                    e.order_ref
+                );
+            }
+        }
+        WalletCmd::Audit => {
+            let report = ledger.audit()?;
+            for p in &report.problems {
+                println!("problem: {p}");
+            }
+            println!(
+                "audit {}: {} entries",
+                if report.ok { "ok" } else { "FAILED" },
+                report.entries
+            );
+            if !report.ok {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn voucher(c: VoucherCmd) -> Result<()> {
+    use keybroker::wallet::{Amount, now_ms, voucher};
+    match c {
+        VoucherCmd::Keygen { out } => {
+            std::fs::create_dir_all(&out)?;
+            let (private, public) = voucher::generate_issuer_key()?;
+            enroll::write_private(&out.join("issuer.key"), private.as_bytes())?;
+            std::fs::write(out.join("issuer.pub"), public)?;
+            println!("issuer key in {}", out.display());
+        }
+        VoucherCmd::Issue {
+            issuer_key,
+            user,
+            amount,
+            currency,
+            days,
+            out,
+        } => {
+            let pem = std::fs::read_to_string(&issuer_key)?;
+            let der = voucher::pem_der(&pem, "PRIVATE KEY")?;
+            let expiry = now_ms() + days * 86_400_000;
+            let (v, bytes) = voucher::issue(&der, &user, Amount::new(amount, &currency)?, expiry)?;
+            std::fs::write(&out, bytes)?;
+            println!(
+                "voucher {} for {user}: {} in {}",
+                hex::encode(v.id),
+                v.amount,
+                out.display()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
                 continue;
             }
             _ => {
-                let _ = s.exchange_done(id, code(arg).map(|()| Message::Pong));
+                let _ = s.request_done(id, code(arg).map(|()| Message::Pong));
                 continue;
             }
         };

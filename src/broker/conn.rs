@@ -285,7 +285,14 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                         tracing::info!(target: "audit", user, market, mode, result = code.name(), "exchange")
                     }
                 }
-                next = Some(session.exchange_done(id, r));
+                next = Some(session.request_done(id, r));
+            }
+            Action::Wallet { id, user, call } => {
+                let r = super::wallet::handle(shared, c.released.as_ref(), &user, call).await;
+                if let Err(code) = &r {
+                    tracing::info!(target: "audit", user, result = code.name(), "wallet operation refused");
+                }
+                next = Some(session.request_done(id, r));
             }
         }
     }
@@ -312,6 +319,8 @@ async fn release(
     .await?;
     c.released = Some(Released {
         handle,
+        terminal: c.fingerprint,
+        mail: record.mail.clone(),
         fingerprint: crate::pki::fingerprint(&record.cert),
         cert: Arc::new(record.cert),
         shared: shared.clone(),

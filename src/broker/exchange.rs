@@ -24,8 +24,13 @@ use std::time::Instant;
 /// The released home-card key of a session; destroyed in the HSM on drop.
 pub struct Released {
     pub handle: ObjectHandle,
+    /// The user's certificate and its SHA-256.
     pub cert: Arc<Vec<u8>>,
     pub fingerprint: [u8; 32],
+    /// The terminal certificate's SHA-256 (for password re-checks).
+    pub terminal: [u8; 32],
+    /// Where the user's notifications go.
+    pub mail: String,
     pub shared: Arc<Shared>,
 }
 

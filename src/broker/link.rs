@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 pub struct MarketInfo {
     pub id: String,
     pub endpoint: String,
+    /// The market's CA, the trust anchor for its certificates.
+    pub ca_pem: String,
     pub client: Arc<ClientConfig>,
     pub server_name: ServerName<'static>,
 }

@@ -12,6 +12,7 @@ mod conn;
 mod exchange;
 pub mod link;
 pub mod tls;
+mod wallet;
 
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmError, KeyHandles};
@@ -41,12 +42,17 @@ pub struct Shared {
     pub hsm: Arc<Hsm>,
     /// Registered markets, loaded at start.
     pub markets: HashMap<String, Arc<link::MarketInfo>>,
+    pub ledger: Arc<dyn crate::wallet::Ledger>,
+    /// The voucher issuer's public key (SPKI DER), if top-ups are enabled.
+    pub voucher_issuer: Option<Vec<u8>>,
 }
 
 /// A running broker.
 pub struct Broker {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Drains the notification outbox; stops with the broker.
+    _mailer: crate::wallet::mailer::Mailer,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -93,6 +99,7 @@ impl Broker {
                     .with_context(|| format!("market {} CA", m.id))?,
                 id: m.id.clone(),
                 endpoint: m.endpoint,
+                ca_pem: m.ca_pem,
             };
             crate::metrics::market_known(&m.id);
             markets.insert(m.id, Arc::new(info));
@@ -117,6 +124,7 @@ impl Broker {
             })
         })?;
 
+        let (ledger, mailer, voucher_issuer) = open_wallet(&cfg, hsm.clone())?;
         crate::metrics::init();
         let admin_addr = start_admin(&cfg, hsm.clone())?;
         let cores = cfg.cores();
@@ -129,6 +137,8 @@ impl Broker {
             hsm_pool,
             hsm,
             markets,
+            ledger,
+            voucher_issuer,
         });
         let mut threads = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {
@@ -147,6 +157,7 @@ impl Broker {
         Ok(Self {
             addr,
             admin_addr,
+            _mailer: mailer,
             threads,
         })
     }
@@ -157,6 +168,58 @@ impl Broker {
             let _ = t.join();
         }
     }
+}
+
+type Wallet = (
+    Arc<dyn crate::wallet::Ledger>,
+    crate::wallet::mailer::Mailer,
+    Option<Vec<u8>>,
+);
+
+/// The ledger (its writer owns an HSM session for the HMAC chain), the
+/// mailer, and the voucher issuer's key.
+fn open_wallet(cfg: &Config, hsm: Arc<Hsm>) -> Result<Wallet> {
+    use crate::wallet::{
+        chain::HsmChainMac,
+        ledger::{LedgerConfig, SqliteLedger},
+        mailer,
+    };
+    let w = &cfg.wallet;
+    let path = cfg.path(&w.ledger);
+    let ledger = SqliteLedger::open(
+        &path,
+        LedgerConfig {
+            queue: w.queue,
+            group_max: w.group_max,
+            currencies: w.currencies.clone(),
+        },
+        Box::new(move || {
+            Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn crate::wallet::chain::ChainMac>)
+        }),
+    )
+    .context("opening the ledger")?;
+    let transport = if w.smtp_relay.is_empty() {
+        mailer::Transport::Maildir(cfg.data_dir.join("mail"))
+    } else {
+        let (host, port) = w
+            .smtp_relay
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+            .context("wallet.smtp_relay must be host:port")?;
+        mailer::Transport::Smtp { host, port }
+    };
+    let mut mc = mailer::MailerConfig::new(transport);
+    mc.from = w.mail_from.clone();
+    let mailer = mailer::Mailer::start(&path, mc).context("starting the mailer")?;
+    let issuer = if w.voucher_issuer.as_os_str().is_empty() {
+        None
+    } else {
+        let p = cfg.path(&w.voucher_issuer);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Some(crate::wallet::voucher::pem_der(&text, "PUBLIC KEY").context("voucher issuer key")?)
+    };
+    Ok((Arc::new(ledger), mailer, issuer))
 }
 
 /// The admin listener, and a monitor that keeps `keybroker_hsm_up` current.

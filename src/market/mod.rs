@@ -104,6 +104,8 @@ struct UserKey {
 /// Everything the market's cores share.
 pub struct MarketState {
     pub cfg: MarketConfig,
+    /// The market's own key and certificate, for cancellation authorisations.
+    signer: Option<(aws_lc_rs::signature::EcdsaKeyPair, Vec<u8>)>,
     pub endpoint: String,
     user_ca_spki: Vec<u8>,
     certs: Mutex<HashMap<[u8; 32], UserKey>>,
@@ -125,6 +127,7 @@ impl MarketState {
             .map_err(|e| anyhow::anyhow!("user CA: {e}"))?;
         Ok(Self {
             cfg,
+            signer: None,
             endpoint,
             user_ca_spki: ca.public_key().raw.to_vec(),
             certs: Mutex::new(HashMap::new()),
@@ -276,6 +279,51 @@ impl MarketState {
             }
             Some(s) => Ok((s.x.clone(), s.user.clone(), s.expiry_ms)),
         }
+    }
+
+    /// Gives the market its signing key (PKCS#8 DER) and certificate (DER).
+    pub fn with_signer(mut self, pkcs8: &[u8], cert_der: Vec<u8>) -> Result<Self> {
+        let key = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8,
+        )
+        .map_err(|e| anyhow::anyhow!("market key: {e}"))?;
+        self.signer = Some((key, cert_der));
+        Ok(self)
+    }
+
+    /// Checks a purchase receipt a terminal presents: for this market, for
+    /// the session's user, signed by that user's certified home-card key.
+    pub fn verify_receipt(
+        &self,
+        bytes: &[u8],
+        session_user: &str,
+        now: u64,
+    ) -> Result<String, &'static str> {
+        let r = crate::receipt::SignedReceipt::decode(bytes).map_err(|_| "malformed")?;
+        if r.receipt.market != self.cfg.id {
+            return Err("for another market");
+        }
+        if r.receipt.user != session_user {
+            return Err("for another user");
+        }
+        let fp = crate::pki::fingerprint(&r.user_cert);
+        let key = self
+            .user_key(&r.user_cert, fp, now)
+            .map_err(|_| "bad certificate")?;
+        if key.user != session_user || !r.verify(&key.point) {
+            return Err("bad signature");
+        }
+        Ok(r.receipt.decision_id)
+    }
+
+    /// The market's authorisation to cancel `decision_id` of `user`:
+    /// (certificate DER, signature DER).
+    pub fn authorise_cancel(&self, decision_id: &str, user: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (key, cert) = self.signer.as_ref()?;
+        let msg = crate::wallet::cancel::cancel_message(decision_id, &self.cfg.id, user);
+        let sig = key.sign(&aws_lc_rs::rand::SystemRandom::new(), &msg).ok()?;
+        Some((cert.clone(), sig.as_ref().to_vec()))
     }
 
     /// The number of live sessions (for tests and metrics).

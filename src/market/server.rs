@@ -83,7 +83,11 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
         .direct_endpoint
         .clone()
         .unwrap_or_else(|| direct_addr.to_string());
-    let state = Arc::new(MarketState::new(cfg, &user_ca, endpoint)?);
+    let key_pem = std::fs::read_to_string(base.join(&cfg.key))?;
+    let key_der = crate::wallet::voucher::pem_der(&key_pem, "PRIVATE KEY").context("market key")?;
+    let cert_der = crate::pki::read_cert_pem(&std::fs::read_to_string(base.join(&cfg.cert))?)?;
+    let state =
+        Arc::new(MarketState::new(cfg, &user_ca, endpoint)?.with_signer(&key_der, cert_der)?);
     let mut threads = Vec::new();
     for (i, (c, d)) in chan.into_iter().zip(dir).enumerate() {
         let state = state.clone();
@@ -250,7 +254,7 @@ async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
                             return alert(&mut sock, e.code()).await;
                         }
                     };
-                    let answer = answer(&state.cfg.id, user, &request);
+                    let answer = answer(state, user, &request);
                     ch.seal(&answer, &mut out);
                 }
                 _ => return alert(&mut sock, ErrorCode::Unexpected).await,
@@ -273,10 +277,38 @@ async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
     }
 }
 
-/// The reference market's answer to a direct request: it names the market
-/// and user and echoes the request, so a terminal can check the round trip.
-pub fn answer(market: &str, user: &str, request: &[u8]) -> Vec<u8> {
-    let mut a = format!("market {market} to {user}: ").into_bytes();
+/// Direct-channel commands of the reference market (docs/PROTOCOL.md §3.1).
+pub const RECEIPT: &[u8] = b"RECEIPT ";
+pub const CANCEL: &[u8] = b"CANCEL ";
+pub const CANCEL_AUTH: &[u8] = b"CANCEL-AUTH ";
+
+/// The reference market's answer to a direct request: it checks receipts,
+/// authorises cancellations, and otherwise names the market and user and
+/// echoes the request, so a terminal can check the round trip.
+pub fn answer(state: &MarketState, user: &str, request: &[u8]) -> Vec<u8> {
+    if let Some(receipt) = request.strip_prefix(RECEIPT) {
+        return match state.verify_receipt(receipt, user, now_ms()) {
+            Ok(decision) => {
+                tracing::info!(user, decision, "receipt accepted");
+                format!("RECEIPT OK {decision}").into_bytes()
+            }
+            Err(why) => format!("RECEIPT REFUSED {why}").into_bytes(),
+        };
+    }
+    if let Some(decision) = request.strip_prefix(CANCEL) {
+        let decision = String::from_utf8_lossy(decision);
+        return match state.authorise_cancel(&decision, user) {
+            Some((cert, sig)) => {
+                use crate::proto::wire::Put;
+                let mut a = CANCEL_AUTH.to_vec();
+                a.put_bytes(&cert);
+                a.put_bytes(&sig);
+                a
+            }
+            None => b"CANCEL REFUSED".to_vec(),
+        };
+    }
+    let mut a = format!("market {} to {user}: ", state.cfg.id).into_bytes();
     a.extend_from_slice(&request[..request.len().min(direct::MAX_PAYLOAD - 512)]);
     a
 }

@@ -21,6 +21,14 @@ pub const MAX_USER: usize = 64;
 pub const MAX_PASSWORD: usize = 256;
 /// Longest error detail, in bytes.
 pub const MAX_DETAIL: usize = 512;
+/// Longest order reference, in bytes.
+pub const MAX_REF: usize = 128;
+/// Longest certificate, voucher or receipt, in bytes.
+pub const MAX_BLOB: usize = 4096;
+/// Longest DER ECDSA signature, in bytes.
+pub const MAX_SIGNATURE: usize = 80;
+/// Most balances in one answer.
+pub const MAX_BALANCES: usize = 64;
 /// Bytes before the body: `len`, `type`, `id`.
 pub const HEADER: usize = 9;
 /// Default cap on `len`; the broker's `max_frame` setting may lower it.
@@ -63,6 +71,28 @@ pub enum Message {
         market: String,
         ephemeral: [u8; POINT_LEN],
     },
+    /// Terminal → broker: debit the wallet for a purchase (type 0x07).
+    Purchase {
+        market: String,
+        amount_minor: i64,
+        currency: [u8; 3],
+        order_ref: String,
+        idempotency_key: String,
+    },
+    /// Terminal → broker: cancel a decision with the market's authorisation
+    /// (type 0x08).
+    Cancel {
+        decision_id: String,
+        market_cert: Vec<u8>,
+        market_signature: Vec<u8>,
+    },
+    /// Terminal → broker: top up with a voucher and the second password (type 0x09).
+    TopUp {
+        voucher: Vec<u8>,
+        password: Password,
+    },
+    /// Terminal → broker: the wallet's balances (type 0x0A).
+    Balance,
     /// Broker → terminal: access granted; `confirm` proves both hold X' (type 0x81).
     LoginOk { confirm: [u8; 32] },
     /// Broker → terminal: authority released for this session (type 0x82).
@@ -86,6 +116,16 @@ pub enum Message {
         market_ephemeral: [u8; POINT_LEN],
         transcript: [u8; 32],
     },
+    /// Broker → terminal: the purchase decision and its receipt signed by
+    /// the home-card key (type 0x87).
+    PurchaseOk {
+        balance_after: i64,
+        receipt: Vec<u8>,
+    },
+    /// Broker → terminal: a wallet change done (cancel, top-up) (type 0x88).
+    WalletOk { balance_after: i64 },
+    /// Broker → terminal: balances by currency (type 0x8A).
+    BalanceOk { balances: Vec<([u8; 3], i64)> },
     /// Broker → terminal: typed failure (type 0xFF).
     Error { code: ErrorCode, detail: String },
 }
@@ -99,6 +139,13 @@ impl Message {
             Self::Ping => 0x04,
             Self::Exchange { .. } => 0x05,
             Self::ExchangePartial { .. } => 0x06,
+            Self::Purchase { .. } => 0x07,
+            Self::Cancel { .. } => 0x08,
+            Self::TopUp { .. } => 0x09,
+            Self::Balance => 0x0A,
+            Self::PurchaseOk { .. } => 0x87,
+            Self::WalletOk { .. } => 0x88,
+            Self::BalanceOk { .. } => 0x8A,
             Self::ExchangeOk { .. } => 0x85,
             Self::PartialOk { .. } => 0x86,
             Self::LoginOk { .. } => 0x81,
@@ -194,7 +241,53 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.put_u16(*code as u16);
             out.put_bytes(detail.as_bytes());
         }
-        Message::Logout | Message::Ping | Message::ReleaseOk | Message::Bye | Message::Pong => {}
+        Message::Purchase {
+            market,
+            amount_minor,
+            currency,
+            order_ref,
+            idempotency_key,
+        } => {
+            out.put_bytes(market.as_bytes());
+            out.put_u64(*amount_minor as u64);
+            out.extend_from_slice(currency);
+            out.put_bytes(order_ref.as_bytes());
+            out.put_bytes(idempotency_key.as_bytes());
+        }
+        Message::Cancel {
+            decision_id,
+            market_cert,
+            market_signature,
+        } => {
+            out.put_bytes(decision_id.as_bytes());
+            out.put_bytes(market_cert);
+            out.put_bytes(market_signature);
+        }
+        Message::TopUp { voucher, password } => {
+            out.put_bytes(voucher);
+            out.put_bytes(password.expose());
+        }
+        Message::PurchaseOk {
+            balance_after,
+            receipt,
+        } => {
+            out.put_u64(*balance_after as u64);
+            out.put_bytes(receipt);
+        }
+        Message::WalletOk { balance_after } => out.put_u64(*balance_after as u64),
+        Message::BalanceOk { balances } => {
+            out.put_u16(u16::try_from(balances.len()).expect("balances bounded by currencies"));
+            for (c, v) in balances {
+                out.extend_from_slice(c);
+                out.put_u64(*v as u64);
+            }
+        }
+        Message::Logout
+        | Message::Ping
+        | Message::ReleaseOk
+        | Message::Bye
+        | Message::Pong
+        | Message::Balance => {}
     }
     let len = u32::try_from(out.len() - start - 4).expect("frame fits u32");
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -242,6 +335,41 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         0x82 => Message::ReleaseOk,
         0x83 => Message::Bye,
         0x84 => Message::Pong,
+        0x07 => Message::Purchase {
+            market: id_str(&mut r, "market")?,
+            amount_minor: r.u64("amount")? as i64,
+            currency: r.array("currency")?,
+            order_ref: r.str(MAX_REF, "order_ref")?.to_owned(),
+            idempotency_key: id_str(&mut r, "idempotency_key")?,
+        },
+        0x08 => Message::Cancel {
+            decision_id: id_str(&mut r, "decision_id")?,
+            market_cert: r.bytes(MAX_BLOB, "market_cert")?.to_vec(),
+            market_signature: r.bytes(MAX_SIGNATURE, "market_signature")?.to_vec(),
+        },
+        0x09 => Message::TopUp {
+            voucher: r.bytes(MAX_BLOB, "voucher")?.to_vec(),
+            password: Password::new(r.bytes(MAX_PASSWORD, "password")?),
+        },
+        0x0A => Message::Balance,
+        0x87 => Message::PurchaseOk {
+            balance_after: r.u64("balance")? as i64,
+            receipt: r.bytes(MAX_BLOB, "receipt")?.to_vec(),
+        },
+        0x88 => Message::WalletOk {
+            balance_after: r.u64("balance")? as i64,
+        },
+        0x8A => {
+            let n = r.u16("count")? as usize;
+            if n > MAX_BALANCES {
+                return Err(WireError::FieldTooLong("balances").into());
+            }
+            let mut balances = Vec::with_capacity(n);
+            for _ in 0..n {
+                balances.push((r.array("currency")?, r.u64("balance")? as i64));
+            }
+            Message::BalanceOk { balances }
+        }
         0xFF => {
             let raw = r.u16("code")?;
             let code = ErrorCode::from_u16(raw).ok_or(WireError::Invalid("code"))?;
@@ -347,6 +475,31 @@ mod tests {
             Message::Pong,
             Message::Exchange {
                 market: "m1".into(),
+            },
+            Message::Purchase {
+                market: "m1".into(),
+                amount_minor: -5,
+                currency: *b"EUR",
+                order_ref: "order 1".into(),
+                idempotency_key: "k1".into(),
+            },
+            Message::Cancel {
+                decision_id: "d1".into(),
+                market_cert: vec![1, 2],
+                market_signature: vec![3],
+            },
+            Message::TopUp {
+                voucher: vec![9; 10],
+                password: Password::new(b"pw".to_vec()),
+            },
+            Message::Balance,
+            Message::PurchaseOk {
+                balance_after: 100,
+                receipt: vec![4; 20],
+            },
+            Message::WalletOk { balance_after: 7 },
+            Message::BalanceOk {
+                balances: vec![(*b"EUR", 5), (*b"USD", 0)],
             },
             Message::ExchangePartial {
                 market: "m1".into(),

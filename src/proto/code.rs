@@ -54,6 +54,26 @@ pub enum ErrorCode {
     MarketInternal = 37,
     /// Too many exchanges in flight for this session.
     TooManyInFlight = 38,
+    /// The wallet does not cover the amount; nothing changed.
+    InsufficientFunds = 50,
+    /// The currency is not one the wallet keeps.
+    UnknownCurrency = 51,
+    /// Zero, negative, too large or overflowing amount.
+    InvalidAmount = 52,
+    /// No such purchase decision.
+    UnknownDecision = 53,
+    /// The decision belongs to another user.
+    NotYourDecision = 54,
+    /// The decision was cancelled already.
+    AlreadyCancelled = 55,
+    /// The voucher was used already.
+    VoucherUsed = 56,
+    /// The voucher is forged, expired, malformed or for another user.
+    BadVoucher = 57,
+    /// The cancellation authorisation does not verify.
+    BadAuthorisation = 58,
+    /// A field is malformed (order reference, idempotency key, ...).
+    InvalidInput = 59,
     /// Direct channel: no such session at the market.
     UnknownSession = 40,
     /// Direct channel: the session has expired. Closes.
@@ -63,7 +83,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 36] = [
         Self::Malformed,
         Self::TooLarge,
         Self::Unexpected,
@@ -90,6 +110,16 @@ impl ErrorCode {
         Self::UnknownSession,
         Self::SessionExpired,
         Self::BadRecord,
+        Self::InsufficientFunds,
+        Self::UnknownCurrency,
+        Self::InvalidAmount,
+        Self::UnknownDecision,
+        Self::NotYourDecision,
+        Self::AlreadyCancelled,
+        Self::VoucherUsed,
+        Self::BadVoucher,
+        Self::BadAuthorisation,
+        Self::InvalidInput,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -137,6 +167,16 @@ impl ErrorCode {
             Self::Stale => "stale",
             Self::MarketInternal => "market_internal",
             Self::TooManyInFlight => "too_many_in_flight",
+            Self::InsufficientFunds => "insufficient_funds",
+            Self::UnknownCurrency => "unknown_currency",
+            Self::InvalidAmount => "invalid_amount",
+            Self::UnknownDecision => "unknown_decision",
+            Self::NotYourDecision => "not_your_decision",
+            Self::AlreadyCancelled => "already_cancelled",
+            Self::VoucherUsed => "voucher_used",
+            Self::BadVoucher => "bad_voucher",
+            Self::BadAuthorisation => "bad_authorisation",
+            Self::InvalidInput => "invalid_input",
             Self::UnknownSession => "unknown_session",
             Self::SessionExpired => "session_expired",
             Self::BadRecord => "bad_record",

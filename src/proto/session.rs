@@ -57,6 +57,14 @@ pub enum Action {
         market: String,
         ephemeral: Option<[u8; POINT_LEN]>,
     },
+    /// A wallet operation for the user (purchase, cancel and top-up need
+    /// the release; balance only the login), then call
+    /// [`AccessSession::request_done`].
+    Wallet {
+        id: u32,
+        user: String,
+        call: Message,
+    },
 }
 
 pub struct AccessSession {
@@ -160,12 +168,34 @@ impl AccessSession {
                 }
             }
             (
-                Message::Exchange { .. } | Message::ExchangePartial { .. },
+                call @ (Message::Purchase { .. } | Message::Cancel { .. } | Message::TopUp { .. }),
+                State::Released { user },
+            )
+            | (call @ Message::Balance, State::LoggedIn { user } | State::Released { user }) => {
+                self.in_flight = true;
+                Action::Wallet {
+                    id,
+                    user: user.clone(),
+                    call,
+                }
+            }
+            (
+                Message::Exchange { .. }
+                | Message::ExchangePartial { .. }
+                | Message::Purchase { .. }
+                | Message::Cancel { .. }
+                | Message::TopUp { .. },
                 State::LoggedIn { .. },
             ) => error(id, ErrorCode::NotReleased, "release first"),
-            (Message::Exchange { .. } | Message::ExchangePartial { .. }, _) => {
-                error(id, ErrorCode::NotLoggedIn, "log in first")
-            }
+            (
+                Message::Exchange { .. }
+                | Message::ExchangePartial { .. }
+                | Message::Purchase { .. }
+                | Message::Cancel { .. }
+                | Message::TopUp { .. }
+                | Message::Balance,
+                _,
+            ) => error(id, ErrorCode::NotLoggedIn, "log in first"),
             (_, _) => error(id, ErrorCode::Unexpected, "not a terminal message"),
         }
     }
@@ -203,8 +233,8 @@ impl AccessSession {
         }
     }
 
-    /// Result of an [`Action::Exchange`]: the answer to send.
-    pub fn exchange_done(&mut self, id: u32, result: Result<Message, ErrorCode>) -> Action {
+    /// Result of an [`Action::Exchange`] or [`Action::Wallet`]: the answer to send.
+    pub fn request_done(&mut self, id: u32, result: Result<Message, ErrorCode>) -> Action {
         self.in_flight = false;
         match result {
             Ok(msg) => Action::Reply(Frame { id, msg }),
@@ -300,7 +330,7 @@ mod tests {
             }
         ));
         assert_eq!(
-            s.exchange_done(4, Err(ErrorCode::MarketUnavailable)),
+            s.request_done(4, Err(ErrorCode::MarketUnavailable)),
             Action::Reply(frame(
                 4,
                 Message::error(ErrorCode::MarketUnavailable, "market_unavailable")

@@ -120,6 +120,40 @@ impl Direct {
         }
     }
 
+    /// Presents a purchase receipt; the market answers with the decision id
+    /// it accepted, or refuses.
+    pub fn present_receipt(&mut self, receipt: &[u8]) -> Result<String, TerminalError> {
+        let answer = self.request(&[crate::market::server::RECEIPT, receipt].concat())?;
+        let text = String::from_utf8_lossy(&answer);
+        text.strip_prefix("RECEIPT OK ")
+            .map(str::to_owned)
+            .ok_or_else(|| TerminalError::Protocol(format!("market: {text}")))
+    }
+
+    /// Asks the market to authorise cancelling `decision_id`: returns its
+    /// certificate and signature, for `Terminal::cancel`.
+    pub fn cancel_authorisation(
+        &mut self,
+        decision_id: &str,
+    ) -> Result<(Vec<u8>, Vec<u8>), TerminalError> {
+        let req = [crate::market::server::CANCEL, decision_id.as_bytes()].concat();
+        let answer = self.request(&req)?;
+        let bad = || TerminalError::Protocol("malformed cancellation authorisation".into());
+        let body = answer
+            .strip_prefix(crate::market::server::CANCEL_AUTH)
+            .ok_or_else(bad)?;
+        let mut r = crate::proto::wire::Reader::new(body);
+        let cert = r
+            .bytes(crate::proto::access::MAX_BLOB, "cert")
+            .map_err(|_| bad())?
+            .to_vec();
+        let sig = r
+            .bytes(crate::proto::access::MAX_SIGNATURE, "sig")
+            .map_err(|_| bad())?
+            .to_vec();
+        Ok((cert, sig))
+    }
+
     /// One encrypted request and its encrypted answer.
     pub fn request(&mut self, request: &[u8]) -> Result<Vec<u8>, TerminalError> {
         let rec = self.seal(request);

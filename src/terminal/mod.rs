@@ -281,6 +281,78 @@ impl Terminal {
         }
     }
 
+    /// Debits the wallet; returns (balance after, signed receipt bytes).
+    /// A retry with the same `idempotency_key` returns the first decision.
+    pub fn purchase(
+        &mut self,
+        market: &str,
+        amount_minor: i64,
+        currency: &str,
+        order_ref: &str,
+        idempotency_key: &str,
+    ) -> Result<(i64, Vec<u8>), TerminalError> {
+        let currency: [u8; 3] = currency
+            .as_bytes()
+            .try_into()
+            .map_err(|_| TerminalError::Protocol("a currency code has 3 letters".into()))?;
+        match self.call(Message::Purchase {
+            market: market.into(),
+            amount_minor,
+            currency,
+            order_ref: order_ref.into(),
+            idempotency_key: idempotency_key.into(),
+        })? {
+            Message::PurchaseOk {
+                balance_after,
+                receipt,
+            } => Ok((balance_after, receipt)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Cancels a decision with the market's authorisation; returns the balance after.
+    pub fn cancel(
+        &mut self,
+        decision_id: &str,
+        market_cert: Vec<u8>,
+        market_signature: Vec<u8>,
+    ) -> Result<i64, TerminalError> {
+        match self.call(Message::Cancel {
+            decision_id: decision_id.into(),
+            market_cert,
+            market_signature,
+        })? {
+            Message::WalletOk { balance_after } => Ok(balance_after),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Tops up with a voucher and the second password; returns the balance after.
+    pub fn top_up(
+        &mut self,
+        voucher: &[u8],
+        release_password: &[u8],
+    ) -> Result<i64, TerminalError> {
+        match self.call(Message::TopUp {
+            voucher: voucher.to_vec(),
+            password: Password::new(release_password.to_vec()),
+        })? {
+            Message::WalletOk { balance_after } => Ok(balance_after),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Balances by currency (minor units).
+    pub fn balance(&mut self) -> Result<Vec<(String, i64)>, TerminalError> {
+        match self.call(Message::Balance)? {
+            Message::BalanceOk { balances } => Ok(balances
+                .into_iter()
+                .map(|(c, v)| (String::from_utf8_lossy(&c).into_owned(), v))
+                .collect()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub fn ping(&mut self) -> Result<(), TerminalError> {
         match self.call(Message::Ping)? {
             Message::Pong => Ok(()),

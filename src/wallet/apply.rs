@@ -391,6 +391,9 @@ impl Writer {
         if owner != r.user {
             return Err(WalletError::NotYourDecision);
         }
+        if r.market.as_ref().is_some_and(|m| *m != market) {
+            return Err(WalletError::BadAuthorisation);
+        }
         if state != "active" {
             return Err(WalletError::AlreadyCancelled);
         }

@@ -82,6 +82,11 @@ pub struct Mailer {
 impl Mailer {
     pub fn start(db: &Path, cfg: MailerConfig) -> WalletResult<Self> {
         let conn = schema::open(db)?;
+        // A "sent" mark lost to a power cut (not to a crash: WAL keeps it)
+        // only re-sends a message under its stable Message-ID; an fsync per
+        // message would cost more than it protects.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| super::WalletError::Storage(e.to_string()))?;
         let sender = Sender_::new(&cfg)?;
         let (stop_tx, stop_rx) = bounded::<()>(1);
         let thread = std::thread::Builder::new()
@@ -247,11 +252,16 @@ fn drain_once(c: &Connection, tx: &Sender_, cfg: &MailerConfig, now: i64) -> Wal
         })?;
         rows.collect::<Result<_, _>>()?
     };
-    let mut sent = Vec::with_capacity(due.len());
     let mut failed: Option<(usize, i64)> = None;
+    // Each accepted message is marked at once, in its own transaction, so a
+    // crash re-sends at most the one message in flight (with the same
+    // Message-ID), not the whole round.
+    let mut mark = c.prepare_cached("UPDATE outbox SET state = 'sent' WHERE id = ?1")?;
     for (i, m) in due.iter().enumerate() {
         match tx.send(&cfg.from, m) {
-            Ok(()) => sent.push(m.id),
+            Ok(()) => {
+                mark.execute([m.id])?;
+            }
             Err(e) => {
                 let attempts = m.attempts.saturating_add(1);
                 tracing::warn!(message_id = %m.message_id, attempts, error = %e, "mail not accepted");
@@ -263,10 +273,6 @@ fn drain_once(c: &Connection, tx: &Sender_, cfg: &MailerConfig, now: i64) -> Wal
     }
     let t = c.unchecked_transaction()?;
     {
-        let mut mark = c.prepare_cached("UPDATE outbox SET state = 'sent' WHERE id = ?1")?;
-        for id in &sent {
-            mark.execute([id])?;
-        }
         if let Some((i, next)) = failed {
             let mut retry = c.prepare_cached(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?2 WHERE id = ?1",

@@ -244,6 +244,9 @@ pub struct CancelRequest {
     pub user: String,
     pub decision_id: String,
     pub mail_to: String,
+    /// The market whose authorisation the caller verified; it must be the
+    /// decision's market (`BadAuthorisation` otherwise).
+    pub market: Option<String>,
 }
 
 #[derive(Clone, Debug)]

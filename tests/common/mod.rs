@@ -2,6 +2,8 @@
 //! directory, the real `keybroker` binary, and the terminal library.
 #![allow(dead_code)]
 
+pub mod relay;
+
 use keybroker::terminal::{Terminal, TerminalConfig, TerminalError};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

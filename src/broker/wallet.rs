@@ -1,0 +1,264 @@
+//! Wallet operations on a core: purchase (claim 4), cancel (claim 5),
+//! top-up (claim 6), balance.
+//!
+//! ```text
+//! Purchase ─► ledger (group commit: debit + decision + mail, one transaction) ─► HSM signs receipt
+//! Cancel   ─► market's authorisation verified (cert → market CA, signature) ─► ledger refund
+//! TopUp    ─► second password (auth pool) ─► voucher verified (issuer key) ─► ledger credit
+//! ```
+
+use super::exchange::{Released, hsm, pool_code};
+use super::{Shared, auth::Which};
+use crate::metrics::{WalletOp, wallet_op};
+use crate::proto::ErrorCode;
+use crate::proto::access::Message;
+use crate::receipt::{Receipt, SignedReceipt};
+use crate::wallet::{self, Amount, CancelRequest, PurchaseRequest, TopUpRequest, WalletError};
+use std::sync::Arc;
+
+pub fn code(e: &WalletError) -> ErrorCode {
+    match e {
+        WalletError::InsufficientFunds => ErrorCode::InsufficientFunds,
+        WalletError::UnknownCurrency => ErrorCode::UnknownCurrency,
+        WalletError::InvalidAmount | WalletError::Overflow => ErrorCode::InvalidAmount,
+        WalletError::UnknownDecision => ErrorCode::UnknownDecision,
+        WalletError::NotYourDecision => ErrorCode::NotYourDecision,
+        WalletError::AlreadyCancelled => ErrorCode::AlreadyCancelled,
+        WalletError::VoucherUsed => ErrorCode::VoucherUsed,
+        WalletError::BadVoucher(_) => ErrorCode::BadVoucher,
+        WalletError::BadAuthorisation => ErrorCode::BadAuthorisation,
+        WalletError::InvalidInput(_) => ErrorCode::InvalidInput,
+        WalletError::Busy => ErrorCode::Busy,
+        WalletError::Storage(e) | WalletError::Mac(e) => {
+            tracing::error!(error = %e, "ledger failure");
+            ErrorCode::Internal
+        }
+    }
+}
+
+async fn settle<T>(p: wallet::Pending<T>) -> Result<T, ErrorCode> {
+    match p.await {
+        Ok(r) => r.map_err(|e| code(&e)),
+        Err(_) => Err(ErrorCode::Internal),
+    }
+}
+
+fn currency_str(c: &[u8; 3]) -> Result<&str, ErrorCode> {
+    std::str::from_utf8(c).map_err(|_| ErrorCode::UnknownCurrency)
+}
+
+pub async fn handle(
+    shared: &Arc<Shared>,
+    rel: Option<&Released>,
+    user: &str,
+    call: Message,
+) -> Result<Message, ErrorCode> {
+    match call {
+        Message::Balance => {
+            let ledger = shared.ledger.clone();
+            let u = user.to_owned();
+            let balances = shared
+                .auth
+                .run(move |_| ledger.balance(&u))
+                .await
+                .map_err(pool_code)?
+                .map_err(|e| code(&e))?;
+            Ok(Message::BalanceOk {
+                balances: balances
+                    .iter()
+                    .map(|a| (a.currency.bytes(), a.minor))
+                    .collect(),
+            })
+        }
+        Message::Purchase {
+            market,
+            amount_minor,
+            currency,
+            order_ref,
+            idempotency_key,
+        } => {
+            let rel = rel.ok_or(ErrorCode::NotReleased)?;
+            let r = purchase(
+                shared,
+                rel,
+                user,
+                market,
+                amount_minor,
+                currency,
+                order_ref,
+                idempotency_key,
+            )
+            .await;
+            wallet_op(
+                WalletOp::Purchase,
+                r.as_ref().map_or_else(|c| c.name(), |_| "ok"),
+            );
+            r
+        }
+        Message::Cancel {
+            decision_id,
+            market_cert,
+            market_signature,
+        } => {
+            let rel = rel.ok_or(ErrorCode::NotReleased)?;
+            let r = cancel(
+                shared,
+                rel,
+                user,
+                decision_id,
+                &market_cert,
+                &market_signature,
+            )
+            .await;
+            wallet_op(
+                WalletOp::Cancel,
+                r.as_ref().map_or_else(|c| c.name(), |_| "ok"),
+            );
+            r
+        }
+        Message::TopUp { voucher, password } => {
+            let rel = rel.ok_or(ErrorCode::NotReleased)?;
+            let r = top_up(shared, rel, user, voucher, password).await;
+            wallet_op(
+                WalletOp::TopUp,
+                r.as_ref().map_or_else(|c| c.name(), |_| "ok"),
+            );
+            r
+        }
+        _ => Err(ErrorCode::Unexpected),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn purchase(
+    shared: &Arc<Shared>,
+    rel: &Released,
+    user: &str,
+    market: String,
+    amount_minor: i64,
+    currency: [u8; 3],
+    order_ref: String,
+    idempotency_key: String,
+) -> Result<Message, ErrorCode> {
+    if !shared.markets.contains_key(&market) {
+        return Err(ErrorCode::UnknownMarket);
+    }
+    let amount = Amount::new(amount_minor, currency_str(&currency)?).map_err(|e| code(&e))?;
+    let decision = settle(shared.ledger.purchase_async(PurchaseRequest {
+        user: user.to_owned(),
+        market,
+        amount,
+        order_ref,
+        idempotency_key,
+        mail_to: rel.mail.clone(),
+    }))
+    .await?;
+    let receipt = Receipt {
+        decision_id: decision.id.clone(),
+        user: decision.user.clone(),
+        market: decision.market.clone(),
+        amount_minor: decision.amount.minor,
+        currency: decision.amount.currency.bytes(),
+        order_ref: decision.order_ref.clone(),
+        created_ms: decision.created_ms,
+    };
+    let body = receipt.body();
+    let key = rel.handle;
+    // The debit is durable already; a failed signature leaves it in place
+    // and a retry with the same idempotency key returns it, signed.
+    let signature = hsm(shared, "sign", move |w| {
+        crate::hsm::ops::sign_p256(&w.session, key, &body)
+    })
+    .await?;
+    tracing::info!(target: "audit", user, market = %decision.market, decision = %decision.id,
+        amount = decision.amount.minor, currency = %decision.amount.currency.as_str(), result = "ok", "purchase");
+    Ok(Message::PurchaseOk {
+        balance_after: decision.balance_after,
+        receipt: SignedReceipt {
+            receipt,
+            signature,
+            user_cert: rel.cert.to_vec(),
+        }
+        .encode(),
+    })
+}
+
+/// The market a cancellation authorisation comes from: its certificate
+/// must chain to that market's registered CA and name it.
+fn authorising_market(shared: &Shared, cert_der: &[u8]) -> Result<(String, Vec<u8>), ErrorCode> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(cert_der).map_err(|_| ErrorCode::BadAuthorisation)?;
+    let id = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .and_then(|c| c.strip_prefix("market "))
+        .ok_or(ErrorCode::BadAuthorisation)?
+        .to_owned();
+    let info = shared.markets.get(&id).ok_or(ErrorCode::BadAuthorisation)?;
+    let ca_der = crate::pki::read_cert_pem(&info.ca_pem).map_err(|_| ErrorCode::Internal)?;
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(|_| ErrorCode::Internal)?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| ErrorCode::BadAuthorisation)?;
+    if !cert.validity().is_valid() {
+        return Err(ErrorCode::BadAuthorisation);
+    }
+    Ok((id, cert.public_key().subject_public_key.data.to_vec()))
+}
+
+async fn cancel(
+    shared: &Arc<Shared>,
+    rel: &Released,
+    user: &str,
+    decision_id: String,
+    cert: &[u8],
+    signature: &[u8],
+) -> Result<Message, ErrorCode> {
+    let (market, point) = authorising_market(shared, cert)?;
+    wallet::cancel::verify_cancel(&point, &decision_id, &market, user, signature)
+        .map_err(|e| code(&e))?;
+    let entry = settle(shared.ledger.cancel_async(CancelRequest {
+        user: user.to_owned(),
+        decision_id: decision_id.clone(),
+        mail_to: rel.mail.clone(),
+        market: Some(market.clone()),
+    }))
+    .await?;
+    tracing::info!(target: "audit", user, market, decision = %decision_id, result = "ok", "cancel");
+    Ok(Message::WalletOk {
+        balance_after: entry.balance_after,
+    })
+}
+
+async fn top_up(
+    shared: &Arc<Shared>,
+    rel: &Released,
+    user: &str,
+    voucher: Vec<u8>,
+    password: crate::proto::access::Password,
+) -> Result<Message, ErrorCode> {
+    let issuer = shared.voucher_issuer.clone().ok_or(ErrorCode::BadVoucher)?;
+    let fp = rel.terminal;
+    let u = user.to_owned();
+    shared
+        .auth
+        .run(move |w| w.check(Which::Release, &fp, &u, &password).map(drop))
+        .await
+        .map_err(pool_code)??;
+    let v = wallet::voucher::verify(&issuer, &voucher, wallet::now_ms()).map_err(|e| code(&e))?;
+    if v.user != user {
+        return Err(ErrorCode::BadVoucher);
+    }
+    let entry = settle(
+        shared
+            .ledger
+            .top_up_async(TopUpRequest::from_voucher(&v, &rel.mail)),
+    )
+    .await?;
+    tracing::info!(target: "audit", user, voucher = %hex::encode(v.id), amount = v.amount.minor,
+        currency = %v.amount.currency.as_str(), result = "ok", "top-up");
+    Ok(Message::WalletOk {
+        balance_after: entry.balance_after,
+    })
+}
