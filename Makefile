@@ -46,7 +46,7 @@ demo: setup
 	$(BIN) --data-dir $(DATA) demo
 
 bench: setup
-	$(CARGO) run --release -p keybroker-bench
+	$(CARGO) run --release -p keybroker-bench -- $(BENCH_ARGS)
 
 clean:
 	rm -rf target/bench

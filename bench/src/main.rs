@@ -318,7 +318,7 @@ fn connect(ctx: &mut Ctx) -> Result<()> {
     let (addr, pid) = ctx.broker("software")?;
     let floor = ctx.floor_us("connect");
     let terms = ctx.env.terminals.clone();
-    let n = ctx.cli.workers.unwrap_or(8).min(terms.len()).max(1);
+    let n = ctx.cli.workers.unwrap_or(16).min(terms.len()).max(1);
     let mut ops = build_ops(
         if ctx.cli.closed {
             32.min(terms.len())
@@ -369,7 +369,7 @@ fn resume(ctx: &mut Ctx) -> Result<()> {
     let (addr, pid) = ctx.broker("software")?;
     let floor = ctx.floor_us("resume");
     let terms = ctx.env.terminals.clone();
-    let n = ctx.cli.workers.unwrap_or(8).min(terms.len()).max(1);
+    let n = ctx.cli.workers.unwrap_or(16).min(terms.len()).max(1);
     let mut ops = build_ops(
         if ctx.cli.closed {
             32.min(terms.len())
@@ -498,6 +498,8 @@ fn mixed(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn idle(ctx: &mut Ctx) -> Result<()> {
+    // A fresh broker: memory freed by earlier scenarios would hide growth.
+    ctx.broker = None;
     let (addr, pid) = ctx.broker("software")?;
     let n = ctx
         .cli

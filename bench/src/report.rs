@@ -139,7 +139,7 @@ pub fn chart(entries: &[Entry], path: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let curves: Vec<(&str, Vec<(f64, f64)>)> = entries
         .iter()
-        .filter(|e| e.hist.len() > 0)
+        .filter(|e| !e.hist.is_empty())
         .map(|e| {
             let pts = (0..=80)
                 .map(|i| {
