@@ -48,7 +48,7 @@ demo: setup
 	$(BIN) --data-dir $(DATA) demo
 
 bench: setup
-	$(CARGO) run --release -p keybroker-bench
+	$(CARGO) run --release -p keybroker-bench -- $(BENCH_ARGS)
 
 # Every parser and state machine under libFuzzer for FUZZ_SECONDS each.
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable

@@ -1,1 +1,786 @@
-fn main() {}
+//! keybroker-bench: drives a real broker and reference market over
+//! loopback, measures throughput, broker CPU per operation against the
+//! crypto floor measured in the same run, and latency (docs/BENCH.md).
+
+mod env;
+mod floor;
+mod load;
+mod ops;
+mod procs;
+mod report;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use env::{Broker, Env, Settings};
+use indicatif::{ProgressBar, ProgressStyle};
+use load::{Op, RunResult};
+use report::Entry;
+use serde_json::{Map, Value, json};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const SCENARIOS: &[&str] = &[
+    "connect",
+    "resume",
+    "exchange_software",
+    "exchange_hsm",
+    "mixed",
+    "idle",
+    "purchase",
+];
+
+#[derive(Parser)]
+#[command(about = "Load harness for keybroker (see docs/BENCH.md)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// connect, resume, exchange_software, exchange_hsm, mixed, idle, or all.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Open-loop target rate, operations per second (default: per scenario).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Length of each open-loop run (and of each closed-loop step), seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Worker threads (closed loop: a fixed count instead of the search).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Closed loop: find the peak (more workers until throughput stops growing).
+    #[arg(long)]
+    closed: bool,
+    /// A short run (CI smoke test).
+    #[arg(long)]
+    quick: bool,
+    /// JSON report; the SVG chart goes beside it as latency.svg.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Concurrent idle connections for `idle` (default 10000, quick 500).
+    #[arg(long)]
+    idle_conns: Option<usize>,
+    /// argon2id memory for the bench users' password hashes, KiB.
+    #[arg(long, default_value_t = 19_456)]
+    argon2_m_kib: u32,
+    /// argon2id passes.
+    #[arg(long, default_value_t = 2)]
+    argon2_t: u32,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measures the crypto floor against a bench data dir; prints JSON.
+    #[command(hide = true)]
+    Floor {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        terminal: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Some(Cmd::Floor {
+            config,
+            terminal,
+            user,
+            quick,
+        }) => floor::run(config, terminal, user, *quick).map(|v| println!("{v}")),
+        None => run(&cli),
+    };
+    if let Err(e) = r {
+        eprintln!("keybroker-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Everything a scenario needs.
+struct Ctx<'a> {
+    cli: &'a Cli,
+    env: Env,
+    broker: Option<Broker>,
+    floors: Value,
+    entries: Vec<Entry>,
+    /// Closed-loop peak of exchange_software, ops/s.
+    sw_peak: Option<f64>,
+}
+
+impl Ctx<'_> {
+    fn broker(&mut self, kx: &str) -> Result<(std::net::SocketAddr, u32)> {
+        if self.broker.as_ref().is_none_or(|b| b.kx != kx) {
+            self.broker = None; // kills the running one first
+            let b = self.env.broker(kx)?;
+            eprintln!("broker kx={kx} listening on {} (pid {})", b.addr, b.pid());
+            self.broker = Some(b);
+        }
+        let b = self.broker.as_ref().expect("just started");
+        Ok((b.addr, b.pid()))
+    }
+
+    fn floor_us(&self, name: &str) -> f64 {
+        self.floors["floors"][name]["cpu_us_per_op"]
+            .as_f64()
+            .unwrap_or(0.0)
+    }
+
+    fn item_us(&self, name: &str) -> f64 {
+        self.floors["items"][name]["cpu_us_per_op"]
+            .as_f64()
+            .unwrap_or(0.0)
+    }
+
+    fn open_secs(&self) -> f64 {
+        self.cli
+            .duration
+            .unwrap_or(if self.cli.quick { 2.0 } else { 10.0 })
+    }
+
+    fn step_secs(&self) -> f64 {
+        self.cli
+            .duration
+            .unwrap_or(if self.cli.quick { 1.0 } else { 3.0 })
+    }
+
+    /// Password checks per second the auth pool can do on this machine
+    /// (2 threads, from the floor's argon2id figure).
+    fn argon2_capacity(&self) -> f64 {
+        let us = self.item_us("argon2id_password_check").max(1.0);
+        2.0 * 1e6 / us
+    }
+}
+
+fn style(closed: bool) -> ProgressStyle {
+    let t = if closed {
+        "{prefix:>28} {spinner} [{elapsed_precise}] {pos} ops {per_sec}"
+    } else {
+        "{prefix:>28} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec}"
+    };
+    ProgressStyle::with_template(t).expect("template")
+}
+
+enum Plan {
+    Open { rate: f64, secs: f64 },
+    Closed { secs: f64 },
+}
+
+/// Runs `ops` under `plan` and measures the broker and market CPU around it.
+fn measured(
+    ctx: &Ctx,
+    name: &str,
+    pid: u32,
+    ops: &mut [Box<dyn Op>],
+    plan: &Plan,
+) -> (RunResult, procs::CpuDelta, procs::CpuDelta) {
+    let mpid = ctx.env.market_pid().unwrap_or(0);
+    let (pb, label) = match plan {
+        Plan::Open { rate, secs } => (
+            ProgressBar::new((rate * secs).ceil() as u64).with_style(style(false)),
+            format!("{name} @{rate:.0}/s"),
+        ),
+        Plan::Closed { .. } => (
+            ProgressBar::new_spinner().with_style(style(true)),
+            format!("{name} w={}", ops.len()),
+        ),
+    };
+    pb.set_prefix(label);
+    let (b0, m0) = (procs::cpu_snap(pid), procs::cpu_snap(mpid));
+    let r = match plan {
+        Plan::Open { rate, secs } => load::open_loop(
+            ops,
+            *rate,
+            Duration::from_secs_f64(*secs),
+            (rate * secs).ceil() as u64,
+            &pb,
+        ),
+        Plan::Closed { secs } => {
+            pb.enable_steady_tick(Duration::from_millis(200));
+            load::closed_loop(ops, Duration::from_secs_f64(*secs), 5_000_000, &pb)
+        }
+    };
+    let (b1, m1) = (procs::cpu_snap(pid), procs::cpu_snap(mpid));
+    pb.finish_and_clear();
+    for s in &r.error_samples {
+        eprintln!("  {name}: error sample: {s}");
+    }
+    (r, procs::cpu_delta(&b0, &b1), procs::cpu_delta(&m0, &m1))
+}
+
+fn entry(
+    name: &str,
+    plan: &Plan,
+    r: RunResult,
+    cpu: &procs::CpuDelta,
+    mcpu: &procs::CpuDelta,
+    floor_us: f64,
+) -> Entry {
+    let auth = cpu.group("auth");
+    let (mode, target) = match plan {
+        Plan::Open { rate, .. } => ("open", Some(*rate)),
+        Plan::Closed { .. } => ("closed", None),
+    };
+    Entry {
+        name: name.to_owned(),
+        mode: mode.to_owned(),
+        workers: r.workers,
+        target_rate: target,
+        ops: r.ok,
+        ops_per_s: r.ops_per_s(),
+        broker_cpu_s: cpu.total_s - auth,
+        auth_cpu_s: auth,
+        broker_cpu_total_s: cpu.total_s,
+        broker_cpu_stat_s: cpu.stat_s,
+        broker_cpu_by_thread: json!(cpu.groups),
+        market_cpu_s: mcpu.total_s,
+        floor_us,
+        errors: r.errors,
+        missed: r.missed,
+        hist: r.hist,
+        notes: r.error_samples,
+        extra: Map::new(),
+    }
+}
+
+/// Builds `n` operations (in parallel: sessions need a release each).
+fn build_ops(
+    n: usize,
+    make: impl Fn(usize) -> Result<Box<dyn Op>, String> + Sync,
+) -> Result<Vec<Box<dyn Op>>> {
+    let make = &make;
+    let per = n.div_ceil(8).max(1);
+    let chunks: Vec<Result<Vec<Box<dyn Op>>, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| s.spawn(move || (start..(start + per).min(n)).map(make).collect()))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(n);
+    for c in chunks {
+        out.extend(c.map_err(|e| anyhow::anyhow!("setting up sessions: {e}"))?);
+    }
+    Ok(out)
+}
+
+/// Closed loop with a growing number of workers; returns the best step.
+fn peak(ctx: &Ctx, name: &str, pid: u32, ops: &mut [Box<dyn Op>], floor_us: f64) -> Result<Entry> {
+    let secs = ctx.step_secs();
+    let steps: Vec<usize> = match ctx.cli.workers {
+        Some(w) => vec![w.min(ops.len())],
+        None => [1, 2, 4, 8, 16, 32, 64]
+            .into_iter()
+            .filter(|w| *w <= ops.len())
+            .collect(),
+    };
+    let mut best: Option<Entry> = None;
+    let mut flat = 0;
+    let mut curve = Vec::new();
+    for w in steps {
+        let plan = Plan::Closed { secs };
+        let (r, cpu, mcpu) = measured(ctx, name, pid, &mut ops[..w], &plan);
+        let e = entry(name, &plan, r, &cpu, &mcpu, floor_us);
+        eprintln!(
+            "  {name} closed w={w}: {:.0} ops/s, {:.1} µs broker CPU/op, {} errors",
+            e.ops_per_s,
+            e.cpu_us_per_op(),
+            e.errors
+        );
+        curve.push(json!({"workers": w, "ops_per_s": e.ops_per_s, "broker_cpu_us_per_op": e.cpu_us_per_op()}));
+        let better = best.as_ref().is_none_or(|b| e.ops_per_s > b.ops_per_s);
+        let grew = best
+            .as_ref()
+            .is_none_or(|b| e.ops_per_s > b.ops_per_s * 1.05);
+        if better {
+            best = Some(e);
+        }
+        flat = if grew { 0 } else { flat + 1 };
+        if flat >= 2 {
+            break;
+        }
+    }
+    let mut best = best.context("no closed-loop step ran")?;
+    best.extra.insert("peak_search".into(), json!(curve));
+    best.notes
+        .push("closed loop: the step with the highest throughput".into());
+    Ok(best)
+}
+
+fn connect(ctx: &mut Ctx) -> Result<()> {
+    let (addr, pid) = ctx.broker("software")?;
+    let floor = ctx.floor_us("connect");
+    let terms = ctx.env.terminals.clone();
+    let n = ctx.cli.workers.unwrap_or(16).min(terms.len()).max(1);
+    let mut ops = build_ops(
+        if ctx.cli.closed {
+            32.min(terms.len())
+        } else {
+            n
+        },
+        |i| {
+            let t = terms[i % terms.len()].clone();
+            let tc = ops::no_resume(&t.config);
+            Ok(Box::new(ops::Connect { addr, t, tc }) as Box<dyn Op>)
+        },
+    )?;
+    // Two password checks per session.
+    let rate = ctx
+        .cli
+        .rate
+        .unwrap_or((0.5 * ctx.argon2_capacity() / 2.0).max(1.0));
+    let mut e = run_plan(ctx, "connect", pid, &mut ops, floor, rate)?;
+    e.notes
+        .push("op = full TLS 1.3 handshake with client cert (no ticket) + login + release (+ logout, untimed)".into());
+    e.notes.push(
+        "broker_cpu_s excludes the auth-* threads (argon2id, 2 checks per op): see password_check_cpu_ms_per_op".into(),
+    );
+    ctx.entries.push(e);
+    Ok(())
+}
+
+fn run_plan(
+    ctx: &Ctx,
+    name: &str,
+    pid: u32,
+    ops: &mut [Box<dyn Op>],
+    floor: f64,
+    rate: f64,
+) -> Result<Entry> {
+    if ctx.cli.closed {
+        return peak(ctx, name, pid, ops, floor);
+    }
+    let plan = Plan::Open {
+        rate,
+        secs: ctx.open_secs(),
+    };
+    let (r, cpu, mcpu) = measured(ctx, name, pid, ops, &plan);
+    Ok(entry(name, &plan, r, &cpu, &mcpu, floor))
+}
+
+fn resume(ctx: &mut Ctx) -> Result<()> {
+    let (addr, pid) = ctx.broker("software")?;
+    let floor = ctx.floor_us("resume");
+    let terms = ctx.env.terminals.clone();
+    let n = ctx.cli.workers.unwrap_or(16).min(terms.len()).max(1);
+    let mut ops = build_ops(
+        if ctx.cli.closed {
+            32.min(terms.len())
+        } else {
+            n
+        },
+        |i| {
+            ops::Resume::new(addr, terms[i % terms.len()].clone())
+                .map(|o| Box::new(o) as Box<dyn Op>)
+        },
+    )?;
+    let rate = ctx
+        .cli
+        .rate
+        .unwrap_or((0.5 * ctx.argon2_capacity()).max(1.0));
+    let mut e = run_plan(ctx, "resume", pid, &mut ops, floor, rate)?;
+    e.notes.push(
+        "op = TLS 1.3 resumption with a session ticket (asserted) + login (first password only) (+ logout, untimed)".into(),
+    );
+    e.notes.push(
+        "broker_cpu_s excludes the auth-* threads (argon2id, 1 check per op): see password_check_cpu_ms_per_op".into(),
+    );
+    ctx.entries.push(e);
+    Ok(())
+}
+
+fn exchange(ctx: &mut Ctx, kx: &str) -> Result<()> {
+    let name = format!("exchange_{kx}");
+    let (addr, pid) = ctx.broker(kx)?;
+    let floor = ctx.floor_us(&name);
+    let terms = ctx.env.terminals.clone();
+    let n = ctx
+        .cli
+        .workers
+        .unwrap_or(terms.len())
+        .min(terms.len())
+        .max(1);
+    let mut ops = build_ops(n, |i| {
+        ops::Session::new(addr, terms[i % terms.len()].clone())
+            .map(|s| Box::new(ops::Exchange(s)) as Box<dyn Op>)
+    })?;
+    let note =
+        "op = Exchange (full proxy) on a released session + Direct::connect + one request with X";
+    if ctx.cli.rate.is_some() && !ctx.cli.closed {
+        let mut e = run_plan(
+            ctx,
+            &name,
+            pid,
+            &mut ops,
+            floor,
+            ctx.cli.rate.unwrap_or(1.0),
+        )?;
+        e.notes.push(note.into());
+        ctx.entries.push(e);
+        return Ok(());
+    }
+    // The peak (closed loop), then open loop at 70% of it.
+    let mut e = peak(ctx, &name, pid, &mut ops, floor)?;
+    e.notes.push(note.into());
+    let peak_rate = e.ops_per_s;
+    if kx == "software" {
+        ctx.sw_peak = Some(peak_rate);
+    }
+    ctx.entries.push(e);
+    if !ctx.cli.closed {
+        let rate = (0.7 * peak_rate).max(1.0);
+        let plan = Plan::Open {
+            rate,
+            secs: ctx.open_secs(),
+        };
+        let label = format!("{name}_at_70pct");
+        let (r, cpu, mcpu) = measured(ctx, &label, pid, &mut ops, &plan);
+        let mut e = entry(&label, &plan, r, &cpu, &mcpu, floor);
+        e.notes.push(format!(
+            "open loop at 70% of the closed-loop peak ({peak_rate:.0} ops/s); {note}"
+        ));
+        ctx.entries.push(e);
+    }
+    Ok(())
+}
+
+fn mixed(ctx: &mut Ctx) -> Result<()> {
+    let (addr, pid) = ctx.broker("software")?;
+    let terms = ctx.env.terminals.clone();
+    let n = ctx.cli.workers.unwrap_or(32).min(terms.len()).max(1);
+    let counts = Arc::new(ops::MixCounts::default());
+    let c = counts.clone();
+    let mut ops = build_ops(n, |i| {
+        let t = terms[i % terms.len()].clone();
+        Ok(Box::new(ops::Mixed {
+            session: ops::Session::new(addr, t.clone())?,
+            resume: ops::Resume::new(addr, t)?,
+            counts: c.clone(),
+        }) as Box<dyn Op>)
+    })?;
+    // 10% resumes need one password check each; stay well inside both the
+    // exchange peak and the password-check capacity.
+    let default_rate = {
+        let by_auth = 0.4 * ctx.argon2_capacity() / 0.1;
+        let by_peak = 0.5 * ctx.sw_peak.unwrap_or(400.0);
+        by_auth.min(by_peak).max(1.0)
+    };
+    let rate = ctx.cli.rate.unwrap_or(default_rate);
+    let mut e = run_plan(ctx, "mixed", pid, &mut ops, 0.0, rate)?;
+    let (f, p, r) = (
+        counts.full.load(Ordering::Relaxed) as f64,
+        counts.partial.load(Ordering::Relaxed) as f64,
+        counts.resume.load(Ordering::Relaxed) as f64,
+    );
+    let total = (f + p + r).max(1.0);
+    e.floor_us = (f * ctx.floor_us("exchange_software")
+        + p * ctx.floor_us("exchange_partial")
+        + r * ctx.floor_us("resume"))
+        / total;
+    e.extra.insert(
+        "mix".into(),
+        json!({"full_exchange": f, "partial_exchange": p, "resume_login": r}),
+    );
+    e.notes.push(
+        "op = 60% full exchange + direct request, 30% partial exchange + direct request, 10% resume + login; floor weighted by the ops done".into(),
+    );
+    e.notes
+        .push("broker_cpu_s excludes the auth-* threads (argon2id of the resumes)".into());
+    ctx.entries.push(e);
+    Ok(())
+}
+
+fn idle(ctx: &mut Ctx) -> Result<()> {
+    // A fresh broker: memory freed by earlier scenarios would hide growth.
+    ctx.broker = None;
+    let (addr, pid) = ctx.broker("software")?;
+    let n = ctx
+        .cli
+        .idle_conns
+        .unwrap_or(if ctx.cli.quick { 500 } else { 10_000 });
+    let terms = ctx.env.terminals.clone();
+    let configs: Vec<_> = terms.iter().map(|t| ops::no_resume(&t.config)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss0 = procs::rss_bytes(pid);
+    let cpu0 = procs::cpu_snap(pid);
+    let pb = ProgressBar::new(n as u64).with_style(style(false));
+    pb.set_prefix(format!("idle x{n}"));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(300);
+    let threads = 4;
+    let results: Vec<(
+        Vec<keybroker::terminal::Terminal>,
+        hdrhistogram::Histogram<u64>,
+        u64,
+    )> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|k| {
+                let (configs, pb) = (&configs, pb.clone());
+                s.spawn(move || {
+                    let mut held = Vec::new();
+                    let mut h = load::new_hist();
+                    let mut errors = 0;
+                    for i in (k..n).step_by(threads) {
+                        if Instant::now() > deadline {
+                            errors += 1;
+                            continue;
+                        }
+                        let t0 = Instant::now();
+                        match keybroker::terminal::Terminal::connect(
+                            addr,
+                            &configs[i % configs.len()],
+                            ops::TIMEOUT,
+                        ) {
+                            Ok(t) => {
+                                h.saturating_record((t0.elapsed().as_micros() as u64).max(1));
+                                held.push(t);
+                            }
+                            Err(_) => errors += 1,
+                        }
+                        pb.inc(1);
+                    }
+                    (held, h, errors)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("idle thread"))
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    pb.finish_and_clear();
+    let cpu1 = procs::cpu_snap(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let rss1 = procs::rss_bytes(pid);
+    let mut hist = load::new_hist();
+    let mut held = 0usize;
+    let mut errors = 0;
+    let mut all = Vec::new();
+    for (t, h, e) in results {
+        held += t.len();
+        hist.add(&h).expect("bounds");
+        errors += e;
+        all.push(t);
+    }
+    // A held connection still answers.
+    if let Some(t) = all.iter_mut().flat_map(|v| v.iter_mut()).next() {
+        t.ping()
+            .context("a held idle connection no longer answers")?;
+    }
+    let per_conn = rss1.saturating_sub(rss0) as f64 / held.max(1) as f64;
+    let cpu = procs::cpu_delta(&cpu0, &cpu1);
+    let r = RunResult {
+        hist,
+        ok: held as u64,
+        errors,
+        missed: 0,
+        elapsed,
+        error_samples: Vec::new(),
+        workers: threads,
+    };
+    let plan = Plan::Closed {
+        secs: elapsed.as_secs_f64(),
+    };
+    let mut e = entry(
+        "idle",
+        &plan,
+        r,
+        &cpu,
+        &procs::CpuDelta::default(),
+        ctx.item_us("tls13_full_handshake_client_auth_server_side"),
+    );
+    e.extra.insert("connections".into(), json!(held));
+    e.extra.insert("rss_before_bytes".into(), json!(rss0));
+    e.extra.insert("rss_after_bytes".into(), json!(rss1));
+    e.extra
+        .insert("rss_bytes_per_connection".into(), json!(per_conn));
+    e.extra
+        .insert("rss_target_bytes_per_connection".into(), json!(65536));
+    e.notes.push(format!(
+        "{held} concurrent idle terminal connections (completed full handshakes, held open); broker VmRSS {:.1} MiB -> {:.1} MiB = {per_conn:.0} bytes per connection; ops/latency are the handshakes",
+        rss0 as f64 / 1048576.0,
+        rss1 as f64 / 1048576.0
+    ));
+    eprintln!("  idle: {held} connections, {per_conn:.0} bytes of broker RSS each");
+    ctx.entries.push(e);
+    drop(all);
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let bindir = exe.parent().context("exe dir")?.to_path_buf();
+    let target = bindir.parent().context("target dir")?.to_path_buf();
+    let out = cli
+        .out
+        .clone()
+        .unwrap_or_else(|| target.join("bench").join("report.json"));
+    let chosen: Vec<&str> = if cli.scenario == "all" {
+        SCENARIOS.to_vec()
+    } else {
+        cli.scenario.split(',').map(str::trim).collect()
+    };
+    for s in &chosen {
+        if !SCENARIOS.contains(s) {
+            bail!("unknown scenario {s:?}; known: {SCENARIOS:?} or all");
+        }
+    }
+    // 10k idle connections: raise the soft descriptor limit to the hard one
+    // (the broker inherits it).
+    let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    let t0 = Instant::now();
+    eprintln!(
+        "setting up under {} ...",
+        target.join("bench/run").display()
+    );
+    let settings = Settings {
+        users: if cli.quick { 2 } else { 4 },
+        terminals_per_user: if cli.quick { 8 } else { 16 },
+        argon2_m_kib: cli.argon2_m_kib,
+        argon2_t: cli.argon2_t,
+    };
+    let env = Env::create(
+        bindir.join("keybroker"),
+        target.join("bench").join("run"),
+        &settings,
+    )?;
+    eprintln!(
+        "set up {} users, {} terminals, market on {} in {:.1}s",
+        settings.users,
+        env.terminals.len(),
+        env.market
+            .as_ref()
+            .map_or_else(String::new, |m| m.addr.to_string()),
+        t0.elapsed().as_secs_f64()
+    );
+    // The floor, in a child process of this run (SoftHSM wants its config
+    // in the environment before any thread starts).
+    eprintln!("measuring the crypto floor ...");
+    let t = &env.terminals[0];
+    let mut fc = Command::new(&exe);
+    fc.arg("floor")
+        .arg("--config")
+        .arg(env.config("software"))
+        .arg("--terminal")
+        .arg(&t.dir)
+        .arg("--user")
+        .arg(&t.user)
+        .env("SOFTHSM2_CONF", env.softhsm_conf()?)
+        .env_remove("KEYBROKER_HSM_PIN");
+    if cli.quick {
+        fc.arg("--quick");
+    }
+    let fo = fc.output().context("running the floor")?;
+    if !fo.status.success() {
+        bail!("floor failed: {}", String::from_utf8_lossy(&fo.stderr));
+    }
+    let floors: Value = serde_json::from_slice(&fo.stdout).context("floor output")?;
+    let mut ctx = Ctx {
+        cli,
+        env,
+        broker: None,
+        floors,
+        entries: Vec::new(),
+        sw_peak: None,
+    };
+    // Order: software-broker scenarios first, the hsm broker last.
+    for s in [
+        "connect",
+        "resume",
+        "exchange_software",
+        "mixed",
+        "idle",
+        "exchange_hsm",
+    ] {
+        if !chosen.contains(&s) {
+            continue;
+        }
+        let r = match s {
+            "connect" => connect(&mut ctx),
+            "resume" => resume(&mut ctx),
+            "exchange_software" => exchange(&mut ctx, "software"),
+            "exchange_hsm" => exchange(&mut ctx, "hsm"),
+            "mixed" => mixed(&mut ctx),
+            _ => idle(&mut ctx),
+        };
+        r.with_context(|| format!("scenario {s}"))?;
+    }
+    ctx.broker = None;
+    let unavailable: Vec<(&str, &str)> = if chosen.contains(&"purchase") {
+        vec![(
+            "purchase",
+            "not yet available: needs the wallet (purchase/cancel/top-up); no figure measured",
+        )]
+    } else {
+        Vec::new()
+    };
+    let table = report::table(&ctx.entries, &unavailable);
+    let mut scenarios = Map::new();
+    for e in &ctx.entries {
+        scenarios.insert(e.name.clone(), e.json());
+    }
+    let report = json!({
+        "machine": {
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "nofile_limit": nofile,
+        },
+        "settings": {
+            "users": settings.users,
+            "terminals": ctx.env.terminals.len(),
+            "argon2_m_kib": cli.argon2_m_kib,
+            "argon2_t": cli.argon2_t,
+            "broker_cores": 2,
+            "quick": cli.quick,
+            "closed": cli.closed,
+        },
+        "floor": ctx.floors,
+        "scenarios": scenarios,
+        "not_available": unavailable.iter().map(|(n, w)| (n.to_string(), json!(w))).collect::<Map<_, _>>(),
+        "runtime_s": t0.elapsed().as_secs_f64(),
+    });
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")?;
+    let svg = out.with_file_name("latency.svg");
+    report::chart(&ctx.entries, &svg).context("latency chart")?;
+    print_floor(&ctx.floors);
+    println!("{table}");
+    println!(
+        "report {} chart {} ({:.0}s)",
+        out.display(),
+        svg.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn print_floor(f: &Value) {
+    println!("crypto floor (bench process, one thread, CPU time):");
+    if let Some(items) = f["items"].as_object() {
+        for (k, v) in items {
+            println!(
+                "  {k:<48} {:>9.2} µs/op  ±{:.1}%",
+                v["cpu_us_per_op"].as_f64().unwrap_or(0.0),
+                v["spread_pct"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    if let Some(fl) = f["floors"].as_object() {
+        for (k, v) in fl {
+            println!(
+                "  floor {k:<42} {:>9.2} µs/op  {:>8.0} ops/cpu-s",
+                v["cpu_us_per_op"].as_f64().unwrap_or(0.0),
+                v["ops_per_cpu_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    println!();
+}

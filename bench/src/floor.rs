@@ -1,0 +1,277 @@
+//! The crypto floor, measured in a child process of the same run
+//! (`keybroker-bench floor`), single-threaded, in thread CPU time.
+//!
+//! Each item is timed in 7 batches sized to ~`batch_ms` of CPU; the figure
+//! is the median batch's CPU per op, `spread_pct` the half range of the
+//! middle five batches relative to it.
+
+use anyhow::{Context, Result};
+use cpu_time::ThreadTime;
+use keybroker::broker::tls::{RotatingCert, provider, server_config};
+use keybroker::exchange::{self, Ephemeral};
+use keybroker::hsm::{Hsm, ops};
+use keybroker::proto::direct::{Channel, Role};
+use keybroker::terminal::TerminalConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{ClientConnection, RootCertStore, ServerConnection};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Item {
+    us: f64,
+    spread_pct: f64,
+    iterations: u64,
+}
+
+/// Times `f` (which returns the CPU time to count for one op, or None to
+/// count the whole call).
+fn measure(batch_ms: u64, mut f: impl FnMut() -> Option<Duration>) -> Item {
+    let mut one = || {
+        let t = ThreadTime::now();
+        let counted = f();
+        counted.unwrap_or_else(|| t.elapsed())
+    };
+    // Calibrate.
+    let mut cal = Duration::ZERO;
+    let mut k = 0u32;
+    while k < 10 && (k < 2 || cal < Duration::from_millis(20)) {
+        cal += one();
+        k += 1;
+    }
+    let per = cal.as_secs_f64() / f64::from(k);
+    let n = ((batch_ms as f64 / 1000.0) / per.max(1e-7)).clamp(3.0, 200_000.0) as u64;
+    let mut batches: Vec<f64> = (0..7)
+        .map(|_| {
+            let mut sum = Duration::ZERO;
+            for _ in 0..n {
+                sum += one();
+            }
+            sum.as_secs_f64() * 1e6 / n as f64
+        })
+        .collect();
+    batches.sort_by(f64::total_cmp);
+    let med = batches[3];
+    Item {
+        us: med,
+        spread_pct: (batches[5] - batches[1]) / 2.0 / med * 100.0,
+        iterations: n * 7,
+    }
+}
+
+fn item_json(i: &Item) -> Value {
+    json!({
+        "cpu_us_per_op": i.us,
+        "ops_per_cpu_s": 1e6 / i.us,
+        "spread_pct": i.spread_pct,
+        "iterations": i.iterations,
+    })
+}
+
+/// Moves TLS bytes between an in-memory client and server until both are
+/// quiet; returns the server's CPU time.
+fn pump(c: &mut ClientConnection, s: &mut ServerConnection) -> Result<Duration> {
+    let mut server = Duration::ZERO;
+    let mut buf = Vec::with_capacity(16 * 1024);
+    loop {
+        let mut moved = false;
+        while c.wants_write() {
+            buf.clear();
+            c.write_tls(&mut buf)?;
+            let t = ThreadTime::now();
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd)?;
+                s.process_new_packets()?;
+            }
+            server += t.elapsed();
+            moved = true;
+        }
+        while s.wants_write() {
+            buf.clear();
+            let t = ThreadTime::now();
+            s.write_tls(&mut buf)?;
+            server += t.elapsed();
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd)?;
+                c.process_new_packets()?;
+            }
+            moved = true;
+        }
+        if !moved {
+            return Ok(server);
+        }
+    }
+}
+
+/// One handshake; the server-side CPU (connection set-up, handshake,
+/// tickets, X' export).
+fn handshake(
+    client: &Arc<rustls::ClientConfig>,
+    server: &Arc<rustls::ServerConfig>,
+    want_resumed: bool,
+) -> Result<Duration> {
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut c = ClientConnection::new(client.clone(), name)?;
+    let t = ThreadTime::now();
+    let mut s = ServerConnection::new(server.clone())?;
+    let mut cpu = t.elapsed();
+    cpu += pump(&mut c, &mut s)?;
+    anyhow::ensure!(
+        !c.is_handshaking() && !s.is_handshaking(),
+        "handshake stalled"
+    );
+    let resumed = c.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    anyhow::ensure!(
+        resumed == want_resumed,
+        "resumed = {resumed}, wanted {want_resumed}"
+    );
+    let t = ThreadTime::now();
+    let mut xp = [0u8; 32];
+    s.export_keying_material(&mut xp, keybroker::proto::XPRIME_LABEL, None)?;
+    cpu += t.elapsed();
+    Ok(cpu)
+}
+
+/// Runs every floor item against the bench's data dir and returns JSON.
+pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Result<Value> {
+    let batch_ms = if quick { 30 } else { 120 };
+    let cfg = keybroker::config::Config::load(Some(config), None)?;
+    let hsm = Hsm::open(&cfg).context("opening the HSM")?;
+    let keys = hsm.key_handles()?;
+    let s = hsm.session()?;
+    let store = keybroker::store::Store::open(&cfg.db_path())?;
+    let rec = store.user_get(user)?.context("bench user missing")?;
+    let user_key = ops::unwrap_user_key(&s, keys.master_wrap, &rec.wrapped_key)?;
+
+    let digest = [7u8; 32];
+    let peer = Ephemeral::generate();
+    let t = [9u8; 32];
+    let xprime = [3u8; 32];
+    let x = [5u8; 32];
+
+    let sign = measure(batch_ms, || {
+        ops::sign_digest_p256(&s, user_key, &digest).expect("HSM sign");
+        None
+    });
+    let ecdh_sw = measure(batch_ms, || {
+        let e = Ephemeral::generate();
+        std::hint::black_box(e.x(&peer.public, &t, &peer.public).expect("ECDH"));
+        None
+    });
+    let ecdh_hsm = measure(batch_ms, || {
+        let (_point, private) = ops::generate_ephemeral(&s).expect("HSM keygen");
+        let data = exchange::x_input(&t, &peer.public);
+        std::hint::black_box(ops::derive_x(&s, private, &peer.public, &data).expect("HSM derive"));
+        None
+    });
+    let wrap = measure(batch_ms, || {
+        std::hint::black_box(exchange::wrap(&xprime, &x));
+        None
+    });
+    let unwrap_user = measure(batch_ms, || {
+        let h = ops::unwrap_user_key(&s, keys.master_wrap, &rec.wrapped_key).expect("unwrap");
+        ops::destroy(&s, h).expect("destroy");
+        None
+    });
+
+    // Market share: verify the user's signature, ECDH, HMAC to X.
+    let preimage = vec![1u8; 250];
+    let sig = ops::sign_p256(&s, user_key, &preimage)?;
+    anyhow::ensure!(
+        exchange::verify_signature(&rec.public_key, &preimage, &sig),
+        "user signature does not verify"
+    );
+    let market = measure(batch_ms, || {
+        assert!(exchange::verify_signature(&rec.public_key, &preimage, &sig));
+        let e = Ephemeral::generate();
+        std::hint::black_box(e.x(&peer.public, &t, &e.public).expect("ECDH"));
+        None
+    });
+    // Terminal share: unwrap X, derive the direct keys, seal one record.
+    let wrapped = exchange::wrap(&xprime, &x);
+    let terminal = measure(batch_ms, || {
+        let x = exchange::unwrap(&xprime, &wrapped).expect("unwrap");
+        let mut ch = Channel::new(&x, [1u8; 16], Role::Terminal);
+        let mut out = Vec::with_capacity(128);
+        ch.seal(b"bench quote", &mut out);
+        std::hint::black_box(out);
+        None
+    });
+    ops::destroy(&s, user_key)?;
+    // The password check (reported apart from the session figures): one
+    // argon2id verification with the user's stored hash and parameters.
+    let (first, _) = crate::env::passwords(user);
+    let argon = measure(batch_ms.max(200), || {
+        assert!(keybroker::passwords::verify(
+            first.as_bytes(),
+            &rec.pw_access
+        ));
+        None
+    });
+
+    // TLS: the broker's own server config (client auth against the real
+    // terminal CA, tickets), a P-256 server key like the broker's, and a
+    // real enrolled terminal as client.
+    let provider = provider();
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&kp)?;
+    let signing = provider
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            kp.serialize_der(),
+        )))?;
+    let ck = Arc::new(rustls::sign::CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    ));
+    let ca_pem = std::fs::read_to_string(cfg.pki_dir().join("terminal-ca.pem"))?;
+    let ca_der = keybroker::pki::read_cert_pem(&ca_pem)?;
+    let server = server_config(provider, &ca_der, Arc::new(RotatingCert::new(ck)))?;
+    let read = |f: &str| std::fs::read(terminal_dir.join(f));
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut &read("terminal.crt")?[..]).collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut &read("terminal.key")?[..])?.context("key")?;
+    let mut roots = RootCertStore::empty();
+    roots.add(cert.der().clone())?;
+    let tc = TerminalConfig::new(roots, Some((certs, key)))?;
+    let full_client = crate::ops::no_resume(&tc).client;
+    let resume_client = crate::ops::own_tickets(&tc).client;
+    handshake(&resume_client, &server, false)?;
+    let tls_full = measure(batch_ms, || {
+        Some(handshake(&full_client, &server, false).expect("full handshake"))
+    });
+    let tls_resumed = measure(batch_ms, || {
+        Some(handshake(&resume_client, &server, true).expect("resumed handshake"))
+    });
+
+    let sw = sign.us + ecdh_sw.us + wrap.us;
+    let hw = sign.us + ecdh_hsm.us + wrap.us;
+    let connect = tls_full.us + unwrap_user.us;
+    let per = |us: f64, parts: &str| json!({"cpu_us_per_op": us, "ops_per_cpu_s": 1e6 / us, "parts": parts});
+    Ok(json!({
+        "items": {
+            "hsm_sign_user_key": item_json(&sign),
+            "ecdh_software_keygen_agree_hmac": item_json(&ecdh_sw),
+            "ecdh_hsm_keygen_derive_hmac": item_json(&ecdh_hsm),
+            "wrap_x_aes_kwp": item_json(&wrap),
+            "hsm_unwrap_user_key_and_destroy": item_json(&unwrap_user),
+            "tls13_full_handshake_client_auth_server_side": item_json(&tls_full),
+            "tls13_resumed_handshake_server_side": item_json(&tls_resumed),
+            "market_verify_ecdh_hmac": item_json(&market),
+            "terminal_unwrap_hkdf_seal": item_json(&terminal),
+            "argon2id_password_check": item_json(&argon),
+        },
+        "floors": {
+            "exchange_software": per(sw, "hsm_sign_user_key + ecdh_software_keygen_agree_hmac + wrap_x_aes_kwp"),
+            "exchange_hsm": per(hw, "hsm_sign_user_key + ecdh_hsm_keygen_derive_hmac + wrap_x_aes_kwp"),
+            "exchange_partial": per(sign.us, "hsm_sign_user_key"),
+            "connect": per(connect, "tls13_full_handshake_client_auth_server_side + hsm_unwrap_user_key_and_destroy (argon2id excluded, reported apart)"),
+            "resume": per(tls_resumed.us, "tls13_resumed_handshake_server_side (argon2id excluded, reported apart)"),
+            "market_share": per(market.us, "market_verify_ecdh_hmac"),
+            "terminal_share": per(terminal.us, "terminal_unwrap_hkdf_seal"),
+        }
+    }))
+}

@@ -1,0 +1,239 @@
+//! Load generation: open loop at a target rate (latency from the intended
+//! send time, so no coordinated omission) and closed loop (back to back).
+//! Every loop is bounded in count and in time.
+
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+use std::time::{Duration, Instant};
+
+/// One kind of operation, driven by one worker thread.
+pub trait Op: Send {
+    /// Runs one operation; `Err` is counted as an error, its text sampled.
+    fn run(&mut self) -> Result<(), String>;
+}
+
+pub fn new_hist() -> Histogram<u64> {
+    // Microseconds, 1 µs to 120 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds")
+}
+
+pub struct RunResult {
+    pub hist: Histogram<u64>,
+    pub ok: u64,
+    pub errors: u64,
+    /// Open loop: sends that were due but never started before the hard stop.
+    pub missed: u64,
+    pub elapsed: Duration,
+    pub error_samples: Vec<String>,
+    pub workers: usize,
+}
+
+impl RunResult {
+    pub fn ops_per_s(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+struct WorkerOut {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    missed: u64,
+    samples: Vec<String>,
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    let us = (d.as_micros() as u64).clamp(1, 120_000_000);
+    h.saturating_record(us);
+}
+
+fn merge(outs: Vec<WorkerOut>, elapsed: Duration, workers: usize) -> RunResult {
+    let mut r = RunResult {
+        hist: new_hist(),
+        ok: 0,
+        errors: 0,
+        missed: 0,
+        elapsed,
+        error_samples: Vec::new(),
+        workers,
+    };
+    for o in outs {
+        r.hist.add(&o.hist).expect("same histogram bounds");
+        r.ok += o.ok;
+        r.errors += o.errors;
+        r.missed += o.missed;
+        for s in o.samples {
+            if r.error_samples.len() < 5 && !r.error_samples.contains(&s) {
+                r.error_samples.push(s);
+            }
+        }
+    }
+    r
+}
+
+fn one(op: &mut dyn Op, from: Instant, out: &mut WorkerOut, pb: &ProgressBar) {
+    match op.run() {
+        Ok(()) => {
+            record(&mut out.hist, from.elapsed());
+            out.ok += 1;
+        }
+        Err(e) => {
+            out.errors += 1;
+            if out.samples.len() < 3 {
+                out.samples.push(e);
+            }
+        }
+    }
+    pb.inc(1);
+}
+
+/// Open loop: `rate` operations per second in total, spread evenly over the
+/// workers, each with its own schedule of intended send times. Stops at
+/// `duration` (no new sends) or `max_ops`; a send still not started
+/// `grace` after the end is counted as missed.
+pub fn open_loop(
+    ops: &mut [Box<dyn Op>],
+    rate: f64,
+    duration: Duration,
+    max_ops: u64,
+    pb: &ProgressBar,
+) -> RunResult {
+    let w = ops.len().max(1);
+    let interval = Duration::from_secs_f64(w as f64 / rate.max(1e-3));
+    let per_worker = max_ops.div_ceil(w as u64);
+    let grace = Duration::from_secs(5).max(duration / 4);
+    let start = Instant::now() + Duration::from_millis(20);
+    let end = start + duration;
+    let hard = end + grace;
+    let outs: Vec<WorkerOut> = std::thread::scope(|s| {
+        let hs: Vec<_> = ops
+            .iter_mut()
+            .enumerate()
+            .map(|(i, op)| {
+                let pb = pb.clone();
+                s.spawn(move || {
+                    let mut out = WorkerOut {
+                        hist: new_hist(),
+                        ok: 0,
+                        errors: 0,
+                        missed: 0,
+                        samples: Vec::new(),
+                    };
+                    let offset = interval.mul_f64(i as f64 / w as f64);
+                    let mut n = 0u64;
+                    loop {
+                        let intended = start + offset + interval.mul_f64(n as f64);
+                        if intended >= end || n >= per_worker {
+                            break;
+                        }
+                        let now = Instant::now();
+                        if now > hard {
+                            // Due sends never started: counted, not timed.
+                            let due = (end.saturating_duration_since(intended).as_secs_f64()
+                                / interval.as_secs_f64())
+                            .ceil() as u64;
+                            out.missed += due.min(per_worker - n);
+                            break;
+                        }
+                        if intended > now {
+                            std::thread::sleep(intended - now);
+                        }
+                        one(op.as_mut(), intended, &mut out, &pb);
+                        n += 1;
+                    }
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("worker panicked"))
+            .collect()
+    });
+    let elapsed = duration.max(start.elapsed().min(duration + grace));
+    merge(outs, elapsed, w)
+}
+
+/// Closed loop: each worker sends back to back for `duration` or until the
+/// workers together made `max_ops`.
+pub fn closed_loop(
+    ops: &mut [Box<dyn Op>],
+    duration: Duration,
+    max_ops: u64,
+    pb: &ProgressBar,
+) -> RunResult {
+    let w = ops.len().max(1);
+    let per_worker = max_ops.div_ceil(w as u64);
+    let start = Instant::now();
+    let end = start + duration;
+    let outs: Vec<WorkerOut> = std::thread::scope(|s| {
+        let hs: Vec<_> = ops
+            .iter_mut()
+            .map(|op| {
+                let pb = pb.clone();
+                s.spawn(move || {
+                    let mut out = WorkerOut {
+                        hist: new_hist(),
+                        ok: 0,
+                        errors: 0,
+                        missed: 0,
+                        samples: Vec::new(),
+                    };
+                    let mut n = 0;
+                    while n < per_worker && Instant::now() < end {
+                        one(op.as_mut(), Instant::now(), &mut out, &pb);
+                        n += 1;
+                    }
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("worker panicked"))
+            .collect()
+    });
+    merge(outs, start.elapsed(), w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sleepy(Duration);
+    impl Op for Sleepy {
+        fn run(&mut self) -> Result<(), String> {
+            std::thread::sleep(self.0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn open_loop_keeps_the_rate_and_counts_queueing_delay() {
+        // One worker, 100/s, but each op takes 20 ms: it falls behind, and
+        // the latency from the intended time grows well past 20 ms.
+        let mut ops: Vec<Box<dyn Op>> = vec![Box::new(Sleepy(Duration::from_millis(20)))];
+        let r = open_loop(
+            &mut ops,
+            100.0,
+            Duration::from_millis(500),
+            1000,
+            &ProgressBar::hidden(),
+        );
+        assert!(r.ok >= 20, "ok {}", r.ok);
+        assert!(r.hist.max() > 100_000, "max {} µs", r.hist.max());
+    }
+
+    #[test]
+    fn closed_loop_is_bounded_by_count() {
+        let mut ops: Vec<Box<dyn Op>> = vec![
+            Box::new(Sleepy(Duration::from_millis(1))),
+            Box::new(Sleepy(Duration::from_millis(1))),
+        ];
+        let r = closed_loop(
+            &mut ops,
+            Duration::from_secs(10),
+            10,
+            &ProgressBar::hidden(),
+        );
+        assert_eq!(r.ok, 10);
+    }
+}

@@ -1,0 +1,167 @@
+//! Child processes (broker, market) with kill-on-drop guards, and their CPU
+//! and memory read from /proc.
+
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+/// A running child that is killed when dropped (also on panic).
+pub struct Guard {
+    pub child: Child,
+}
+
+impl Guard {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd`, reads its first stdout line `listening A <word> B`, and
+/// returns the guard and the two addresses.
+pub fn spawn_listening(
+    name: &str,
+    mut cmd: Command,
+    log: &std::path::Path,
+) -> Result<(Guard, SocketAddr, SocketAddr)> {
+    cmd.stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?);
+    let child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+    let mut g = Guard { child };
+    let mut line = String::new();
+    BufReader::new(g.child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    if parts.len() != 4 || parts[0] != "listening" {
+        bail!(
+            "{name} did not start (first line {line:?}); see {}",
+            log.display()
+        );
+    }
+    Ok((g, parts[1].parse()?, parts[3].parse()?))
+}
+
+/// CPU time of every thread of a process, from /proc/<pid>/task/*/schedstat
+/// (nanoseconds), plus the process total from /proc/<pid>/stat (ticks).
+#[derive(Clone, Debug, Default)]
+pub struct CpuSnap {
+    /// tid -> (thread name, ns on CPU)
+    threads: BTreeMap<u32, (String, u64)>,
+    /// utime + stime of the whole process, in clock ticks (1/100 s).
+    stat_ticks: u64,
+}
+
+/// CPU used between two snapshots.
+#[derive(Clone, Debug, Default)]
+pub struct CpuDelta {
+    /// Sum over threads (schedstat), seconds.
+    pub total_s: f64,
+    /// utime + stime delta of the process, seconds (10 ms resolution).
+    pub stat_s: f64,
+    /// Per thread group (name without its `-N` suffix), seconds.
+    pub groups: BTreeMap<String, f64>,
+}
+
+impl CpuDelta {
+    pub fn group(&self, g: &str) -> f64 {
+        self.groups.get(g).copied().unwrap_or(0.0)
+    }
+}
+
+pub fn cpu_snap(pid: u32) -> CpuSnap {
+    let mut s = CpuSnap::default();
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        && let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
+    {
+        // After ")": state(3) ppid(4) ... utime(14) stime(15): indexes 11, 12.
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        s.stat_ticks = get(11) + get(12);
+    }
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in dir.flatten() {
+            let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let p = e.path();
+            let comm = std::fs::read_to_string(p.join("comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            let ns = std::fs::read_to_string(p.join("schedstat"))
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            s.threads.insert(tid, (comm, ns));
+        }
+    }
+    s
+}
+
+fn group_of(comm: &str) -> String {
+    match comm.rsplit_once('-') {
+        Some((g, n)) if n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => g.to_owned(),
+        _ => comm.to_owned(),
+    }
+}
+
+pub fn cpu_delta(a: &CpuSnap, b: &CpuSnap) -> CpuDelta {
+    let mut d = CpuDelta {
+        stat_s: b.stat_ticks.saturating_sub(a.stat_ticks) as f64 / 100.0,
+        ..Default::default()
+    };
+    for (tid, (comm, ns)) in &b.threads {
+        let before = a.threads.get(tid).map_or(0, |(_, n)| *n);
+        let s = ns.saturating_sub(before) as f64 / 1e9;
+        d.total_s += s;
+        *d.groups.entry(group_of(comm)).or_default() += s;
+    }
+    d
+}
+
+/// VmRSS of a process, bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_groups_strip_the_index() {
+        assert_eq!(group_of("core-0"), "core");
+        assert_eq!(group_of("auth-12"), "auth");
+        assert_eq!(group_of("hsm-monitor"), "hsm-monitor");
+        assert_eq!(group_of("admin"), "admin");
+    }
+
+    #[test]
+    fn own_process_has_cpu_and_rss() {
+        let pid = std::process::id();
+        let a = cpu_snap(pid);
+        let mut x = 0u64;
+        for i in 0..3_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let b = cpu_snap(pid);
+        assert!(cpu_delta(&a, &b).total_s > 0.0);
+        assert!(rss_bytes(pid) > 0);
+    }
+}

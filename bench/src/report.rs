@@ -1,0 +1,201 @@
+//! Results: one entry per scenario, the text table, the JSON report and the
+//! latency chart.
+
+use hdrhistogram::Histogram;
+use serde_json::{Map, Value, json};
+use std::path::Path;
+
+pub struct Entry {
+    pub name: String,
+    pub mode: String,
+    pub workers: usize,
+    pub target_rate: Option<f64>,
+    pub ops: u64,
+    pub ops_per_s: f64,
+    /// Broker CPU counted against the scenario (all threads but `auth-*`).
+    pub broker_cpu_s: f64,
+    /// argon2id password checks (`auth-*` threads).
+    pub auth_cpu_s: f64,
+    pub broker_cpu_total_s: f64,
+    pub broker_cpu_stat_s: f64,
+    pub broker_cpu_by_thread: Value,
+    pub market_cpu_s: f64,
+    pub floor_us: f64,
+    pub errors: u64,
+    pub missed: u64,
+    pub hist: Histogram<u64>,
+    pub notes: Vec<String>,
+    pub extra: Map<String, Value>,
+}
+
+impl Entry {
+    pub fn cpu_us_per_op(&self) -> f64 {
+        self.broker_cpu_s * 1e6 / (self.ops.max(1) as f64)
+    }
+    pub fn ops_per_broker_cpu_s(&self) -> f64 {
+        self.ops as f64 / self.broker_cpu_s.max(1e-9)
+    }
+    pub fn floor_ratio(&self) -> f64 {
+        if self.floor_us > 0.0 {
+            self.cpu_us_per_op() / self.floor_us
+        } else {
+            0.0
+        }
+    }
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    pub fn json(&self) -> Value {
+        let mut m = json!({
+            "mode": self.mode,
+            "workers": self.workers,
+            "target_rate": self.target_rate,
+            "ops": self.ops,
+            "ops_per_s": self.ops_per_s,
+            "broker_cpu_s": self.broker_cpu_s,
+            "broker_cpu_us_per_op": self.cpu_us_per_op(),
+            "ops_per_broker_cpu_s": self.ops_per_broker_cpu_s(),
+            "floor_cpu_us_per_op": self.floor_us,
+            "floor_ops_per_cpu_s": if self.floor_us > 0.0 { 1e6 / self.floor_us } else { 0.0 },
+            "floor_ratio": self.floor_ratio(),
+            "p50_ms": self.ms(0.5),
+            "p90_ms": self.ms(0.9),
+            "p99_ms": self.ms(0.99),
+            "p999_ms": self.ms(0.999),
+            "max_ms": self.hist.max() as f64 / 1000.0,
+            "errors": self.errors,
+            "missed": self.missed,
+            "password_check_cpu_s": self.auth_cpu_s,
+            "password_check_cpu_ms_per_op": self.auth_cpu_s * 1e3 / (self.ops.max(1) as f64),
+            "broker_cpu_total_s": self.broker_cpu_total_s,
+            "broker_cpu_stat_s": self.broker_cpu_stat_s,
+            "broker_cpu_by_thread_s": self.broker_cpu_by_thread,
+            "market_cpu_s": self.market_cpu_s,
+            "market_cpu_us_per_op": self.market_cpu_s * 1e6 / (self.ops.max(1) as f64),
+            "notes": self.notes,
+        });
+        let obj = m.as_object_mut().expect("object");
+        for (k, v) in &self.extra {
+            obj.insert(k.clone(), v.clone());
+        }
+        m
+    }
+}
+
+pub fn table(entries: &[Entry], unavailable: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "{:<28} {:>6} {:>4} {:>9} {:>11} {:>13} {:>11} {:>7} {:>8} {:>8} {:>8} {:>6}\n",
+        "scenario",
+        "mode",
+        "wrk",
+        "ops/s",
+        "cpu µs/op",
+        "ops/brk-cpu-s",
+        "floor op/s",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "errors"
+    );
+    for e in entries {
+        s += &format!(
+            "{:<28} {:>6} {:>4} {:>9.0} {:>11.1} {:>13.0} {:>11.0} {:>7.2} {:>8.2} {:>8.2} {:>8.1} {:>6}\n",
+            e.name,
+            e.mode,
+            e.workers,
+            e.ops_per_s,
+            e.cpu_us_per_op(),
+            e.ops_per_broker_cpu_s(),
+            if e.floor_us > 0.0 {
+                1e6 / e.floor_us
+            } else {
+                0.0
+            },
+            e.floor_ratio(),
+            e.ms(0.5),
+            e.ms(0.99),
+            e.hist.max() as f64 / 1000.0,
+            e.errors
+        );
+        if e.auth_cpu_s > 0.0 {
+            s += &format!(
+                "{:<28}   + password checks (argon2id, auth-* threads, not in cpu µs/op): {:.2} ms CPU per op\n",
+                "",
+                e.auth_cpu_s * 1e3 / (e.ops.max(1) as f64)
+            );
+        }
+    }
+    for (n, why) in unavailable {
+        s += &format!("{n:<28} {why}\n");
+    }
+    s
+}
+
+/// Latency percentile curves per scenario: x is the percentile on a
+/// "nines" scale (90, 99, 99.9, 99.99), y the latency in ms on a log axis.
+pub fn chart(entries: &[Entry], path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let curves: Vec<(&str, Vec<(f64, f64)>)> = entries
+        .iter()
+        .filter(|e| !e.hist.is_empty())
+        .map(|e| {
+            let pts = (0..=80)
+                .map(|i| {
+                    let x = i as f64 * 0.05;
+                    let q = 1.0 - 10f64.powf(-x);
+                    (x, (e.hist.value_at_quantile(q) as f64 / 1000.0).max(0.001))
+                })
+                .collect();
+            (e.name.as_str(), pts)
+        })
+        .collect();
+    let ymax = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|v| v.1))
+        .fold(1.0f64, f64::max)
+        * 2.0;
+    let ymin = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|v| v.1))
+        .fold(ymax, f64::min)
+        .max(0.001)
+        / 2.0;
+    let root = SVGBackend::new(path, (1100, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(
+            "keybroker latency by percentile (open loop: from intended send time)",
+            ("sans-serif", 20),
+        )
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..4f64, (ymin..ymax).log_scale())?;
+    c.configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency, ms (log)")
+        .x_labels(9)
+        .x_label_formatter(&|x| {
+            let p = 100.0 * (1.0 - 10f64.powf(-*x));
+            format!("{p:.2}%")
+        })
+        .y_label_formatter(&|y| format!("{y:.2}"))
+        .draw()?;
+    for (i, (name, pts)) in curves.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        c.draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
