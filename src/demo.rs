@@ -16,6 +16,7 @@ use crate::market;
 use crate::proto::ErrorCode;
 use crate::store::{MarketRecord, Store};
 use crate::terminal::{Brokered, Direct, Terminal, TerminalConfig};
+use crate::wallet;
 use anyhow::{Context, Result, bail};
 use std::time::Duration;
 
@@ -28,8 +29,71 @@ struct Tally {
     logins: u32,
     exchanges: u32,
     direct_requests: u32,
+    purchases: u32,
+    cancels: u32,
+    topups: u32,
     refusals_checked: u32,
     errors: u32,
+}
+
+/// The demo's voucher issuer: a key pair under <data dir>/demo/issuer.
+fn issuer(cfg: &Config) -> Result<std::path::PathBuf> {
+    let dir = cfg.data_dir.join("demo").join("issuer");
+    if !dir.join("issuer.pub").exists() {
+        std::fs::create_dir_all(&dir)?;
+        let (private, public) = wallet::voucher::generate_issuer_key()?;
+        crate::enroll::write_private(&dir.join("issuer.key"), private.as_bytes())?;
+        std::fs::write(dir.join("issuer.pub"), public)?;
+    }
+    Ok(std::fs::canonicalize(dir)?)
+}
+
+/// Top-up with a fresh voucher, a purchase whose receipt the market
+/// accepts, an idempotent retry, and a cancel with the market's authorisation.
+fn wallet_flow(
+    t: &mut Terminal,
+    user: &str,
+    p2: &[u8],
+    issuer: &std::path::Path,
+    tally: &mut Tally,
+) -> Result<()> {
+    let key = wallet::voucher::pem_der(
+        &std::fs::read_to_string(issuer.join("issuer.key"))?,
+        "PRIVATE KEY",
+    )?;
+    let (_, voucher) = wallet::voucher::issue(
+        &key,
+        user,
+        wallet::Amount::new(5_000, "EUR")?,
+        wallet::now_ms() + 86_400_000,
+    )?;
+    let topped = t.top_up(&voucher, p2)?;
+    tally.topups += 1;
+    match t.top_up(&voucher, p2) {
+        Err(e) if e.code() == Some(ErrorCode::VoucherUsed) => tally.refusals_checked += 1,
+        other => bail!("a used voucher was not refused: {other:?}"),
+    }
+    let mut nonce = [0u8; 8];
+    rand::fill(&mut nonce);
+    let idem = format!("demo-{}", hex::encode(nonce));
+    let (after, receipt) = t.purchase(MARKET, 1_200, "EUR", "demo order", &idem)?;
+    if after != topped - 1_200 {
+        bail!("the purchase debited {} instead of 1200", topped - after);
+    }
+    let (again, _) = t.purchase(MARKET, 1_200, "EUR", "demo order", &idem)?;
+    if again != after {
+        bail!("a retried purchase debited twice");
+    }
+    tally.purchases += 1;
+    let b = t.exchange(MARKET)?;
+    let mut d = Direct::connect(&b, TIMEOUT)?;
+    let decision = d.present_receipt(&receipt)?;
+    let (cert, sig) = d.cancel_authorisation(&decision)?;
+    if t.cancel(&decision, cert, sig)? != topped {
+        bail!("the cancel did not refund the purchase");
+    }
+    tally.cancels += 1;
+    Ok(())
 }
 
 /// Starts the demo market on free ports and registers its current endpoint.
@@ -56,7 +120,10 @@ fn start_market(cfg: &Config) -> Result<market::server::MarketServer> {
 
 pub fn run(mut cfg: Config) -> Result<()> {
     let _market = start_market(&cfg)?;
+    let issuer = issuer(&cfg)?;
+    cfg.wallet.voucher_issuer = issuer.join("issuer.pub");
     cfg.broker.listen = "127.0.0.1:0".parse().expect("valid address");
+    cfg.admin.listen = "127.0.0.1:0".parse().expect("valid address");
     let mut brokers = Vec::new();
     for kx in [Kx::Software, Kx::Hsm] {
         let mut c = cfg.clone();
@@ -73,9 +140,22 @@ pub fn run(mut cfg: Config) -> Result<()> {
         let (p1, p2) = (read("access.pw")?, read("release.pw")?);
         let tc = TerminalConfig::load(&dir)?;
         for (kx, broker) in &brokers {
-            match session(broker, &tc, user, &p1, &p2, &mut tally) {
+            let with_wallet = *kx == Kx::Software;
+            let r = session(broker, &tc, user, &p1, &p2, &mut tally).and_then(|mut t| {
+                if with_wallet {
+                    wallet_flow(&mut t, user, &p2, &issuer, &mut tally)?;
+                }
+                t.logout()?;
+                Ok(())
+            });
+            match r {
                 Ok(()) => println!(
-                    "{user} via kx={kx:?}: login, release, full and partial exchanges, direct requests: ok"
+                    "{user} via kx={kx:?}: login, release, full and partial exchanges, direct requests{}: ok",
+                    if with_wallet {
+                        ", top-up, purchase, receipt, cancel"
+                    } else {
+                        ""
+                    }
                 ),
                 Err(e) => {
                     tally.errors += 1;
@@ -84,9 +164,22 @@ pub fn run(mut cfg: Config) -> Result<()> {
             }
         }
     }
+    let audit = brokers[0].1.ledger.audit()?;
+    if !audit.ok {
+        tally.errors += 1;
+    }
     let line = format!(
-        "logins={} exchanges={} direct_requests={} refusals_checked={} errors={}",
-        tally.logins, tally.exchanges, tally.direct_requests, tally.refusals_checked, tally.errors
+        "logins={} exchanges={} direct_requests={} purchases={} cancels={} topups={} audit={} ({} entries) refusals_checked={} errors={}",
+        tally.logins,
+        tally.exchanges,
+        tally.direct_requests,
+        tally.purchases,
+        tally.cancels,
+        tally.topups,
+        if audit.ok { "ok" } else { "FAILED" },
+        audit.entries,
+        tally.refusals_checked,
+        tally.errors
     );
     if tally.errors > 0 {
         bail!("demo failed: {line}");
@@ -115,7 +208,7 @@ fn session(
     p1: &[u8],
     p2: &[u8],
     tally: &mut Tally,
-) -> Result<()> {
+) -> Result<Terminal> {
     let mut t = Terminal::connect(broker.addr, tc, TIMEOUT)?;
     match t.login(user, b"not the password") {
         Err(e) if e.code() == Some(ErrorCode::WrongPassword) => tally.refusals_checked += 1,
@@ -137,6 +230,5 @@ fn session(
         tally.exchanges += 1;
         direct(&b, user, tally)?;
     }
-    t.logout()?;
-    Ok(())
+    Ok(t)
 }

@@ -51,6 +51,7 @@ pub struct Shared {
 pub struct Broker {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub ledger: Arc<dyn crate::wallet::Ledger>,
     /// Drains the notification outbox; stops with the broker.
     _mailer: crate::wallet::mailer::Mailer,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -137,7 +138,7 @@ impl Broker {
             hsm_pool,
             hsm,
             markets,
-            ledger,
+            ledger: ledger.clone(),
             voucher_issuer,
         });
         let mut threads = Vec::new();
@@ -157,6 +158,7 @@ impl Broker {
         Ok(Self {
             addr,
             admin_addr,
+            ledger,
             _mailer: mailer,
             threads,
         })

@@ -126,11 +126,14 @@ impl Writer {
     pub(crate) fn run_group(&mut self, group: &mut Vec<Request>) {
         let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
         let mut audits = Vec::new();
+        // The head is re-read under the write lock: another writer (a second
+        // process or node on the same ledger) may have appended since.
         let mut fatal = self
             .conn
             .execute_batch("BEGIN IMMEDIATE")
-            .err()
-            .map(WalletError::from);
+            .map_err(WalletError::from)
+            .and_then(|()| self.load_head())
+            .err();
         for req in group.drain(..) {
             match req {
                 Request::Audit(reply) => audits.push(reply),
