@@ -39,6 +39,8 @@ test: deps
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --locked
+	$(CARGO) deny check licenses bans sources
 
 # Drives the demo terminals end to end against an in-process broker and
 # ends with one line starting `demo ok:`.
