@@ -136,6 +136,18 @@ pub struct HsmConfig {
     pub workers: usize,
     /// Bound of the HSM job queue; a full queue answers `busy`. Default 4096.
     pub queue: usize,
+    /// Where core threads run HSM operations: "pool" (worker threads; the
+    /// core never waits, right for a network HSM) or "inline" (the core's
+    /// own session; no thread hand-off, right for a local CPU-bound token
+    /// like SoftHSM). Default "pool".
+    pub dispatch: Dispatch,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    Pool,
+    Inline,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -200,6 +212,7 @@ impl Default for HsmConfig {
             softhsm2_conf: PathBuf::from("hsm/softhsm2.conf"),
             workers: 2,
             queue: 4096,
+            dispatch: Dispatch::Pool,
         }
     }
 }

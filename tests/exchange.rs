@@ -20,8 +20,8 @@ fn direct_round_trip(b: &Brokered, who: &str) {
     }
 }
 
-fn brokered_in_mode(kx: &str) {
-    let env = Env::new(&format!("[exchange]\nkx = \"{kx}\"\n"));
+fn brokered_in_mode(config: &str) {
+    let env = Env::new(config);
     let alice = env.user("alice");
     let _m = env.market("m1", "alice");
     let log = env.dir.path().join("broker.log");
@@ -56,12 +56,17 @@ fn brokered_in_mode(kx: &str) {
 
 #[test]
 fn full_and_partial_exchange_with_software_kx() {
-    brokered_in_mode("software");
+    brokered_in_mode("[exchange]\nkx = \"software\"\n");
 }
 
 #[test]
 fn full_and_partial_exchange_with_hsm_kx() {
-    brokered_in_mode("hsm");
+    brokered_in_mode("[exchange]\nkx = \"hsm\"\n");
+}
+
+#[test]
+fn exchange_with_hsm_calls_inline_on_the_cores() {
+    brokered_in_mode("[exchange]\nkx = \"hsm\"\n[hsm]\ndispatch = \"inline\"\n");
 }
 
 #[test]

@@ -23,6 +23,8 @@ use zeroize::Zeroizing;
 
 pub(super) struct Core {
     pub shared: Arc<Shared>,
+    /// This core's own HSM session when `hsm.dispatch = "inline"`.
+    pub hsm_inline: Option<RefCell<super::HsmWorker>>,
     pub index: usize,
     /// This core's connection to each market, made on first use.
     pub links: RefCell<HashMap<String, Link>>,
@@ -37,7 +39,16 @@ pub(super) fn run_core(
     let rt = super::core_runtime()?;
     rt.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
+        let hsm_inline = match shared.cfg.hsm.dispatch {
+            crate::config::Dispatch::Inline => Some(RefCell::new(super::HsmWorker {
+                session: shared.hsm.session()?,
+                keys: shared.hsm.key_handles()?,
+                hsm: shared.hsm.clone(),
+            })),
+            crate::config::Dispatch::Pool => None,
+        };
         let core = Rc::new(Core {
+            hsm_inline,
             shared,
             index,
             links: RefCell::new(HashMap::new()),
@@ -254,7 +265,7 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 next = Some(session.login_done(id, user, r));
             }
             Action::CheckRelease { id, user, password } => {
-                let r = release(shared, c, &user, password).await;
+                let r = release(core, c, &user, password).await;
                 if r.is_ok() {
                     tracing::info!(user, "released");
                 }
@@ -288,7 +299,7 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 next = Some(session.request_done(id, r));
             }
             Action::Wallet { id, user, call } => {
-                let r = super::wallet::handle(shared, c.released.as_ref(), &user, call).await;
+                let r = super::wallet::handle(core, c.released.as_ref(), &user, call).await;
                 if let Err(code) = &r {
                     tracing::info!(target: "audit", user, result = code.name(), "wallet operation refused");
                 }
@@ -300,11 +311,12 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
 }
 
 async fn release(
-    shared: &Arc<Shared>,
+    core: &Core,
     c: &mut Conn,
     user: &str,
     password: crate::proto::access::Password,
 ) -> Result<(), ErrorCode> {
+    let shared = &core.shared;
     let fp = c.fingerprint;
     let u = user.to_owned();
     let record = shared
@@ -313,7 +325,7 @@ async fn release(
         .await
         .map_err(pool_code)??;
     let wrapped = record.wrapped_key;
-    let handle = exchange::hsm(shared, "unwrap", move |w| {
+    let handle = exchange::hsm(core, "unwrap", move |w| {
         crate::hsm::ops::unwrap_user_key(&w.session, w.keys.master_wrap, &wrapped)
     })
     .await?;

@@ -63,36 +63,46 @@ fn hsm_code(e: HsmError) -> ErrorCode {
     ErrorCode::HsmUnavailable
 }
 
-/// Runs `f` on an HSM worker, timing the operation apart from the queue wait.
+/// Runs `f` on an HSM worker (the pool, or this core's own session with
+/// `hsm.dispatch = "inline"`), timing the operation apart from the queue wait.
 pub async fn hsm<R: Send + 'static>(
-    shared: &Shared,
+    core: &Core,
     op: &'static str,
     f: impl FnOnce(&HsmWorker) -> Result<R, HsmError> + Send + 'static,
 ) -> Result<R, ErrorCode> {
-    shared
+    if let Some(w) = &core.hsm_inline {
+        return timed(&mut w.borrow_mut(), op, f).map_err(hsm_code);
+    }
+    core.shared
         .hsm_pool
-        .run(move |w| {
-            let started = Instant::now();
-            let r = f(w);
-            crate::metrics::hsm_op(op, started.elapsed(), r.is_ok());
-            if let Err(e) = &r
-                && e.session_lost()
-            {
-                // This request fails (its session objects went with the
-                // session); the next one gets a fresh session.
-                match w.hsm.recover() {
-                    Ok(s) => {
-                        w.session = s;
-                        tracing::warn!(error = %e, "HSM session lost; reopened");
-                    }
-                    Err(again) => tracing::error!(error = %again, "HSM still unavailable"),
-                }
-            }
-            r
-        })
+        .run(move |w| timed(w, op, f))
         .await
         .map_err(pool_code)?
         .map_err(hsm_code)
+}
+
+fn timed<R>(
+    w: &mut HsmWorker,
+    op: &'static str,
+    f: impl FnOnce(&HsmWorker) -> Result<R, HsmError>,
+) -> Result<R, HsmError> {
+    let started = Instant::now();
+    let r = f(w);
+    crate::metrics::hsm_op(op, started.elapsed(), r.is_ok());
+    if let Err(e) = &r
+        && e.session_lost()
+    {
+        // This request fails (its session objects went with the session);
+        // the next one gets a fresh session.
+        match w.hsm.recover() {
+            Ok(s) => {
+                w.session = s;
+                tracing::warn!(error = %e, "HSM session lost; reopened");
+            }
+            Err(again) => tracing::error!(error = %again, "HSM still unavailable"),
+        }
+    }
+    r
 }
 
 /// The requester's ephemeral key.
@@ -139,18 +149,18 @@ pub async fn exchange(
     let (eph, digest, signature) = match (terminal_eph, kx) {
         (Some(p), _) => {
             t.ephemeral = p;
-            let (d, sig) = sign(shared, key, &t).await?;
+            let (d, sig) = sign(core, key, &t).await?;
             (Eph::Terminal, d, sig)
         }
         (None, Kx::Software) => {
             let e = Ephemeral::generate();
             t.ephemeral = e.public;
-            let (d, sig) = sign(shared, key, &t).await?;
+            let (d, sig) = sign(core, key, &t).await?;
             (Eph::Software(e), d, sig)
         }
         (None, Kx::Hsm) => {
             let tt = t.clone();
-            let (point, private, digest, sig) = hsm(shared, "keygen_sign", move |w| {
+            let (point, private, digest, sig) = hsm(core, "keygen_sign", move |w| {
                 let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
                 let mut tt = tt;
                 tt.ephemeral = point
@@ -216,7 +226,7 @@ pub async fn exchange(
         Eph::Hsm(private) => {
             let peer = accepted.ephemeral;
             let input = exchange::x_input(&digest, &peer);
-            let x = hsm(shared, "derive", move |w| {
+            let x = hsm(core, "derive", move |w| {
                 crate::hsm::ops::derive_x(&w.session, private, &peer, &input)
             })
             .await?;
@@ -240,12 +250,12 @@ pub async fn exchange(
 
 /// T and the home-card key's signature over it.
 async fn sign(
-    shared: &Shared,
+    core: &Core,
     key: ObjectHandle,
     t: &Transcript,
 ) -> Result<([u8; 32], Vec<u8>), ErrorCode> {
     let digest = t.digest();
-    let sig = hsm(shared, "sign", move |w| {
+    let sig = hsm(core, "sign", move |w| {
         crate::hsm::ops::sign_digest_p256(&w.session, key, &digest)
     })
     .await?;

@@ -7,6 +7,7 @@
 //! TopUp    ─► second password (auth pool) ─► voucher verified (issuer key) ─► ledger credit
 //! ```
 
+use super::conn::Core;
 use super::exchange::{Released, hsm, pool_code};
 use super::{Shared, auth::Which};
 use crate::metrics::{WalletOp, wallet_op};
@@ -48,11 +49,12 @@ fn currency_str(c: &[u8; 3]) -> Result<&str, ErrorCode> {
 }
 
 pub async fn handle(
-    shared: &Arc<Shared>,
+    core: &Core,
     rel: Option<&Released>,
     user: &str,
     call: Message,
 ) -> Result<Message, ErrorCode> {
+    let shared = &core.shared;
     match call {
         Message::Balance => {
             let ledger = shared.ledger.clone();
@@ -79,7 +81,7 @@ pub async fn handle(
         } => {
             let rel = rel.ok_or(ErrorCode::NotReleased)?;
             let r = purchase(
-                shared,
+                core,
                 rel,
                 user,
                 market,
@@ -131,7 +133,7 @@ pub async fn handle(
 
 #[allow(clippy::too_many_arguments)]
 async fn purchase(
-    shared: &Arc<Shared>,
+    core: &Core,
     rel: &Released,
     user: &str,
     market: String,
@@ -140,6 +142,7 @@ async fn purchase(
     order_ref: String,
     idempotency_key: String,
 ) -> Result<Message, ErrorCode> {
+    let shared = &core.shared;
     if !shared.markets.contains_key(&market) {
         return Err(ErrorCode::UnknownMarket);
     }
@@ -166,7 +169,7 @@ async fn purchase(
     let key = rel.handle;
     // The debit is durable already; a failed signature leaves it in place
     // and a retry with the same idempotency key returns it, signed.
-    let signature = hsm(shared, "sign", move |w| {
+    let signature = hsm(core, "sign", move |w| {
         crate::hsm::ops::sign_p256(&w.session, key, &body)
     })
     .await?;
