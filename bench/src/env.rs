@@ -16,6 +16,8 @@ pub struct Settings {
     pub terminals_per_user: usize,
     pub argon2_m_kib: u32,
     pub argon2_t: u32,
+    /// `hsm.dispatch` of the brokers: "pool" or "inline".
+    pub hsm_dispatch: String,
 }
 
 pub struct Env {
@@ -113,9 +115,9 @@ impl Env {
                      [broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nmax_connections_per_core = 20000\n\
                      handshake_timeout_ms = 10000\nidle_timeout_ms = 900000\n\
                      [auth]\nmax_failures = 100\nargon2_m_kib = {}\nargon2_t = {}\nworkers = 2\nqueue = 1024\n\
-                     [hsm]\nworkers = 2\nqueue = 4096\n\
+                     [hsm]\nworkers = 2\nqueue = 4096\ndispatch = {:?}\n\
                      [exchange]\nkx = \"{kx}\"\n",
-                    s.argon2_m_kib, s.argon2_t
+                    s.argon2_m_kib, s.argon2_t, s.hsm_dispatch
                 ),
             )?;
         }

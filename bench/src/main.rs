@@ -67,6 +67,10 @@ struct Cli {
     /// argon2id passes.
     #[arg(long, default_value_t = 2)]
     argon2_t: u32,
+    /// The brokers' `hsm.dispatch`: pool (worker threads) or inline (each
+    /// core's own session).
+    #[arg(long, default_value = "pool")]
+    hsm_dispatch: String,
 }
 
 #[derive(Subcommand)]
@@ -645,6 +649,7 @@ fn run(cli: &Cli) -> Result<()> {
         terminals_per_user: if cli.quick { 8 } else { 16 },
         argon2_m_kib: cli.argon2_m_kib,
         argon2_t: cli.argon2_t,
+        hsm_dispatch: cli.hsm_dispatch.clone(),
     };
     let env = Env::create(
         bindir.join("keybroker"),
@@ -736,6 +741,7 @@ fn run(cli: &Cli) -> Result<()> {
             "terminals": ctx.env.terminals.len(),
             "argon2_m_kib": cli.argon2_m_kib,
             "argon2_t": cli.argon2_t,
+            "hsm_dispatch": cli.hsm_dispatch,
             "broker_cores": 2,
             "quick": cli.quick,
             "closed": cli.closed,
