@@ -171,6 +171,12 @@ pub struct BrokerConfig {
     pub server_names: Vec<String>,
     /// Lifetime of the in-memory TLS key's certificate, hours. Default 24.
     pub tls_cert_hours: u64,
+    /// Session-ticket key period, hours (keys derive from the HSM's
+    /// kb-ticket-key, so every node sharing the HSM accepts the tickets). Default 12.
+    pub ticket_hours: u64,
+    /// Expect a PROXY protocol v2 header (HAProxy `send-proxy-v2`) first
+    /// on every connection. Default false.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -229,6 +235,8 @@ impl Default for BrokerConfig {
             frame_timeout_ms: 10_000,
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             tls_cert_hours: 24,
+            ticket_hours: 12,
+            proxy_protocol: false,
         }
     }
 }
@@ -273,6 +281,9 @@ impl Config {
         }
         if b.handshake_timeout_ms == 0 || b.idle_timeout_ms == 0 || b.frame_timeout_ms == 0 {
             bail!("broker timeouts must be positive");
+        }
+        if !(1..=24 * 7).contains(&b.ticket_hours) {
+            bail!("broker.ticket_hours must be 1..=168");
         }
         if !(1..=24 * 30).contains(&b.tls_cert_hours) {
             bail!("broker.tls_cert_hours must be 1..=720");

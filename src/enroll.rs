@@ -156,13 +156,11 @@ pub fn init(cfg: &Config) -> Result<()> {
         ops::generate_master_wrap_key(s, labels::MASTER_WRAP)?;
         tracing::info!("generated master wrap key in the HSM");
     }
-    if admin
-        .hsm
-        .find(s, labels::LEDGER_MAC, ObjectClass::SECRET_KEY)?
-        .is_none()
-    {
-        ops::generate_ledger_mac_key(s, labels::LEDGER_MAC)?;
-        tracing::info!("generated ledger MAC key in the HSM");
+    for label in [labels::LEDGER_MAC, labels::TICKET_KEY] {
+        if admin.hsm.find(s, label, ObjectClass::SECRET_KEY)?.is_none() {
+            ops::generate_hmac_key(s, label)?;
+            tracing::info!(label, "generated an HMAC key in the HSM");
+        }
     }
     admin.keys()?;
     Ok(())

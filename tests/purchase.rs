@@ -10,46 +10,8 @@ use common::*;
 use keybroker::proto::ErrorCode;
 use keybroker::terminal::{Direct, Terminal, TerminalConfig};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// An environment with a voucher issuer and, optionally, an SMTP relay.
-fn wallet_env(relay_port: Option<u16>) -> (Env, PathBuf) {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let issuer = dir.join("issuer");
-    let out = std::process::Command::new(BIN)
-        .args(["voucher", "keygen", "--out", path_str(&issuer)])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let relay = relay_port.map_or(String::new(), |p| format!("127.0.0.1:{p}"));
-    let env = Env::new(&format!(
-        "[wallet]\nvoucher_issuer = {:?}\nsmtp_relay = {relay:?}\n",
-        issuer.join("issuer.pub")
-    ));
-    (env, issuer)
-}
-
-fn voucher(env: &Env, issuer: &std::path::Path, user: &str, amount: i64, name: &str) -> Vec<u8> {
-    let out = env.dir.path().join(name);
-    env.kb(&[
-        "voucher",
-        "issue",
-        "--issuer-key",
-        path_str(&issuer.join("issuer.key")),
-        "--user",
-        user,
-        "--amount",
-        &amount.to_string(),
-        "--currency",
-        "EUR",
-        "--out",
-        path_str(&out),
-    ])
-    .success();
-    std::fs::read(out).unwrap()
-}
 
 fn decision_of(receipt: &[u8]) -> String {
     keybroker::receipt::SignedReceipt::decode(receipt)
@@ -65,7 +27,7 @@ fn direct(t: &mut Terminal) -> Direct {
 
 #[test]
 fn purchase_cancel_and_top_up_rules() {
-    let (env, issuer) = wallet_env(None);
+    let (env, issuer) = wallet_env(None, "");
     let alice = env.user("alice");
     let bob = env.user("bob");
     let _m = env.market("m1", "*");
@@ -191,7 +153,7 @@ fn purchase_cancel_and_top_up_rules() {
 
 #[test]
 fn many_terminals_buying_at_once_never_overdraw() {
-    let (env, issuer) = wallet_env(None);
+    let (env, issuer) = wallet_env(None, "");
     let alice = env.user("alice");
     let _m = env.market("m1", "*");
     let b = env.broker();
@@ -252,7 +214,7 @@ fn many_terminals_buying_at_once_never_overdraw() {
 #[test]
 fn sigkill_during_a_burst_loses_nothing_acknowledged() {
     let port = free_port();
-    let (env, issuer) = wallet_env(Some(port));
+    let (env, issuer) = wallet_env(Some(port), "");
     let relay = Relay::start(port, &env.dir.path().join("relay"));
     let alice = env.user("alice");
     let _m = env.market("m1", "*");

@@ -229,7 +229,12 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
     ));
     let ca_pem = std::fs::read_to_string(cfg.pki_dir().join("terminal-ca.pem"))?;
     let ca_der = keybroker::pki::read_cert_pem(&ca_pem)?;
-    let server = server_config(provider, &ca_der, Arc::new(RotatingCert::new(ck)))?;
+    let server = server_config(
+        provider,
+        &ca_der,
+        Arc::new(RotatingCert::new(ck)),
+        rustls::crypto::aws_lc_rs::Ticketer::new()?,
+    )?;
     let read = |f: &str| std::fs::read(terminal_dir.join(f));
     let certs: Vec<CertificateDer<'static>> =
         rustls_pemfile::certs(&mut &read("terminal.crt")?[..]).collect::<Result<_, _>>()?;

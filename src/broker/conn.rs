@@ -107,6 +107,8 @@ struct Conn {
     fingerprint: [u8; 32],
     xprime: Zeroizing<[u8; XPRIME_LEN]>,
     released: Option<Released>,
+    /// The terminal's address (from the PROXY header behind HAProxy).
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl Conn {
@@ -120,9 +122,27 @@ impl Conn {
     }
 }
 
-async fn serve(core: &Core, stream: TcpStream) {
+async fn serve(core: &Core, mut stream: TcpStream) {
     let shared = &core.shared;
     let cfg = &shared.cfg.broker;
+    // Behind HAProxy the terminal's address comes in a PROXY header.
+    let (peer, preload) = if cfg.proxy_protocol {
+        match compio::time::timeout(
+            ms(cfg.handshake_timeout_ms),
+            crate::net::proxy::read_header(&mut stream),
+        )
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "no valid PROXY header");
+                return;
+            }
+            Err(_) => return,
+        }
+    } else {
+        (stream.peer_addr().ok(), Vec::new())
+    };
     let conn = match ServerConnection::new(shared.tls.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -131,6 +151,9 @@ async fn serve(core: &Core, stream: TcpStream) {
         }
     };
     let mut io = TlsIo::new(stream, conn);
+    if io.preload(&preload).is_err() {
+        return;
+    }
     let started = std::time::Instant::now();
     match compio::time::timeout(ms(cfg.handshake_timeout_ms), io.handshake()).await {
         Ok(Ok(())) => {}
@@ -168,6 +191,7 @@ async fn serve(core: &Core, stream: TcpStream) {
         out: Vec::with_capacity(256),
         fingerprint,
         xprime,
+        peer,
         released: None,
     };
     let mut buf = vec![0u8; 4096];
@@ -260,14 +284,14 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                     .await
                     .unwrap_or_else(|e| Err(pool_code(e)));
                 if r.is_ok() {
-                    tracing::info!(user, "login");
+                    tracing::info!(target: "audit", user, peer = ?c.peer, "login");
                 }
                 next = Some(session.login_done(id, user, r));
             }
             Action::CheckRelease { id, user, password } => {
                 let r = release(core, c, &user, password).await;
                 if r.is_ok() {
-                    tracing::info!(user, "released");
+                    tracing::info!(target: "audit", user, peer = ?c.peer, "released");
                 }
                 next = Some(session.release_done(id, r));
             }
@@ -290,10 +314,10 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 };
                 match &r {
                     Ok(_) => {
-                        tracing::info!(target: "audit", user, market, mode, result = "ok", "exchange")
+                        tracing::info!(target: "audit", user, peer = ?c.peer, market, mode, result = "ok", "exchange")
                     }
                     Err(code) => {
-                        tracing::info!(target: "audit", user, market, mode, result = code.name(), "exchange")
+                        tracing::info!(target: "audit", user, peer = ?c.peer, market, mode, result = code.name(), "exchange")
                     }
                 }
                 next = Some(session.request_done(id, r));

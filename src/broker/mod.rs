@@ -11,6 +11,7 @@ pub mod auth;
 mod conn;
 mod exchange;
 pub mod link;
+mod tickets;
 pub mod tls;
 mod wallet;
 
@@ -106,7 +107,10 @@ impl Broker {
             markets.insert(m.id, Arc::new(info));
         }
         drop(store);
-        let tls = tls::server_config(provider, &terminal_ca, resolver)?;
+        let period = Duration::from_secs(cfg.broker.ticket_hours * 3600);
+        let ticketer = tickets::HsmTicketer::new(&hsm, period)?;
+        spawn_ticket_refresh(hsm.clone(), ticketer.clone(), period);
+        let tls = tls::server_config(provider, &terminal_ca, resolver, ticketer)?;
 
         let db = cfg.db_path();
         let max_failures = cfg.auth.max_failures;
@@ -222,6 +226,22 @@ fn open_wallet(cfg: &Config, hsm: Arc<Hsm>) -> Result<Wallet> {
         Some(crate::wallet::voucher::pem_der(&text, "PUBLIC KEY").context("voucher issuer key")?)
     };
     Ok((Arc::new(ledger), mailer, issuer))
+}
+
+/// Re-derives the ticket keys as epochs pass (a quarter period apart).
+fn spawn_ticket_refresh(hsm: Arc<Hsm>, t: Arc<tickets::HsmTicketer>, period: Duration) {
+    let every = (period / 4).min(Duration::from_secs(3600));
+    let spawned = std::thread::Builder::new().name("ticket-keys".into()).spawn(move || {
+        loop {
+            std::thread::sleep(every);
+            if let Err(e) = t.refresh(&hsm) {
+                tracing::error!(error = %e, "ticket key refresh failed; keeping the current keys");
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the ticket key thread");
+    }
 }
 
 /// The admin listener, and a monitor that keeps `keybroker_hsm_up` current.

@@ -137,6 +137,7 @@ pub fn server_config(
     provider: Arc<CryptoProvider>,
     terminal_ca_der: &[u8],
     resolver: Arc<RotatingCert>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<Arc<ServerConfig>> {
     let mut roots = RootCertStore::empty();
     roots.add(CertificateDer::from(terminal_ca_der.to_vec()))?;
@@ -147,7 +148,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
-    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    cfg.ticketer = ticketer;
     cfg.send_tls13_tickets = 2;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.max_early_data_size = 0;

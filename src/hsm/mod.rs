@@ -33,6 +33,8 @@ pub mod labels {
     pub const MASTER_WRAP: &str = "kb-master-wrap";
     /// HMAC-SHA256 key chaining the wallet ledger's entries.
     pub const LEDGER_MAC: &str = "kb-ledger-mac";
+    /// Derives the session-ticket keys; shared by every node of a cluster.
+    pub const TICKET_KEY: &str = "kb-ticket-key";
 }
 
 #[derive(Debug, Error)]

@@ -67,7 +67,7 @@ pub fn generate_master_wrap_key(s: &Session, label: &str) -> HsmResult<ObjectHan
 
 /// The long-term HMAC-SHA256 key (generic secret, 32 bytes) that chains
 /// the wallet ledger's entries: sign and verify only, never extractable.
-pub fn generate_ledger_mac_key(s: &Session, label: &str) -> HsmResult<ObjectHandle> {
+pub fn generate_hmac_key(s: &Session, label: &str) -> HsmResult<ObjectHandle> {
     s.generate_key(
         &Mechanism::GenericSecretKeyGen,
         &[

@@ -2,6 +2,7 @@
 //! compio, and listeners.
 
 pub mod listen;
+pub mod proxy;
 pub mod tls_io;
 
 use compio::net::{TcpListener, TcpStream};

@@ -41,6 +41,17 @@ where
         }
     }
 
+    /// Feeds bytes already read from the socket (after a PROXY header).
+    pub fn preload(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            self.conn.read_tls(&mut bytes)?;
+            self.conn
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+        Ok(())
+    }
+
     /// Writes every pending TLS record to the socket.
     pub async fn flush(&mut self) -> io::Result<()> {
         while self.conn.wants_write() {

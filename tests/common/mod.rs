@@ -300,3 +300,49 @@ pub fn refused(r: Result<impl std::fmt::Debug, TerminalError>) -> keybroker::pro
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// An environment with a voucher issuer and, optionally, an SMTP relay.
+pub fn wallet_env(relay_port: Option<u16>, broker: &str) -> (Env, PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let issuer = dir.join("issuer");
+    let out = std::process::Command::new(BIN)
+        .args(["voucher", "keygen", "--out", path_str(&issuer)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let relay = relay_port.map_or(String::new(), |p| format!("127.0.0.1:{p}"));
+    let env = Env::with_broker(
+        broker,
+        &format!(
+            "[wallet]\nvoucher_issuer = {:?}\nsmtp_relay = {relay:?}\n",
+            issuer.join("issuer.pub")
+        ),
+    );
+    (env, issuer)
+}
+
+pub fn voucher(
+    env: &Env,
+    issuer: &std::path::Path,
+    user: &str,
+    amount: i64,
+    name: &str,
+) -> Vec<u8> {
+    let out = env.dir.path().join(name);
+    env.kb(&[
+        "voucher",
+        "issue",
+        "--issuer-key",
+        path_str(&issuer.join("issuer.key")),
+        "--user",
+        user,
+        "--amount",
+        &amount.to_string(),
+        "--currency",
+        "EUR",
+        "--out",
+        path_str(&out),
+    ])
+    .success();
+    std::fs::read(out).unwrap()
+}
