@@ -106,6 +106,12 @@ impl Env {
         std::fs::create_dir_all(&run)?;
         let run = run.canonicalize()?;
         let data = run.join("var");
+        // A voucher issuer, so the purchase scenario can fund the wallets.
+        let issuer = run.join("issuer");
+        std::fs::create_dir_all(&issuer)?;
+        let (private, public) = keybroker::wallet::voucher::generate_issuer_key()?;
+        std::fs::write(issuer.join("issuer.key"), private)?;
+        std::fs::write(issuer.join("issuer.pub"), public)?;
         for kx in ["software", "hsm"] {
             std::fs::write(
                 run.join(format!("broker-{kx}.toml")),
@@ -116,8 +122,12 @@ impl Env {
                      handshake_timeout_ms = 10000\nidle_timeout_ms = 900000\n\
                      [auth]\nmax_failures = 100\nargon2_m_kib = {}\nargon2_t = {}\nworkers = 2\nqueue = 1024\n\
                      [hsm]\nworkers = 2\nqueue = 4096\ndispatch = {:?}\n\
-                     [exchange]\nkx = \"{kx}\"\n",
-                    s.argon2_m_kib, s.argon2_t, s.hsm_dispatch
+                     [exchange]\nkx = \"{kx}\"\n\
+                     [wallet]\nvoucher_issuer = {:?}\n",
+                    s.argon2_m_kib,
+                    s.argon2_t,
+                    s.hsm_dispatch,
+                    issuer.join("issuer.pub")
                 ),
             )?;
         }

@@ -120,7 +120,7 @@ impl Session {
         })
     }
 
-    fn term(&mut self) -> Result<&mut Terminal, String> {
+    pub fn term(&mut self) -> Result<&mut Terminal, String> {
         if self.term.is_none() {
             self.term = Some(released(self.addr, &self.t, &self.tc)?);
         }
@@ -160,6 +160,36 @@ pub struct Exchange(pub Session);
 impl Op for Exchange {
     fn run(&mut self) -> Result<(), String> {
         self.0.exchange(false)
+    }
+}
+
+/// `purchase`: a durable debit with a signed receipt, on a released
+/// session; every op has its own idempotency key.
+pub struct Purchase {
+    pub session: Session,
+    pub next: Arc<AtomicU64>,
+}
+
+impl Purchase {
+    /// Funds the user's wallet with one big voucher (not measured).
+    pub fn fund(addr: SocketAddr, t: &TerminalInfo, issuer_key: &[u8]) -> Result<(), String> {
+        let amount = keybroker::wallet::Amount::new(100_000_000_000, "EUR").map_err(e("amount"))?;
+        let expiry = keybroker::wallet::now_ms() + 3_600_000;
+        let (_, v) = keybroker::wallet::voucher::issue(issuer_key, &t.user, amount, expiry)
+            .map_err(e("voucher"))?;
+        let mut term = released(addr, t, &no_resume(&t.config))?;
+        term.top_up(&v, t.second.as_bytes()).map_err(e("top-up"))?;
+        term.logout().map_err(e("logout"))
+    }
+}
+
+impl Op for Purchase {
+    fn run(&mut self) -> Result<(), String> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let term = self.session.term()?;
+        term.purchase(MARKET_ID, 1, "EUR", "bench", &format!("bench-{n}"))
+            .map(drop)
+            .map_err(e("purchase"))
     }
 }
 
