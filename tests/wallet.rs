@@ -1,13 +1,11 @@
 //! The wallet against a real SoftHSM token (`HsmChainMac`), a real SQLite
 //! file, and a real SMTP relay on loopback (Python's aiosmtpd).
 //!
-//! One token for the whole test binary: `keybroker init` creates it (with
-//! the `kb-ledger-mac` key), then this process loads SoftHSM once.
+//! One token for the whole test binary (`common::shared_hsm`).
 
 mod common;
 
 use common::relay::{Relay, free_port};
-use keybroker::config::Config;
 use keybroker::hsm::Hsm;
 use keybroker::wallet::mailer::{Mailer, MailerConfig, Transport, outbox_pending};
 use keybroker::wallet::voucher;
@@ -16,38 +14,12 @@ use keybroker::wallet::{
     PurchaseRequest, SqliteLedger, TopUpRequest, WalletError,
 };
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-struct Shared {
-    _env: common::Env,
-    hsm: Arc<Hsm>,
-}
-
-static SHARED: OnceLock<Shared> = OnceLock::new();
-
 fn hsm() -> Arc<Hsm> {
-    SHARED
-        .get_or_init(|| {
-            let env = common::Env::new("");
-            let cfg = Config::load(Some(&env.config), None).expect("config");
-            let conf = cfg.path(&cfg.hsm.softhsm2_conf);
-            // SoftHSM reads SOFTHSM2_CONF when the module loads, which
-            // happens right below, once per test binary.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::env::set_var("SOFTHSM2_CONF", conf);
-                std::env::remove_var("KEYBROKER_HSM_PIN");
-            }
-            let hsm = Hsm::open(&cfg).expect("open the HSM");
-            Shared {
-                _env: env,
-                hsm: Arc::new(hsm),
-            }
-        })
-        .hsm
-        .clone()
+    common::shared_hsm()
 }
 
 struct Fixture {

@@ -44,6 +44,9 @@ pub(crate) struct Writer<S> {
     currencies: Vec<Currency>,
     /// Last committed (or, inside a group, last appended) seq and MAC.
     head: (i64, [u8; 32]),
+    /// The newest committed head this writer has seen (read or written).
+    /// The chain may grow past it (other writers) but never lose it.
+    known: (i64, [u8; 32]),
 }
 
 impl<S: Store> Writer<S> {
@@ -57,13 +60,16 @@ impl<S: Store> Writer<S> {
             mac,
             currencies,
             head: (0, GENESIS),
+            known: (0, GENESIS),
         };
         w.load_head()?;
         Ok(w)
     }
 
+    /// Reads the chain head. A chain shorter than one already seen lost
+    /// entries: appending to it would fork the history, so it is refused.
     fn load_head(&mut self) -> WalletResult<()> {
-        self.head = match self.store.head()? {
+        let head = match self.store.head()? {
             None => (0, GENESIS),
             Some((seq, mac)) => (
                 seq,
@@ -72,6 +78,14 @@ impl<S: Store> Writer<S> {
                 })?,
             ),
         };
+        if head.0 < self.known.0 || (head.0 == self.known.0 && head.1 != self.known.1) {
+            return Err(WalletError::Storage(format!(
+                "the chain head went back from entry {} to {}: entries were removed; run the audit",
+                self.known.0, head.0
+            )));
+        }
+        self.head = head;
+        self.known = head;
         Ok(())
     }
 
@@ -108,6 +122,9 @@ impl<S: Store> Writer<S> {
         }
         if fatal.is_none() && !answers.is_empty() {
             fatal = self.store.commit().err();
+            if fatal.is_none() {
+                self.known = self.head;
+            }
         } else if fatal.is_none() {
             fatal = self.store.rollback().err();
         }
@@ -341,7 +358,7 @@ impl<S: Store> Writer<S> {
     /// Re-verifies every MAC and link, recomputes every balance from the
     /// entries, and compares with `accounts`. Reads one snapshot.
     pub(crate) fn audit(&mut self) -> WalletResult<AuditReport> {
-        let mut a = Audit::new(self.mac.as_ref(), self.head);
+        let mut a = Audit::new(self.mac.as_ref(), self.known);
         self.store.scan(&mut |s| match s {
             Scanned::Entry(e) => a.entry(e),
             Scanned::Account(user, currency, stored) => {
@@ -357,7 +374,7 @@ impl<S: Store> Writer<S> {
 /// entries give.
 struct Audit<'m> {
     mac: &'m dyn ChainMac,
-    /// What this writer last wrote: it must be in the chain.
+    /// The newest head this writer knows: it must be in the chain.
     written: (i64, [u8; 32]),
     written_seen: bool,
     problems: Vec<String>,
@@ -463,7 +480,7 @@ impl<'m> Audit<'m> {
     fn finish(mut self) -> AuditReport {
         if !self.written_seen {
             self.note(format!(
-                "the chain lacks entry {} as this writer wrote it",
+                "the chain lacks entry {} as this writer last saw it",
                 self.written.0
             ));
         }
