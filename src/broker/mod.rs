@@ -178,19 +178,19 @@ type Wallet = (
     Option<Vec<u8>>,
 );
 
+/// Starts the mailer on the outbox of the ledger it was made for.
+pub type StartMailer = Box<
+    dyn FnOnce(
+        crate::wallet::mailer::MailerConfig,
+    ) -> crate::wallet::WalletResult<crate::wallet::mailer::Mailer>,
+>;
+
 /// The configured ledger (`wallet.backend`), its writer owning an HSM
 /// session for the HMAC chain, and the outbox its mailer drains.
 pub fn open_ledger(
     cfg: &Config,
     hsm: Arc<Hsm>,
-) -> Result<(
-    Arc<dyn crate::wallet::Ledger>,
-    Box<
-        dyn FnOnce(
-            crate::wallet::mailer::MailerConfig,
-        ) -> crate::wallet::WalletResult<crate::wallet::mailer::Mailer>,
-    >,
-)> {
+) -> Result<(Arc<dyn crate::wallet::Ledger>, StartMailer)> {
     use crate::config::LedgerBackend;
     use crate::wallet::{
         ChainMac, HsmChainMac, LedgerConfig, PgConnect, PgLedger, SqliteLedger, mailer::Mailer,

@@ -4,6 +4,7 @@
 
 pub mod pg;
 pub mod relay;
+pub mod wallet;
 
 use keybroker::terminal::{Terminal, TerminalConfig, TerminalError};
 use std::io::{BufRead, BufReader, Write};

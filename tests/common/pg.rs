@@ -1,4 +1,5 @@
-//! A throwaway PostgreSQL cluster (Debian's postgresql-15 binaries) for the
+//! A throwaway PostgreSQL cluster (Debian's `postgresql` package: the
+//! binaries of the newest `/usr/lib/postgresql/<version>/bin`, or `$PG_BIN`) for the
 //! tests: `initdb` into a tempdir, `pg_ctl start` on a free loopback port
 //! with its Unix socket in the tempdir, `pg_ctl stop` when the last user
 //! drops it.
@@ -10,12 +11,25 @@
 //! and the private socket directory.
 
 use super::relay::free_port;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// `$PG_BIN`, else the newest `/usr/lib/postgresql/<major>/bin`.
+fn bin_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("PG_BIN") {
+        return PathBuf::from(p);
+    }
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(15);
+    PathBuf::from(format!("/usr/lib/postgresql/{newest}/bin"))
+}
 
 pub struct PgServer {
     dir: tempfile::TempDir,
@@ -32,7 +46,7 @@ fn is_root() -> bool {
 
 impl PgServer {
     fn pg(&self, tool: &str) -> Command {
-        let exe = Path::new(BIN).join(tool);
+        let exe = bin_dir().join(tool);
         if self.as_postgres {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(exe);
@@ -68,7 +82,7 @@ impl PgServer {
             .arg(s.data())
             .args(["-U", "keybroker", "-A", "trust", "-E", "UTF8", "--no-sync"])
             .output()
-            .expect("initdb (is postgresql-15 installed? `make deps`)");
+            .expect("initdb (is PostgreSQL installed? `make deps`)");
         assert!(
             out.status.success(),
             "initdb: {}",
