@@ -4,8 +4,9 @@ CARGO     ?= cargo
 BIN       := target/release/keybroker
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # System packages: SoftHSM (the test HSM), PKCS#11 and TLS tools, Prometheus
-# (promtool and the server, used by the tests), aiosmtpd (a real SMTP relay for tests).
-APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config prometheus python3-pip haproxy
+# (promtool and the server, used by the tests), aiosmtpd (a real SMTP relay for tests),
+# PostgreSQL (tests/wallet_pg.rs starts a throwaway cluster with its binaries), HAProxy (tests/cluster.rs).
+APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config prometheus python3-pip postgresql haproxy
 
 .PHONY: all setup deps build run serve test lint demo bench fuzz clean
 

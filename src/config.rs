@@ -28,8 +28,17 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalletConfig {
+    /// Where the ledger lives: `sqlite` (default, the file `ledger`) or
+    /// `postgres` (the server at `postgres_url`, shared by several nodes).
+    pub backend: LedgerBackend,
     /// The ledger database, relative to data_dir. Default `ledger.db`.
     pub ledger: PathBuf,
+    /// libpq `key=value` connection string, without a password, e.g.
+    /// `host=127.0.0.1 port=5432 user=keybroker dbname=keybroker`.
+    pub postgres_url: String,
+    /// File whose first line is the PostgreSQL password (relative to
+    /// data_dir); empty: none (peer or trust authentication).
+    pub password_file: PathBuf,
     /// SMTP relay `host:port` for notifications; empty: a Maildir under
     /// data_dir/mail.
     pub smtp_relay: String,
@@ -48,7 +57,10 @@ pub struct WalletConfig {
 impl Default for WalletConfig {
     fn default() -> Self {
         Self {
+            backend: LedgerBackend::Sqlite,
             ledger: PathBuf::from("ledger.db"),
+            postgres_url: String::new(),
+            password_file: PathBuf::new(),
             smtp_relay: String::new(),
             mail_from: "keybroker@localhost".into(),
             voucher_issuer: PathBuf::new(),
@@ -59,6 +71,14 @@ impl Default for WalletConfig {
             group_max: 512,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerBackend {
+    #[default]
+    Sqlite,
+    Postgres,
 }
 
 #[derive(Clone, Debug, Deserialize)]

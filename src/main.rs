@@ -451,18 +451,9 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
 }
 
 fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
-    use keybroker::wallet::Ledger;
-    use keybroker::wallet::chain::{ChainMac, HsmChainMac};
-    use keybroker::wallet::ledger::{LedgerConfig, SqliteLedger};
     let hsm = std::sync::Arc::new(keybroker::hsm::Hsm::open(cfg)?);
-    let ledger = SqliteLedger::open(
-        &cfg.path(&cfg.wallet.ledger),
-        LedgerConfig {
-            currencies: cfg.wallet.currencies.clone(),
-            ..LedgerConfig::default()
-        },
-        Box::new(move || Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn ChainMac>)),
-    )?;
+    // The configured back end (`wallet.backend`); no mailer here.
+    let (ledger, _) = keybroker::broker::open_ledger(cfg, hsm)?;
     match c {
         WalletCmd::Balance { user } => {
             for a in ledger.balance(&user)? {

@@ -1,53 +1,26 @@
 //! The wallet against a real SoftHSM token (`HsmChainMac`), a real SQLite
 //! file, and a real SMTP relay on loopback (Python's aiosmtpd).
 //!
-//! One token for the whole test binary: `keybroker init` creates it (with
-//! the `kb-ledger-mac` key), then this process loads SoftHSM once.
+//! One token for the whole test binary (`common::shared_hsm`).
 
 mod common;
 
 use common::relay::{Relay, free_port};
-use keybroker::config::Config;
+use common::wallet::{assert_audit_ok, balance, block_on, buy, cancel, eur, fund, mail};
 use keybroker::hsm::Hsm;
 use keybroker::wallet::mailer::{Mailer, MailerConfig, Transport, outbox_pending};
 use keybroker::wallet::voucher;
 use keybroker::wallet::{
-    Amount, CancelRequest, ChainMac, Decision, HsmChainMac, Ledger, LedgerConfig, MAX_AMOUNT,
-    PurchaseRequest, SqliteLedger, TopUpRequest, WalletError,
+    Amount, ChainMac, Decision, HsmChainMac, Ledger, LedgerConfig, MAX_AMOUNT, SqliteLedger,
+    TopUpRequest, WalletError,
 };
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-struct Shared {
-    _env: common::Env,
-    hsm: Arc<Hsm>,
-}
-
-static SHARED: OnceLock<Shared> = OnceLock::new();
-
 fn hsm() -> Arc<Hsm> {
-    SHARED
-        .get_or_init(|| {
-            let env = common::Env::new("");
-            let cfg = Config::load(Some(&env.config), None).expect("config");
-            let conf = cfg.path(&cfg.hsm.softhsm2_conf);
-            // SoftHSM reads SOFTHSM2_CONF when the module loads, which
-            // happens right below, once per test binary.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::env::set_var("SOFTHSM2_CONF", conf);
-                std::env::remove_var("KEYBROKER_HSM_PIN");
-            }
-            let hsm = Hsm::open(&cfg).expect("open the HSM");
-            Shared {
-                _env: env,
-                hsm: Arc::new(hsm),
-            }
-        })
-        .hsm
-        .clone()
+    common::shared_hsm()
 }
 
 struct Fixture {
@@ -80,77 +53,6 @@ fn open(path: &Path, cfg: LedgerConfig) -> SqliteLedger {
         Box::new(move || Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn ChainMac>)),
     )
     .expect("open ledger")
-}
-
-fn eur(minor: i64) -> Amount {
-    Amount::new(minor, "EUR").unwrap()
-}
-
-fn mail(user: &str) -> String {
-    format!("{user}@example.org")
-}
-
-static VOUCHERS: AtomicU64 = AtomicU64::new(0);
-
-fn fund(l: &SqliteLedger, user: &str, amount: Amount) {
-    let id = format!(
-        "test-{}-{}",
-        std::process::id(),
-        VOUCHERS.fetch_add(1, Ordering::Relaxed)
-    );
-    l.top_up(TopUpRequest {
-        user: user.into(),
-        amount,
-        voucher_id: id,
-        mail_to: mail(user),
-    })
-    .expect("top up");
-}
-
-fn buy(user: &str, minor: i64, key: &str) -> PurchaseRequest {
-    PurchaseRequest {
-        user: user.into(),
-        market: "m1".into(),
-        amount: eur(minor),
-        order_ref: format!("order {key}"),
-        idempotency_key: key.into(),
-        mail_to: mail(user),
-    }
-}
-
-fn cancel(user: &str, d: &str) -> CancelRequest {
-    CancelRequest {
-        user: user.into(),
-        decision_id: d.into(),
-        mail_to: mail(user),
-        market: None,
-    }
-}
-
-fn balance(l: &SqliteLedger, user: &str) -> i64 {
-    l.balance(user)
-        .unwrap()
-        .iter()
-        .find(|a| a.currency.as_str() == "EUR")
-        .map_or(0, |a| a.minor)
-}
-
-fn assert_audit_ok(l: &SqliteLedger) {
-    let r = l.audit().unwrap();
-    assert!(r.ok, "audit: {:?}", r.problems);
-}
-
-fn block_on<T>(mut rx: futures_channel::oneshot::Receiver<T>) -> T {
-    // No executor here: poll until the writer answers.
-    let start = Instant::now();
-    loop {
-        match rx.try_recv() {
-            Ok(Some(v)) => return v,
-            Ok(None) => std::thread::sleep(Duration::from_micros(200)),
-            Err(_) => panic!("ledger writer dropped the answer"),
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "no answer");
-    }
 }
 
 #[test]

@@ -182,28 +182,62 @@ type Wallet = (
     Option<Vec<u8>>,
 );
 
-/// The ledger (its writer owns an HSM session for the HMAC chain), the
-/// mailer, and the voucher issuer's key.
-fn open_wallet(cfg: &Config, hsm: Arc<Hsm>) -> Result<Wallet> {
+/// Starts the mailer on the outbox of the ledger it was made for.
+pub type StartMailer = Box<
+    dyn FnOnce(
+        crate::wallet::mailer::MailerConfig,
+    ) -> crate::wallet::WalletResult<crate::wallet::mailer::Mailer>,
+>;
+
+/// The configured ledger (`wallet.backend`), its writer owning an HSM
+/// session for the HMAC chain, and the outbox its mailer drains.
+pub fn open_ledger(
+    cfg: &Config,
+    hsm: Arc<Hsm>,
+) -> Result<(Arc<dyn crate::wallet::Ledger>, StartMailer)> {
+    use crate::config::LedgerBackend;
     use crate::wallet::{
-        chain::HsmChainMac,
-        ledger::{LedgerConfig, SqliteLedger},
-        mailer,
+        ChainMac, HsmChainMac, LedgerConfig, PgConnect, PgLedger, SqliteLedger, mailer::Mailer,
+        pg::PgOutbox,
     };
     let w = &cfg.wallet;
-    let path = cfg.path(&w.ledger);
-    let ledger = SqliteLedger::open(
-        &path,
-        LedgerConfig {
-            queue: w.queue,
-            group_max: w.group_max,
-            currencies: w.currencies.clone(),
-        },
-        Box::new(move || {
-            Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn crate::wallet::chain::ChainMac>)
-        }),
-    )
-    .context("opening the ledger")?;
+    let lc = LedgerConfig {
+        queue: w.queue,
+        group_max: w.group_max,
+        currencies: w.currencies.clone(),
+    };
+    let mac: crate::wallet::ledger::MacFactory =
+        Box::new(move || Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn ChainMac>));
+    Ok(match w.backend {
+        LedgerBackend::Sqlite => {
+            let path = cfg.path(&w.ledger);
+            let l = SqliteLedger::open(&path, lc, mac).context("opening the ledger")?;
+            (Arc::new(l), Box::new(move |mc| Mailer::start(&path, mc)))
+        }
+        LedgerBackend::Postgres => {
+            anyhow::ensure!(
+                !w.postgres_url.is_empty(),
+                "wallet.backend = \"postgres\" needs wallet.postgres_url"
+            );
+            let db = PgConnect {
+                url: w.postgres_url.clone(),
+                password_file: (!w.password_file.as_os_str().is_empty())
+                    .then(|| cfg.path(&w.password_file)),
+            };
+            let l = PgLedger::connect(&db, lc, mac).context("opening the PostgreSQL ledger")?;
+            (
+                Arc::new(l),
+                Box::new(move |mc| Mailer::start_outbox(PgOutbox::connect(&db)?, mc)),
+            )
+        }
+    })
+}
+
+/// The ledger, the mailer, and the voucher issuer's key.
+fn open_wallet(cfg: &Config, hsm: Arc<Hsm>) -> Result<Wallet> {
+    use crate::wallet::mailer;
+    let w = &cfg.wallet;
+    let (ledger, start_mailer) = open_ledger(cfg, hsm)?;
     let transport = if w.smtp_relay.is_empty() {
         mailer::Transport::Maildir(cfg.data_dir.join("mail"))
     } else {
@@ -216,7 +250,7 @@ fn open_wallet(cfg: &Config, hsm: Arc<Hsm>) -> Result<Wallet> {
     };
     let mut mc = mailer::MailerConfig::new(transport);
     mc.from = w.mail_from.clone();
-    let mailer = mailer::Mailer::start(&path, mc).context("starting the mailer")?;
+    let mailer = start_mailer(mc).context("starting the mailer")?;
     let issuer = if w.voucher_issuer.as_os_str().is_empty() {
         None
     } else {
@@ -225,7 +259,7 @@ fn open_wallet(cfg: &Config, hsm: Arc<Hsm>) -> Result<Wallet> {
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         Some(crate::wallet::voucher::pem_der(&text, "PUBLIC KEY").context("voucher issuer key")?)
     };
-    Ok((Arc::new(ledger), mailer, issuer))
+    Ok((ledger, mailer, issuer))
 }
 
 /// Re-derives the ticket keys as epochs pass (a quarter period apart).

@@ -9,52 +9,13 @@
 
 use super::chain::{GENESIS, entry_mac};
 use super::ledger::Request;
+use super::store::{NewMail, Scanned, Store};
 use super::{
     Amount, AuditReport, CancelRequest, ChainMac, Currency, Decision, Entry, EntryKind, MAX_AMOUNT,
     PurchaseRequest, TopUpRequest, WalletError, WalletResult, check_id, check_mail, check_text,
     now_ms,
 };
-use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::collections::BTreeMap;
-
-pub(crate) const ENTRY_COLUMNS: &str = "seq, user, kind, decision_id, amount, currency, \
-     balance_after, market, order_ref, idempotency_key, voucher_id, created_ms, prev_mac, mac";
-
-/// Reads an entry; the inner error describes a row that cannot be one.
-pub(crate) fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Entry, String>> {
-    let seq: i64 = r.get(0)?;
-    let kind: String = r.get(2)?;
-    let currency: String = r.get(5)?;
-    let prev: Vec<u8> = r.get(12)?;
-    let mac: Vec<u8> = r.get(13)?;
-    let Some(kind) = EntryKind::parse(&kind) else {
-        return Ok(Err(format!("entry {seq}: unknown kind {kind:?}")));
-    };
-    let Ok(currency) = Currency::new(&currency) else {
-        return Ok(Err(format!("entry {seq}: bad currency {currency:?}")));
-    };
-    let (Ok(prev_mac), Ok(mac)) = (prev.as_slice().try_into(), mac.as_slice().try_into()) else {
-        return Ok(Err(format!("entry {seq}: MAC is not 32 bytes")));
-    };
-    Ok(Ok(Entry {
-        seq,
-        user: r.get(1)?,
-        kind,
-        decision_id: r.get(3)?,
-        amount: Amount {
-            minor: r.get(4)?,
-            currency,
-        },
-        balance_after: r.get(6)?,
-        market: r.get(7)?,
-        order_ref: r.get(8)?,
-        idempotency_key: r.get(9)?,
-        voucher_id: r.get(10)?,
-        created_ms: r.get(11)?,
-        prev_mac,
-        mac,
-    }))
-}
 
 fn random_id() -> String {
     let mut b = [0u8; 16];
@@ -77,40 +38,38 @@ fn answer<T: 'static>(res: WalletResult<T>, reply: super::ledger::Reply<T>) -> A
     })
 }
 
-pub(crate) struct Writer {
-    conn: Connection,
+pub(crate) struct Writer<S> {
+    store: S,
     mac: Box<dyn ChainMac>,
     currencies: Vec<Currency>,
     /// Last committed (or, inside a group, last appended) seq and MAC.
     head: (i64, [u8; 32]),
+    /// The newest committed head this writer has seen (read or written).
+    /// The chain may grow past it (other writers) but never lose it.
+    known: (i64, [u8; 32]),
 }
 
-impl Writer {
+impl<S: Store> Writer<S> {
     pub(crate) fn new(
-        conn: Connection,
+        store: S,
         mac: Box<dyn ChainMac>,
         currencies: Vec<Currency>,
     ) -> WalletResult<Self> {
         let mut w = Self {
-            conn,
+            store,
             mac,
             currencies,
             head: (0, GENESIS),
+            known: (0, GENESIS),
         };
         w.load_head()?;
         Ok(w)
     }
 
+    /// Reads the chain head. A chain shorter than one already seen lost
+    /// entries: appending to it would fork the history, so it is refused.
     fn load_head(&mut self) -> WalletResult<()> {
-        let last: Option<(i64, Vec<u8>)> = self
-            .conn
-            .query_row(
-                "SELECT seq, mac FROM entries ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        self.head = match last {
+        let head = match self.store.head()? {
             None => (0, GENESIS),
             Some((seq, mac)) => (
                 seq,
@@ -119,6 +78,14 @@ impl Writer {
                 })?,
             ),
         };
+        if head.0 < self.known.0 || (head.0 == self.known.0 && head.1 != self.known.1) {
+            return Err(WalletError::Storage(format!(
+                "the chain head went back from entry {} to {}: entries were removed; run the audit",
+                self.known.0, head.0
+            )));
+        }
+        self.head = head;
+        self.known = head;
         Ok(())
     }
 
@@ -129,9 +96,8 @@ impl Writer {
         // The head is re-read under the write lock: another writer (a second
         // process or node on the same ledger) may have appended since.
         let mut fatal = self
-            .conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(WalletError::from)
+            .store
+            .begin_write()
             .and_then(|()| self.load_head())
             .err();
         for req in group.drain(..) {
@@ -155,21 +121,16 @@ impl Writer {
             }
         }
         if fatal.is_none() && !answers.is_empty() {
-            fatal = self
-                .conn
-                .execute_batch("COMMIT")
-                .err()
-                .map(WalletError::from);
+            fatal = self.store.commit().err();
+            if fatal.is_none() {
+                self.known = self.head;
+            }
         } else if fatal.is_none() {
-            fatal = self
-                .conn
-                .execute_batch("ROLLBACK")
-                .err()
-                .map(WalletError::from);
+            fatal = self.store.rollback().err();
         }
         if let Some(e) = &fatal {
             tracing::error!(error = %e, requests = answers.len(), "ledger group rolled back");
-            let _ = self.conn.execute_batch("ROLLBACK");
+            let _ = self.store.rollback();
             if let Err(e) = self.load_head() {
                 tracing::error!(error = %e, "reloading the chain head");
             }
@@ -203,105 +164,14 @@ impl Writer {
         Ok(())
     }
 
-    fn balance_of(&self, user: &str, currency: &str) -> WalletResult<i64> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT balance FROM accounts WHERE user = ?1 AND currency = ?2")?;
-        Ok(st
-            .query_row(params![user, currency], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0))
-    }
-
-    fn set_balance(&self, user: &str, currency: &str, balance: i64) -> WalletResult<()> {
-        let mut st = self.conn.prepare_cached(
-            "INSERT INTO accounts (user, currency, balance) VALUES (?1, ?2, ?3)
-             ON CONFLICT (user, currency) DO UPDATE SET balance = excluded.balance",
-        )?;
-        st.execute(params![user, currency, balance])?;
-        Ok(())
-    }
-
     /// Chains and inserts `e`; fills in its seq and MACs.
     fn append(&mut self, mut e: Entry) -> WalletResult<Entry> {
         e.seq = self.head.0 + 1;
         e.prev_mac = self.head.1;
         e.mac = entry_mac(self.mac.as_ref(), &e, &e.prev_mac)?;
-        let mut st = self.conn.prepare_cached(&format!(
-            "INSERT INTO entries ({ENTRY_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-        ))?;
-        st.execute(params![
-            e.seq,
-            e.user,
-            e.kind.as_str(),
-            e.decision_id,
-            e.amount.minor,
-            e.amount.currency.as_str(),
-            e.balance_after,
-            e.market,
-            e.order_ref,
-            e.idempotency_key,
-            e.voucher_id,
-            e.created_ms,
-            &e.prev_mac[..],
-            &e.mac[..],
-        ])?;
+        self.store.insert_entry(&e)?;
         self.head = (e.seq, e.mac);
         Ok(e)
-    }
-
-    fn queue_mail(
-        &self,
-        message_id: &str,
-        user: &str,
-        to: &str,
-        subject: &str,
-        body: &str,
-        now: i64,
-    ) -> WalletResult<()> {
-        let mut st = self.conn.prepare_cached(
-            "INSERT INTO outbox (message_id, user, mail_to, subject, body, state, attempts, next_attempt_ms, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6)",
-        )?;
-        st.execute(params![message_id, user, to, subject, body, now])?;
-        Ok(())
-    }
-
-    fn decision_by_key(&self, user: &str, key: &str) -> WalletResult<Option<Decision>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT id, seq, market, amount, currency, order_ref, balance_after, created_ms
-             FROM decisions WHERE user = ?1 AND idempotency_key = ?2",
-        )?;
-        let row = st
-            .query_row(params![user, key], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, i64>(6)?,
-                    r.get::<_, i64>(7)?,
-                ))
-            })
-            .optional()?;
-        let Some((id, seq, market, minor, cur, order_ref, balance_after, created_ms)) = row else {
-            return Ok(None);
-        };
-        let currency = Currency::new(&cur)
-            .map_err(|_| WalletError::Storage(format!("decision {id}: bad currency")))?;
-        Ok(Some(Decision {
-            id,
-            seq,
-            user: user.into(),
-            market,
-            amount: Amount { minor, currency },
-            order_ref,
-            balance_after,
-            created_ms,
-        }))
     }
 
     fn purchase(&mut self, r: &PurchaseRequest) -> WalletResult<Decision> {
@@ -311,11 +181,12 @@ impl Writer {
         check_text("idempotency key", &r.idempotency_key, 128, false)?;
         check_mail(&r.mail_to)?;
         self.check_amount(&r.amount)?;
-        if let Some(d) = self.decision_by_key(&r.user, &r.idempotency_key)? {
-            return Ok(d);
+        if let Some(d) = self.store.decision_by_key(&r.user, &r.idempotency_key)? {
+            return d.into_decision(&r.user);
         }
         let cur = r.amount.currency.as_str();
         let after = self
+            .store
             .balance_of(&r.user, cur)?
             .checked_sub(r.amount.minor)
             .ok_or(WalletError::Overflow)?;
@@ -324,7 +195,7 @@ impl Writer {
         }
         let id = random_id();
         let now = now_ms();
-        self.set_balance(&r.user, cur, after)?;
+        self.store.set_balance(&r.user, cur, after)?;
         let e = self.append(Entry {
             seq: 0,
             user: r.user.clone(),
@@ -340,30 +211,7 @@ impl Writer {
             prev_mac: GENESIS,
             mac: GENESIS,
         })?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO decisions (id, user, market, amount, currency, order_ref, idempotency_key, state, seq, balance_after, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', ?8, ?9, ?10)",
-            )?
-            .execute(params![
-                id, r.user, r.market, r.amount.minor, cur, r.order_ref, r.idempotency_key, e.seq, after, now
-            ])?;
-        let after_a = Amount {
-            minor: after,
-            ..r.amount
-        };
-        self.queue_mail(
-            &format!("<decision-{id}@keybroker>"),
-            &r.user,
-            &r.mail_to,
-            &format!("keybroker: purchase of {} at {}", r.amount, r.market),
-            &format!(
-                "Your home card paid {} to market {}.\r\n\r\nDecision: {id}\r\nOrder: {}\r\nBalance now: {after_a}\r\nLedger entry: {}\r\n",
-                r.amount, r.market, r.order_ref, e.seq
-            ),
-            now,
-        )?;
-        Ok(Decision {
+        let d = Decision {
             id,
             seq: e.seq,
             user: r.user.clone(),
@@ -372,47 +220,58 @@ impl Writer {
             order_ref: r.order_ref.clone(),
             balance_after: after,
             created_ms: now,
-        })
+        };
+        self.store.insert_decision(&d, &r.idempotency_key)?;
+        let after_a = Amount {
+            minor: after,
+            ..r.amount
+        };
+        self.store.queue_mail(&NewMail {
+            message_id: &format!("<decision-{}@keybroker>", d.id),
+            user: &r.user,
+            to: &r.mail_to,
+            subject: &format!("keybroker: purchase of {} at {}", r.amount, r.market),
+            body: &format!(
+                "Your home card paid {} to market {}.\r\n\r\nDecision: {}\r\nOrder: {}\r\nBalance now: {after_a}\r\nLedger entry: {}\r\n",
+                r.amount, r.market, d.id, r.order_ref, e.seq
+            ),
+            now,
+        })?;
+        Ok(d)
     }
 
     fn cancel(&mut self, r: &CancelRequest) -> WalletResult<Entry> {
         check_id("user", &r.user)?;
         check_text("decision id", &r.decision_id, 64, false)?;
         check_mail(&r.mail_to)?;
-        let row: Option<(String, String, i64, String, String, String)> = self
-            .conn
-            .prepare_cached(
-                "SELECT user, market, amount, currency, order_ref, state FROM decisions WHERE id = ?1",
-            )?
-            .query_row([&r.decision_id], |x| {
-                Ok((x.get(0)?, x.get(1)?, x.get(2)?, x.get(3)?, x.get(4)?, x.get(5)?))
-            })
-            .optional()?;
-        let Some((owner, market, minor, cur, order_ref, state)) = row else {
+        let Some(d) = self.store.decision_by_id(&r.decision_id)? else {
             return Err(WalletError::UnknownDecision);
         };
-        if owner != r.user {
+        if d.user != r.user {
             return Err(WalletError::NotYourDecision);
         }
-        if r.market.as_ref().is_some_and(|m| *m != market) {
+        if r.market.as_ref().is_some_and(|m| *m != d.market) {
             return Err(WalletError::BadAuthorisation);
         }
-        if state != "active" {
+        if d.state != "active" {
             return Err(WalletError::AlreadyCancelled);
         }
-        let currency = Currency::new(&cur).map_err(|_| {
+        let currency = Currency::new(&d.currency).map_err(|_| {
             WalletError::Storage(format!("decision {}: bad currency", r.decision_id))
         })?;
         let after = self
-            .balance_of(&r.user, &cur)?
-            .checked_add(minor)
+            .store
+            .balance_of(&r.user, &d.currency)?
+            .checked_add(d.amount)
             .ok_or(WalletError::Overflow)?;
         let now = now_ms();
-        self.conn
-            .prepare_cached("UPDATE decisions SET state = 'cancelled' WHERE id = ?1")?
-            .execute([&r.decision_id])?;
-        self.set_balance(&r.user, &cur, after)?;
-        let amount = Amount { minor, currency };
+        self.store.mark_cancelled(&r.decision_id)?;
+        self.store.set_balance(&r.user, &d.currency, after)?;
+        let amount = Amount {
+            minor: d.amount,
+            currency,
+        };
+        let market = d.market;
         let e = self.append(Entry {
             seq: 0,
             user: r.user.clone(),
@@ -421,7 +280,7 @@ impl Writer {
             amount,
             balance_after: after,
             market: market.clone(),
-            order_ref,
+            order_ref: d.order_ref,
             idempotency_key: String::new(),
             voucher_id: String::new(),
             created_ms: now,
@@ -432,17 +291,17 @@ impl Writer {
             minor: after,
             currency,
         };
-        self.queue_mail(
-            &format!("<cancel-{}@keybroker>", r.decision_id),
-            &r.user,
-            &r.mail_to,
-            &format!("keybroker: purchase at {market} cancelled, {amount} refunded"),
-            &format!(
+        self.store.queue_mail(&NewMail {
+            message_id: &format!("<cancel-{}@keybroker>", r.decision_id),
+            user: &r.user,
+            to: &r.mail_to,
+            subject: &format!("keybroker: purchase at {market} cancelled, {amount} refunded"),
+            body: &format!(
                 "Market {market} cancelled decision {}.\r\n\r\nRefunded: {amount}\r\nBalance now: {after_a}\r\nLedger entry: {}\r\n",
                 r.decision_id, e.seq
             ),
             now,
-        )?;
+        })?;
         Ok(e)
     }
 
@@ -451,21 +310,17 @@ impl Writer {
         check_text("voucher id", &r.voucher_id, 64, false)?;
         check_mail(&r.mail_to)?;
         self.check_amount(&r.amount)?;
-        let used: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT seq FROM vouchers_used WHERE voucher_id = ?1")?
-            .query_row([&r.voucher_id], |x| x.get(0))
-            .optional()?;
-        if used.is_some() {
+        if self.store.voucher_used(&r.voucher_id)? {
             return Err(WalletError::VoucherUsed);
         }
         let cur = r.amount.currency.as_str();
         let after = self
+            .store
             .balance_of(&r.user, cur)?
             .checked_add(r.amount.minor)
             .ok_or(WalletError::Overflow)?;
         let now = now_ms();
-        self.set_balance(&r.user, cur, after)?;
+        self.store.set_balance(&r.user, cur, after)?;
         let e = self.append(Entry {
             seq: 0,
             user: r.user.clone(),
@@ -481,127 +336,163 @@ impl Writer {
             prev_mac: GENESIS,
             mac: GENESIS,
         })?;
-        self.conn
-            .prepare_cached("INSERT INTO vouchers_used (voucher_id, seq) VALUES (?1, ?2)")?
-            .execute(params![r.voucher_id, e.seq])?;
+        self.store.insert_voucher(&r.voucher_id, e.seq)?;
         let after_a = Amount {
             minor: after,
             ..r.amount
         };
-        self.queue_mail(
-            &format!("<topup-{}@keybroker>", r.voucher_id),
-            &r.user,
-            &r.mail_to,
-            &format!("keybroker: top-up of {}", r.amount),
-            &format!(
+        self.store.queue_mail(&NewMail {
+            message_id: &format!("<topup-{}@keybroker>", r.voucher_id),
+            user: &r.user,
+            to: &r.mail_to,
+            subject: &format!("keybroker: top-up of {}", r.amount),
+            body: &format!(
                 "Your home card was credited {}.\r\n\r\nVoucher: {}\r\nBalance now: {after_a}\r\nLedger entry: {}\r\n",
                 r.amount, r.voucher_id, e.seq
             ),
             now,
-        )?;
+        })?;
         Ok(e)
     }
 
     /// Re-verifies every MAC and link, recomputes every balance from the
     /// entries, and compares with `accounts`. Reads one snapshot.
-    pub(crate) fn audit(&self) -> WalletResult<AuditReport> {
-        const MAX_PROBLEMS: usize = 100;
-        let tx = self.conn.unchecked_transaction()?;
-        let mut problems = Vec::new();
-        let mut note = |p: String| {
-            if problems.len() < MAX_PROBLEMS {
-                problems.push(p);
-            } else if problems.len() == MAX_PROBLEMS {
-                problems.push("more problems not listed".into());
+    pub(crate) fn audit(&mut self) -> WalletResult<AuditReport> {
+        let mut a = Audit::new(self.mac.as_ref(), self.known);
+        self.store.scan(&mut |s| match s {
+            Scanned::Entry(e) => a.entry(e),
+            Scanned::Account(user, currency, stored) => {
+                a.account(user, currency, stored);
+                Ok(())
+            }
+        })?;
+        Ok(a.finish())
+    }
+}
+
+/// The audit's running state: the chain so far and the balances the
+/// entries give.
+struct Audit<'m> {
+    mac: &'m dyn ChainMac,
+    /// The newest head this writer knows: it must be in the chain.
+    written: (i64, [u8; 32]),
+    written_seen: bool,
+    problems: Vec<String>,
+    balances: BTreeMap<(String, String), i64>,
+    prev: [u8; 32],
+    expect: i64,
+    count: u64,
+}
+
+impl<'m> Audit<'m> {
+    const MAX_PROBLEMS: usize = 100;
+
+    fn new(mac: &'m dyn ChainMac, written: (i64, [u8; 32])) -> Self {
+        Self {
+            mac,
+            written,
+            written_seen: written.0 == 0,
+            problems: Vec::new(),
+            balances: BTreeMap::new(),
+            prev: GENESIS,
+            expect: 1,
+            count: 0,
+        }
+    }
+
+    fn note(&mut self, p: String) {
+        if self.problems.len() < Self::MAX_PROBLEMS {
+            self.problems.push(p);
+        } else if self.problems.len() == Self::MAX_PROBLEMS {
+            self.problems.push("more problems not listed".into());
+        }
+    }
+
+    fn entry(&mut self, e: Result<Entry, String>) -> WalletResult<()> {
+        self.count += 1;
+        let e = match e {
+            Ok(e) => e,
+            Err(p) => {
+                self.note(p);
+                return Ok(());
             }
         };
-        let mut balances: BTreeMap<(String, String), i64> = BTreeMap::new();
-        let mut prev = GENESIS;
-        let mut expect = 1i64;
-        let mut count = 0u64;
-        {
-            let mut st =
-                tx.prepare(&format!("SELECT {ENTRY_COLUMNS} FROM entries ORDER BY seq"))?;
-            let mut rows = st.query([])?;
-            while let Some(row) = rows.next()? {
-                count += 1;
-                let e = match entry_from_row(row)? {
-                    Ok(e) => e,
-                    Err(p) => {
-                        note(p);
-                        continue;
-                    }
-                };
-                if e.seq != expect {
-                    note(format!("entry {}: expected seq {expect}", e.seq));
-                }
-                expect = e.seq.saturating_add(1);
-                if e.prev_mac != prev {
-                    note(format!(
-                        "entry {}: prev_mac does not link to the entry before",
-                        e.seq
-                    ));
-                }
-                if entry_mac(self.mac.as_ref(), &e, &e.prev_mac)? != e.mac {
-                    note(format!("entry {}: MAC mismatch (entry altered)", e.seq));
-                }
-                prev = e.mac;
-                if e.amount.minor <= 0 {
-                    note(format!("entry {}: non-positive amount", e.seq));
-                }
-                let bal = balances
-                    .entry((e.user.clone(), e.amount.currency.as_str().to_owned()))
-                    .or_insert(0);
-                let next = match e.kind {
-                    EntryKind::Purchase => bal.checked_sub(e.amount.minor),
-                    EntryKind::Cancel | EntryKind::TopUp => bal.checked_add(e.amount.minor),
-                };
-                match next {
-                    Some(n) => *bal = n,
-                    None => note(format!("entry {}: balance overflows", e.seq)),
-                }
-                if *bal < 0 {
-                    note(format!("entry {}: balance below zero", e.seq));
-                }
-                if *bal != e.balance_after {
-                    note(format!(
-                        "entry {}: balance_after {} but entries give {}",
-                        e.seq, e.balance_after, bal
-                    ));
-                }
-            }
+        if e.seq != self.expect {
+            self.note(format!("entry {}: expected seq {}", e.seq, self.expect));
         }
-        if self.head.0 != 0 && (prev != self.head.1 || expect - 1 != self.head.0) {
-            note(format!(
-                "chain ends before the last written entry {}",
-                self.head.0
+        self.expect = e.seq.saturating_add(1);
+        if e.prev_mac != self.prev {
+            self.note(format!(
+                "entry {}: prev_mac does not link to the entry before",
+                e.seq
             ));
         }
-        {
-            let mut st = tx.prepare("SELECT user, currency, balance FROM accounts")?;
-            let mut rows = st.query([])?;
-            while let Some(row) = rows.next()? {
-                let key: (String, String) = (row.get(0)?, row.get(1)?);
-                let stored: i64 = row.get(2)?;
-                let computed = balances.remove(&key).unwrap_or(0);
-                if stored != computed {
-                    note(format!(
-                        "account {}/{}: stored balance {stored}, entries give {computed}",
-                        key.0, key.1
-                    ));
-                }
-            }
+        if entry_mac(self.mac, &e, &e.prev_mac)? != e.mac {
+            self.note(format!("entry {}: MAC mismatch (entry altered)", e.seq));
         }
-        for ((user, cur), bal) in balances {
+        if e.seq == self.written.0 && e.mac == self.written.1 {
+            self.written_seen = true;
+        }
+        self.prev = e.mac;
+        if e.amount.minor <= 0 {
+            self.note(format!("entry {}: non-positive amount", e.seq));
+        }
+        let bal = self
+            .balances
+            .entry((e.user.clone(), e.amount.currency.as_str().to_owned()))
+            .or_insert(0);
+        let next = match e.kind {
+            EntryKind::Purchase => bal.checked_sub(e.amount.minor),
+            EntryKind::Cancel | EntryKind::TopUp => bal.checked_add(e.amount.minor),
+        };
+        let mut found = Vec::new();
+        match next {
+            Some(n) => *bal = n,
+            None => found.push(format!("entry {}: balance overflows", e.seq)),
+        }
+        if *bal < 0 {
+            found.push(format!("entry {}: balance below zero", e.seq));
+        }
+        if *bal != e.balance_after {
+            found.push(format!(
+                "entry {}: balance_after {} but entries give {}",
+                e.seq, e.balance_after, bal
+            ));
+        }
+        for p in found {
+            self.note(p);
+        }
+        Ok(())
+    }
+
+    fn account(&mut self, user: String, currency: String, stored: i64) {
+        let computed = self
+            .balances
+            .remove(&(user.clone(), currency.clone()))
+            .unwrap_or(0);
+        if stored != computed {
+            self.note(format!(
+                "account {user}/{currency}: stored balance {stored}, entries give {computed}"
+            ));
+        }
+    }
+
+    fn finish(mut self) -> AuditReport {
+        if !self.written_seen {
+            self.note(format!(
+                "the chain lacks entry {} as this writer last saw it",
+                self.written.0
+            ));
+        }
+        for ((user, cur), bal) in std::mem::take(&mut self.balances) {
             if bal != 0 {
-                note(format!("account {user}/{cur}: missing, entries give {bal}"));
+                self.note(format!("account {user}/{cur}: missing, entries give {bal}"));
             }
         }
-        tx.rollback()?;
-        Ok(AuditReport {
-            entries: count,
-            ok: problems.is_empty(),
-            problems,
-        })
+        AuditReport {
+            entries: self.count,
+            ok: self.problems.is_empty(),
+            problems: self.problems,
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! [`SqliteLedger`]: one writer thread doing group commit, one read
-//! connection for balances and history.
+//! [`GroupLedger`]: one writer thread doing group commit, one read
+//! connection for balances and history, over any [`Store`]:
+//! [`SqliteLedger`] (embedded) or [`super::pg::PgLedger`] (shared server).
 //!
 //! ```text
 //! purchase / cancel / top_up ──try_send──► bounded queue (full → Busy)
@@ -18,14 +19,15 @@
 //! before the first write. A storage or MAC failure rolls the whole group
 //! back and every caller in it gets the error: nothing of it is durable.
 
-use super::apply::{Writer, entry_from_row};
+use super::apply::Writer;
+use super::sqlite::SqliteStore;
+use super::store::Store;
 use super::{
     Amount, AuditReport, CancelRequest, ChainMac, Currency, DEFAULT_CURRENCIES, Decision, Entry,
-    Ledger, Pending, PurchaseRequest, TopUpRequest, WalletError, WalletResult, schema,
+    Ledger, Pending, PurchaseRequest, TopUpRequest, WalletError, WalletResult,
 };
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use futures_channel::oneshot;
-use rusqlite::Connection;
 use std::path::Path;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
@@ -80,13 +82,16 @@ pub(crate) enum Request {
     Audit(Reply<AuditReport>),
 }
 
-/// The embedded ledger. Dropping it lets the writer finish what is queued
-/// and stop.
-pub struct SqliteLedger {
+/// A ledger over the store `S`. Dropping it lets the writer finish what is
+/// queued and stop.
+pub struct GroupLedger<S> {
     tx: Option<Sender<Request>>,
-    reader: Mutex<Connection>,
+    reader: Mutex<S>,
     writer: Option<JoinHandle<()>>,
 }
+
+/// The embedded ledger: one SQLite file.
+pub type SqliteLedger = GroupLedger<SqliteStore>;
 
 /// Builds the chain MAC on the writer thread (an HSM session is per thread).
 pub type MacFactory = Box<dyn FnOnce() -> WalletResult<Box<dyn ChainMac>> + Send>;
@@ -95,23 +100,32 @@ impl SqliteLedger {
     /// Opens (creating if needed) the ledger at `path` and starts the
     /// writer. `mac` runs on the writer thread.
     pub fn open(path: &Path, cfg: LedgerConfig, mac: MacFactory) -> WalletResult<Self> {
+        let path = path.to_path_buf();
+        Self::start(cfg, mac, move || SqliteStore::open(&path))
+    }
+}
+
+impl<S: Store> GroupLedger<S> {
+    /// Starts the writer on a store from `open` (called on the writer
+    /// thread, then again for the reader). `mac` runs on the writer thread.
+    pub fn start(
+        cfg: LedgerConfig,
+        mac: MacFactory,
+        open: impl Fn() -> WalletResult<S> + Send + Sync + 'static,
+    ) -> WalletResult<Self> {
         let mut currencies = Vec::with_capacity(cfg.currencies.len());
         for c in &cfg.currencies {
             currencies.push(Currency::new(c)?);
         }
+        let open = std::sync::Arc::new(open);
         let (tx, rx) = bounded::<Request>(cfg.queue.max(1));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let path_w = path.to_path_buf();
         let group_max = cfg.group_max.max(1);
+        let open_w = open.clone();
         let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || {
-                let w = (|| {
-                    let conn = schema::open(&path_w)?;
-                    conn.execute_batch(schema::SCHEMA)?;
-                    Writer::new(conn, mac()?, currencies)
-                })();
-                match w {
+            .spawn(
+                move || match open_w().and_then(|s| Writer::new(s, mac()?, currencies)) {
                     Ok(w) => {
                         let _ = ready_tx.send(Ok(()));
                         writer_loop(w, &rx, group_max);
@@ -119,13 +133,13 @@ impl SqliteLedger {
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                     }
-                }
-            })
+                },
+            )
             .map_err(|e| WalletError::Storage(format!("spawning the ledger writer: {e}")))?;
         ready_rx
             .recv()
             .map_err(|_| WalletError::Storage("ledger writer died at start".into()))??;
-        let reader = schema::open(path)?;
+        let reader = open()?;
         Ok(Self {
             tx: Some(tx),
             reader: Mutex::new(reader),
@@ -160,12 +174,12 @@ impl SqliteLedger {
             .map_err(|_| WalletError::Storage("ledger writer gone".into()))?
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> WalletResult<T>) -> WalletResult<T> {
-        let c = self
+    fn read<T>(&self, f: impl FnOnce(&mut S) -> WalletResult<T>) -> WalletResult<T> {
+        let mut c = self
             .reader
             .lock()
             .map_err(|_| WalletError::Storage("reader lock poisoned".into()))?;
-        f(&c)
+        f(&mut c)
     }
 }
 
@@ -179,7 +193,7 @@ fn fail(req: Request, e: WalletError) {
     }
 }
 
-fn writer_loop(mut w: Writer, rx: &Receiver<Request>, group_max: usize) {
+fn writer_loop<S: Store>(mut w: Writer<S>, rx: &Receiver<Request>, group_max: usize) {
     let mut group = Vec::with_capacity(group_max);
     while let Ok(first) = rx.recv() {
         group.push(first);
@@ -193,7 +207,7 @@ fn writer_loop(mut w: Writer, rx: &Receiver<Request>, group_max: usize) {
     }
 }
 
-impl Drop for SqliteLedger {
+impl<S> Drop for GroupLedger<S> {
     fn drop(&mut self) {
         self.tx.take();
         if let Some(h) = self.writer.take() {
@@ -202,7 +216,7 @@ impl Drop for SqliteLedger {
     }
 }
 
-impl Ledger for SqliteLedger {
+impl<S: Store> Ledger for GroupLedger<S> {
     fn purchase_async(&self, req: PurchaseRequest) -> Pending<Decision> {
         self.pending(|r| Request::Purchase(req, r))
     }
@@ -223,37 +237,23 @@ impl Ledger for SqliteLedger {
     }
 
     fn balance(&self, user: &str) -> WalletResult<Vec<Amount>> {
-        self.read(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT currency, balance FROM accounts WHERE user = ?1 AND balance != 0 ORDER BY currency",
-            )?;
-            let rows = st.query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (c, minor) = row?;
-                out.push(Amount {
-                    minor,
-                    currency: Currency::new(&c)
-                        .map_err(|_| WalletError::Storage(format!("bad currency {c:?} stored")))?,
-                });
-            }
-            Ok(out)
-        })
+        let rows = self.read(|s| s.balances(user))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (c, minor) in rows {
+            out.push(Amount {
+                minor,
+                currency: Currency::new(&c)
+                    .map_err(|_| WalletError::Storage(format!("bad currency {c:?} stored")))?,
+            });
+        }
+        Ok(out)
     }
 
     fn history(&self, user: &str) -> WalletResult<Vec<Entry>> {
-        self.read(|c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT {} FROM entries WHERE user = ?1 ORDER BY seq",
-                super::apply::ENTRY_COLUMNS
-            ))?;
-            let rows = st.query_map([user], entry_from_row)?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.push(row?.map_err(WalletError::Storage)?);
-            }
-            Ok(out)
-        })
+        let rows = self.read(|s| s.history(user))?;
+        rows.into_iter()
+            .map(|r| r.map_err(WalletError::Storage))
+            .collect()
     }
 
     fn audit(&self) -> WalletResult<AuditReport> {

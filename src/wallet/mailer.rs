@@ -14,6 +14,10 @@
 //! `<cancel-…@keybroker>`, `<topup-…@keybroker>`), which lets the receiver
 //! or the user recognise the duplicate. Nothing is lost: a pending row
 //! stays pending across restarts and relay outages.
+//!
+//! The outbox is an [`Outbox`]: the SQLite file ([`Mailer::start`]) or a
+//! PostgreSQL ledger ([`crate::wallet::pg::PgOutbox`], where the mailers
+//! of several nodes claim rows so each goes out from one node).
 
 use super::{WalletError, WalletResult, now_ms, schema};
 use crossbeam_channel::{RecvTimeoutError, Sender, bounded};
@@ -80,6 +84,7 @@ pub struct Mailer {
 }
 
 impl Mailer {
+    /// Drains the outbox of the SQLite ledger at `db`.
     pub fn start(db: &Path, cfg: MailerConfig) -> WalletResult<Self> {
         let conn = schema::open(db)?;
         // A "sent" mark lost to a power cut (not to a crash: WAL keeps it)
@@ -87,6 +92,11 @@ impl Mailer {
         // message would cost more than it protects.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| super::WalletError::Storage(e.to_string()))?;
+        Self::start_outbox(conn, cfg)
+    }
+
+    /// Drains any outbox.
+    pub fn start_outbox(mut outbox: impl Outbox, cfg: MailerConfig) -> WalletResult<Self> {
         let sender = Sender_::new(&cfg)?;
         let (stop_tx, stop_rx) = bounded::<()>(1);
         let thread = std::thread::Builder::new()
@@ -94,7 +104,7 @@ impl Mailer {
             .spawn(move || {
                 loop {
                     loop {
-                        match drain_once(&conn, &sender, &cfg, now_ms()) {
+                        match drain_once(&mut outbox, &sender, &cfg, now_ms()) {
                             Ok(n) if n >= cfg.batch => continue,
                             Ok(_) => break,
                             Err(e) => {
@@ -138,23 +148,84 @@ impl Drop for Mailer {
 
 /// How many mails wait in the outbox of the ledger at `db`.
 pub fn outbox_pending(db: &Path) -> WalletResult<usize> {
-    let c = schema::open(db)?;
-    let n: i64 = c.query_row(
-        "SELECT count(*) FROM outbox WHERE state = 'pending'",
-        [],
-        |r| r.get(0),
-    )?;
-    Ok(usize::try_from(n).unwrap_or(0))
+    schema::open(db)?.pending()
 }
 
 /// One outbox row on its way out.
-struct Outgoing {
-    id: i64,
-    message_id: String,
-    to: String,
-    subject: String,
-    body: String,
-    attempts: u32,
+pub struct Outgoing {
+    pub id: i64,
+    pub message_id: String,
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+    pub attempts: u32,
+}
+
+/// Where the mailer finds its mail.
+pub trait Outbox: Send + 'static {
+    /// Pending rows due at `now`, oldest first, at most `limit`.
+    fn due(&mut self, now: i64, limit: usize) -> WalletResult<Vec<Outgoing>>;
+    /// The transport accepted `id`: marks it sent, durably enough that a
+    /// crash re-sends at most the one message in flight.
+    fn mark_sent(&mut self, id: i64) -> WalletResult<()>;
+    /// The transport refused `failed` (one more attempt) and `rest` was not
+    /// tried: all wait until `next`.
+    fn defer(&mut self, failed: i64, rest: &[i64], next: i64) -> WalletResult<()>;
+    /// How many rows wait.
+    fn pending(&mut self) -> WalletResult<usize>;
+}
+
+impl Outbox for Connection {
+    fn due(&mut self, now: i64, limit: usize) -> WalletResult<Vec<Outgoing>> {
+        let mut st = self.prepare_cached(
+            "SELECT id, message_id, mail_to, subject, body, attempts FROM outbox
+             WHERE state = 'pending' AND next_attempt_ms <= ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = st.query_map(
+            params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok(Outgoing {
+                    id: r.get(0)?,
+                    message_id: r.get(1)?,
+                    to: r.get(2)?,
+                    subject: r.get(3)?,
+                    body: r.get(4)?,
+                    attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn mark_sent(&mut self, id: i64) -> WalletResult<()> {
+        self.prepare_cached("UPDATE outbox SET state = 'sent' WHERE id = ?1")?
+            .execute([id])?;
+        Ok(())
+    }
+
+    fn defer(&mut self, failed: i64, rest: &[i64], next: i64) -> WalletResult<()> {
+        let t = self.unchecked_transaction()?;
+        t.prepare_cached(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?2 WHERE id = ?1",
+        )?
+        .execute(params![failed, next])?;
+        let mut defer = t.prepare_cached("UPDATE outbox SET next_attempt_ms = ?2 WHERE id = ?1")?;
+        for id in rest {
+            defer.execute(params![id, next])?;
+        }
+        drop(defer);
+        t.commit()?;
+        Ok(())
+    }
+
+    fn pending(&mut self) -> WalletResult<usize> {
+        let n: i64 = self.query_row(
+            "SELECT count(*) FROM outbox WHERE state = 'pending'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
 }
 
 /// The transport, built once.
@@ -234,61 +305,29 @@ fn write_maildir(dir: &Path, bytes: &[u8]) -> Result<(), String> {
 /// One round: sends the due rows, marks the accepted ones sent and backs
 /// off the rest. After a refusal the rest of the round is deferred too, so
 /// a dead relay costs one attempt per round. Returns the rows looked at.
-fn drain_once(c: &Connection, tx: &Sender_, cfg: &MailerConfig, now: i64) -> WalletResult<usize> {
-    let due: Vec<Outgoing> = {
-        let mut st = c.prepare_cached(
-            "SELECT id, message_id, mail_to, subject, body, attempts FROM outbox
-             WHERE state = 'pending' AND next_attempt_ms <= ?1 ORDER BY id LIMIT ?2",
-        )?;
-        let rows = st.query_map(params![now, cfg.batch as i64], |r| {
-            Ok(Outgoing {
-                id: r.get(0)?,
-                message_id: r.get(1)?,
-                to: r.get(2)?,
-                subject: r.get(3)?,
-                body: r.get(4)?,
-                attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
-            })
-        })?;
-        rows.collect::<Result<_, _>>()?
-    };
-    let mut failed: Option<(usize, i64)> = None;
+fn drain_once(
+    c: &mut dyn Outbox,
+    tx: &Sender_,
+    cfg: &MailerConfig,
+    now: i64,
+) -> WalletResult<usize> {
+    let due = c.due(now, cfg.batch)?;
     // Each accepted message is marked at once, in its own transaction, so a
     // crash re-sends at most the one message in flight (with the same
     // Message-ID), not the whole round.
-    let mut mark = c.prepare_cached("UPDATE outbox SET state = 'sent' WHERE id = ?1")?;
     for (i, m) in due.iter().enumerate() {
         match tx.send(&cfg.from, m) {
-            Ok(()) => {
-                mark.execute([m.id])?;
-            }
+            Ok(()) => c.mark_sent(m.id)?,
             Err(e) => {
                 let attempts = m.attempts.saturating_add(1);
                 tracing::warn!(message_id = %m.message_id, attempts, error = %e, "mail not accepted");
                 let delay = i64::try_from(cfg.backoff(attempts).as_millis()).unwrap_or(i64::MAX);
-                failed = Some((i, now.saturating_add(delay)));
+                let rest: Vec<i64> = due[i + 1..].iter().map(|m| m.id).collect();
+                c.defer(m.id, &rest, now.saturating_add(delay))?;
                 break;
             }
         }
     }
-    let t = c.unchecked_transaction()?;
-    {
-        if let Some((i, next)) = failed {
-            let mut retry = c.prepare_cached(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?2 WHERE id = ?1",
-            )?;
-            let mut defer =
-                c.prepare_cached("UPDATE outbox SET next_attempt_ms = ?2 WHERE id = ?1")?;
-            for (j, m) in due.iter().enumerate().skip(i) {
-                if j == i {
-                    retry.execute(params![m.id, next])?;
-                } else {
-                    defer.execute(params![m.id, next])?;
-                }
-            }
-        }
-    }
-    t.commit()?;
     Ok(due.len())
 }
 
@@ -311,7 +350,7 @@ mod tests {
     fn maildir_gets_each_pending_row_once() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("l.db");
-        let c = schema::open(&db).unwrap();
+        let mut c = schema::open(&db).unwrap();
         c.execute_batch(schema::SCHEMA).unwrap();
         for i in 0..3 {
             c.execute(
@@ -324,8 +363,8 @@ mod tests {
         let md = dir.path().join("Maildir");
         let cfg = MailerConfig::new(Transport::Maildir(md.clone()));
         let tx = Sender_::new(&cfg).unwrap();
-        assert_eq!(drain_once(&c, &tx, &cfg, 1).unwrap(), 3);
-        assert_eq!(drain_once(&c, &tx, &cfg, 2).unwrap(), 0);
+        assert_eq!(drain_once(&mut c, &tx, &cfg, 1).unwrap(), 3);
+        assert_eq!(drain_once(&mut c, &tx, &cfg, 2).unwrap(), 0);
         assert_eq!(outbox_pending(&db).unwrap(), 0);
         let files: Vec<_> = std::fs::read_dir(md.join("new")).unwrap().collect();
         assert_eq!(files.len(), 3);

@@ -28,11 +28,15 @@ pub mod cancel;
 pub mod chain;
 pub mod ledger;
 pub mod mailer;
+pub mod pg;
 mod schema;
+pub mod sqlite;
+pub mod store;
 pub mod voucher;
 
 pub use chain::{ChainMac, HsmChainMac, SoftChainMac};
-pub use ledger::{LedgerConfig, SqliteLedger};
+pub use ledger::{GroupLedger, LedgerConfig, SqliteLedger};
+pub use pg::{PgConnect, PgLedger};
 
 use futures_channel::oneshot;
 use std::fmt;
@@ -80,6 +84,18 @@ pub enum WalletError {
 impl From<rusqlite::Error> for WalletError {
     fn from(e: rusqlite::Error) -> Self {
         WalletError::Storage(e.to_string())
+    }
+}
+
+impl From<postgres::Error> for WalletError {
+    fn from(e: postgres::Error) -> Self {
+        // `Display` of a server error is only "db error"; the detail is in
+        // the source. Neither carries the password.
+        let detail = e.as_db_error().map_or_else(
+            || e.to_string(),
+            |d| format!("{}: {}", d.code().code(), d.message()),
+        );
+        WalletError::Storage(detail)
     }
 }
 
@@ -273,9 +289,10 @@ impl TopUpRequest {
 /// An answer that arrives later; `Err(Canceled)` means the writer is gone.
 pub type Pending<T> = oneshot::Receiver<WalletResult<T>>;
 
-/// The ledger interface. [`SqliteLedger`] is the embedded implementation;
-/// a PostgreSQL one would fill the same trait (one writer per shard,
-/// `SERIALIZABLE` groups, the same chain).
+/// The ledger interface. [`SqliteLedger`] is the embedded implementation,
+/// [`PgLedger`] the shared one (several broker nodes on one PostgreSQL
+/// database); both are a [`GroupLedger`] over a [`store::Store`], so the
+/// checks, the chain and the audit are the same code.
 pub trait Ledger: Send + Sync {
     /// Queues a purchase; a full queue answers `Busy` at once.
     fn purchase_async(&self, req: PurchaseRequest) -> Pending<Decision>;

@@ -2,7 +2,9 @@
 //! directory, the real `keybroker` binary, and the terminal library.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod relay;
+pub mod wallet;
 
 use keybroker::terminal::{Terminal, TerminalConfig, TerminalError};
 use std::io::{BufRead, BufReader, Write};
@@ -345,4 +347,35 @@ pub fn voucher(
     ])
     .success();
     std::fs::read(out).unwrap()
+}
+
+/// One SoftHSM token for the whole test binary: `keybroker init` creates
+/// it (with the `kb-ledger-mac` key), then this process loads SoftHSM once.
+pub fn shared_hsm() -> std::sync::Arc<keybroker::hsm::Hsm> {
+    use std::sync::{Arc, OnceLock};
+    struct Shared {
+        _env: Env,
+        hsm: Arc<keybroker::hsm::Hsm>,
+    }
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let env = Env::new("");
+            let cfg = keybroker::config::Config::load(Some(&env.config), None).expect("config");
+            let conf = cfg.path(&cfg.hsm.softhsm2_conf);
+            // SoftHSM reads SOFTHSM2_CONF when the module loads, which
+            // happens right below, once per test binary.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::env::set_var("SOFTHSM2_CONF", conf);
+                std::env::remove_var("KEYBROKER_HSM_PIN");
+            }
+            let hsm = keybroker::hsm::Hsm::open(&cfg).expect("open the HSM");
+            Shared {
+                _env: env,
+                hsm: Arc::new(hsm),
+            }
+        })
+        .hsm
+        .clone()
 }
