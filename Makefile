@@ -57,7 +57,7 @@ bench: setup
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them (only this one is installable here).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := access_frames market_frames direct_records access_session
+FUZZ_TARGETS := access_frames market_frames direct_records access_session wallet_blobs
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
