@@ -9,8 +9,10 @@
 //!
 //! The key lives in the HSM (`kb-ledger-mac`, generic secret, sign/verify
 //! only, never extractable): someone who can write the database but cannot
-//! use the token cannot forge entries. [`SoftChainMac`] exists for unit
-//! tests of the chain logic only.
+//! use the token cannot forge entries. Each entry is MACed with that day's
+//! key, `HMAC(kb-ledger-mac, "keybroker ledger day key v1" ‖ day)`, derived
+//! in the HSM once per day and held by the writer (docs/DECISIONS.md, "The
+//! wallet"). [`SoftChainMac`] exists for unit tests of the chain logic only.
 
 use super::{Entry, WalletError, WalletResult};
 use crate::hsm::{Hsm, labels};
@@ -27,8 +29,12 @@ const DOMAIN: &[u8] = b"keybroker ledger entry v1";
 /// A keyed MAC over ledger data. Implementations keep the key out of reach
 /// of the database.
 pub trait ChainMac: Send + Sync {
-    fn mac(&self, data: &[u8]) -> Result<[u8; 32], WalletError>;
+    /// The MAC of `data` for an entry made on `day` (days since the epoch).
+    fn mac(&self, day: i64, data: &[u8]) -> Result<[u8; 32], WalletError>;
 }
+
+const DAY_MS: i64 = 86_400_000;
+const DAY_KEY: &[u8] = b"keybroker ledger day key v1";
 
 /// Appends `s` with a big-endian u32 length prefix.
 pub(crate) fn put_str(out: &mut Vec<u8>, s: &[u8]) {
@@ -68,7 +74,7 @@ pub fn mac_input(e: &Entry, prev_mac: &[u8; 32]) -> Vec<u8> {
 
 /// The MAC `e` should carry after `prev_mac`.
 pub fn entry_mac(m: &dyn ChainMac, e: &Entry, prev_mac: &[u8; 32]) -> WalletResult<[u8; 32]> {
-    m.mac(&mac_input(e, prev_mac))
+    m.mac(e.created_ms.div_euclid(DAY_MS), &mac_input(e, prev_mac))
 }
 
 /// HMAC-SHA256 in process. For unit tests of the chain logic only: the
@@ -82,7 +88,7 @@ impl SoftChainMac {
 }
 
 impl ChainMac for SoftChainMac {
-    fn mac(&self, data: &[u8]) -> WalletResult<[u8; 32]> {
+    fn mac(&self, _day: i64, data: &[u8]) -> WalletResult<[u8; 32]> {
         let tag = aws_lc_rs::hmac::sign(&self.0, data);
         tag.as_ref()
             .try_into()
@@ -98,7 +104,12 @@ pub struct HsmChainMac {
     _hsm: Arc<Hsm>,
     session: Mutex<Session>,
     key: ObjectHandle,
+    /// Day keys derived so far (bounded; an audit over a long history
+    /// derives them again as needed).
+    days: Mutex<std::collections::HashMap<i64, aws_lc_rs::hmac::Key>>,
 }
+
+const MAX_DAY_KEYS: usize = 1024;
 
 impl HsmChainMac {
     pub fn new(hsm: Arc<Hsm>) -> WalletResult<Self> {
@@ -117,22 +128,42 @@ impl HsmChainMac {
             _hsm: hsm,
             session: Mutex::new(session),
             key,
+            days: Mutex::new(std::collections::HashMap::new()),
         })
     }
-}
 
-impl ChainMac for HsmChainMac {
-    fn mac(&self, data: &[u8]) -> WalletResult<[u8; 32]> {
+    /// The day's key, derived in the HSM on first use.
+    fn day_key(&self, day: i64) -> WalletResult<aws_lc_rs::hmac::Key> {
+        let mut days = self
+            .days
+            .lock()
+            .map_err(|_| WalletError::Mac("day key lock poisoned".into()))?;
+        if let Some(k) = days.get(&day) {
+            return Ok(k.clone());
+        }
         let s = self
             .session
             .lock()
             .map_err(|_| WalletError::Mac("session lock poisoned".into()))?;
-        let tag = s
-            .sign(&Mechanism::Sha256Hmac, self.key, data)
-            .map_err(|e| WalletError::Mac(format!("C_Sign (SHA256_HMAC): {e}")))?;
-        tag.as_slice()
+        let raw = zeroize::Zeroizing::new(
+            s.sign(&Mechanism::Sha256Hmac, self.key, &[DAY_KEY, &day.to_be_bytes()].concat())
+                .map_err(|e| WalletError::Mac(format!("C_Sign (SHA256_HMAC): {e}")))?,
+        );
+        let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &raw);
+        if days.len() >= MAX_DAY_KEYS {
+            days.clear();
+        }
+        days.insert(day, k.clone());
+        Ok(k)
+    }
+}
+
+impl ChainMac for HsmChainMac {
+    fn mac(&self, day: i64, data: &[u8]) -> WalletResult<[u8; 32]> {
+        let tag = aws_lc_rs::hmac::sign(&self.day_key(day)?, data);
+        tag.as_ref()
             .try_into()
-            .map_err(|_| WalletError::Mac("CKM_SHA256_HMAC tag is not 32 bytes".into()))
+            .map_err(|_| WalletError::Mac("HMAC-SHA256 tag is not 32 bytes".into()))
     }
 }
 
