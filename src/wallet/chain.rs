@@ -146,8 +146,12 @@ impl HsmChainMac {
             .lock()
             .map_err(|_| WalletError::Mac("session lock poisoned".into()))?;
         let raw = zeroize::Zeroizing::new(
-            s.sign(&Mechanism::Sha256Hmac, self.key, &[DAY_KEY, &day.to_be_bytes()].concat())
-                .map_err(|e| WalletError::Mac(format!("C_Sign (SHA256_HMAC): {e}")))?,
+            s.sign(
+                &Mechanism::Sha256Hmac,
+                self.key,
+                &[DAY_KEY, &day.to_be_bytes()].concat(),
+            )
+            .map_err(|e| WalletError::Mac(format!("C_Sign (SHA256_HMAC): {e}")))?,
         );
         let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &raw);
         if days.len() >= MAX_DAY_KEYS {

@@ -1,7 +1,7 @@
 //! Ledger test helpers shared by tests/wallet.rs and tests/wallet_pg.rs,
 //! for any back end (`&dyn Ledger`).
 
-use keybroker::wallet::{Amount, CancelRequest, Ledger, PurchaseRequest, TopUpRequest};
+use keybroker::wallet::{Amount, CancelRequest, Decision, Ledger, PurchaseRequest, TopUpRequest};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -76,4 +76,35 @@ pub fn block_on<T>(mut rx: futures_channel::oneshot::Receiver<T>) -> T {
         }
         assert!(start.elapsed() < Duration::from_secs(30), "no answer");
     }
+}
+
+/// Retries with one idempotency key return the first decision and debit
+/// once, also when submitted together into one group; the same key of
+/// another user is another purchase. Returns the first decision, for the
+/// caller's back-end-specific outbox check.
+pub fn check_idempotent_retries(l: &dyn Ledger) -> Decision {
+    fund(l, "bob", eur(1_000));
+    let first = l.purchase(buy("bob", 300, "retry-1")).unwrap();
+    for _ in 0..3 {
+        assert_eq!(l.purchase(buy("bob", 300, "retry-1")).unwrap(), first);
+    }
+    // A retry with other fields still returns the first decision.
+    assert_eq!(l.purchase(buy("bob", 999, "retry-1")).unwrap(), first);
+    assert_eq!(balance(l, "bob"), 700);
+    // Submitted together: they land in one group and still debit once.
+    let pending: Vec<_> = (0..32)
+        .map(|_| l.purchase_async(buy("bob", 200, "retry-2")))
+        .collect();
+    let decisions: Vec<Decision> = pending.into_iter().map(|p| block_on(p).unwrap()).collect();
+    assert!(decisions.iter().all(|d| d == &decisions[0]));
+    assert_eq!(balance(l, "bob"), 500);
+    assert_eq!(decisions[0].balance_after, 500);
+    fund(l, "carol", eur(1_000));
+    assert_ne!(
+        l.purchase(buy("carol", 200, "retry-2")).unwrap().id,
+        decisions[0].id
+    );
+    assert_eq!(l.history("bob").unwrap().len(), 3);
+    assert_audit_ok(l);
+    first
 }
