@@ -1,7 +1,9 @@
 //! Ledger test helpers shared by tests/wallet.rs and tests/wallet_pg.rs,
 //! for any back end (`&dyn Ledger`).
 
-use keybroker::wallet::{Amount, CancelRequest, Decision, Ledger, PurchaseRequest, TopUpRequest};
+use keybroker::wallet::{
+    Amount, CancelRequest, Decision, Ledger, MAX_AMOUNT, PurchaseRequest, TopUpRequest, WalletError,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -107,4 +109,60 @@ pub fn check_idempotent_retries(l: &dyn Ledger) -> Decision {
     assert_eq!(l.history("bob").unwrap().len(), 3);
     assert_audit_ok(l);
     first
+}
+
+/// Zero, negative, too large and uncovered amounts, unknown currencies and
+/// malformed fields are typed errors and change nothing; a refused retry
+/// key is not consumed.
+pub fn check_bad_input(l: &dyn Ledger) {
+    fund(l, "gina", eur(1_000));
+    let before = l.history("gina").unwrap();
+    for (minor, err) in [
+        (0, WalletError::InvalidAmount),
+        (-5, WalletError::InvalidAmount),
+        (i64::MIN, WalletError::InvalidAmount),
+        (MAX_AMOUNT + 1, WalletError::InvalidAmount),
+        (2_000, WalletError::InsufficientFunds),
+    ] {
+        assert_eq!(
+            l.purchase(buy("gina", minor, &format!("b{minor}")))
+                .unwrap_err(),
+            err
+        );
+        if minor != 2_000 {
+            let top = TopUpRequest {
+                user: "gina".into(),
+                amount: eur(minor),
+                voucher_id: format!("v{minor}"),
+                mail_to: mail("gina"),
+            };
+            assert_eq!(l.top_up(top).unwrap_err(), err);
+        }
+    }
+    let mut p = buy("gina", 10, "xxx");
+    p.amount = Amount::new(10, "XXX").unwrap();
+    assert_eq!(l.purchase(p).unwrap_err(), WalletError::UnknownCurrency);
+    assert_eq!(
+        Amount::new(10, "eur").unwrap_err(),
+        WalletError::UnknownCurrency
+    );
+    let bad: [fn(&mut PurchaseRequest); 4] = [
+        |p| p.order_ref = "x\r\nBcc: victim@example.org".into(),
+        |p| p.mail_to = "not a mail".into(),
+        |p| p.user = "gina'; DROP TABLE entries; --".into(),
+        |p| p.idempotency_key = String::new(),
+    ];
+    for (i, spoil) in bad.iter().enumerate() {
+        let mut p = buy("gina", 10, &format!("bad{i}"));
+        spoil(&mut p);
+        assert!(matches!(
+            l.purchase(p).unwrap_err(),
+            WalletError::InvalidInput(_)
+        ));
+    }
+    assert_eq!(l.history("gina").unwrap(), before);
+    assert_eq!(balance(l, "gina"), 1_000);
+    l.purchase(buy("gina", 1_000, "b2000")).unwrap();
+    assert_eq!(balance(l, "gina"), 0);
+    assert_audit_ok(l);
 }
