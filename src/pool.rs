@@ -25,14 +25,12 @@ pub enum PoolError {
 }
 
 pub struct Pool<S> {
-    name: &'static str,
     tx: Sender<(Instant, Job<S>)>,
 }
 
 impl<S> Clone for Pool<S> {
     fn clone(&self) -> Self {
         Self {
-            name: self.name,
             tx: self.tx.clone(),
         }
     }
@@ -81,7 +79,7 @@ impl<S: 'static> Pool<S> {
                 return Err(e);
             }
         }
-        Ok(Self { name, tx })
+        Ok(Self { tx })
     }
 
     /// Runs `f` on a worker and awaits its result.
@@ -110,25 +108,6 @@ impl<S: 'static> Pool<S> {
                 TrySendError::Disconnected(_) => PoolError::Gone,
             })
     }
-
-    /// Blocking variant for threads that are not core threads (CLI, tests).
-    pub fn run_blocking<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut S) -> R + Send + 'static,
-    ) -> Result<R, PoolError> {
-        let (otx, orx) = crossbeam_channel::bounded(1);
-        let job: Job<S> = Box::new(move |s| {
-            let _ = otx.send(f(s));
-        });
-        self.tx
-            .send((Instant::now(), job))
-            .map_err(|_| PoolError::Gone)?;
-        orx.recv().map_err(|_| PoolError::Gone)
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
 }
 
 #[cfg(test)]
@@ -138,7 +117,9 @@ mod tests {
     #[test]
     fn runs_jobs_on_worker_state_and_refuses_when_full() {
         let pool: Pool<u64> = Pool::start("t", 1, 1, |i| Ok::<_, ()>(i as u64 + 40)).unwrap();
-        assert_eq!(pool.run_blocking(|s| *s + 2), Ok(42));
+        let (got_tx, got_rx) = crossbeam_channel::bounded(1);
+        pool.submit(move |s| got_tx.send(*s + 2).unwrap()).unwrap();
+        assert_eq!(got_rx.recv(), Ok(42));
         // Block the worker, fill the queue of one, then the next is Busy.
         let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
         let p = pool.clone();
