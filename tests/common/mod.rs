@@ -147,20 +147,8 @@ impl Env {
             }
         }
         let mut child = cmd.spawn().expect("spawn broker");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let parts: Vec<&str> = line.split_whitespace().collect();
-        assert!(
-            parts.len() == 4 && parts[0] == "listening",
-            "broker did not start: {line:?}"
-        );
-        Broker {
-            child,
-            addr: parts[1].parse().unwrap(),
-            admin: parts[3].parse().unwrap(),
-        }
+        let (addr, admin) = listening(&mut child, "broker");
+        Broker { child, addr, admin }
     }
 }
 
@@ -245,22 +233,29 @@ impl Env {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn market");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let parts: Vec<&str> = line.split_whitespace().collect();
-        assert!(
-            parts.len() == 4 && parts[0] == "listening",
-            "market did not start: {line:?}"
-        );
+        let (addr, direct) = listening(&mut child, "market");
         Market {
             child,
-            addr: parts[1].parse().unwrap(),
-            direct: parts[3].parse().unwrap(),
+            addr,
+            direct,
             config: config.to_path_buf(),
         }
     }
+}
+
+/// The two addresses of a server's first stdout line,
+/// `listening ADDR <what> ADDR` (broker: admin; market: direct).
+fn listening(child: &mut Child, who: &str) -> (SocketAddr, SocketAddr) {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        parts.len() == 4 && parts[0] == "listening",
+        "{who} did not start: {line:?}"
+    );
+    (parts[1].parse().unwrap(), parts[3].parse().unwrap())
 }
 
 pub struct Output(pub std::process::Output);
