@@ -318,23 +318,25 @@ fn peak(ctx: &Ctx, name: &str, pid: u32, ops: &mut [Box<dyn Op>], floor_us: f64)
     Ok(best)
 }
 
+/// Workers of the session scenarios (connect, resume): `--workers`
+/// (default 16) in open loop, 32 for the closed-loop peak search.
+fn session_workers(ctx: &Ctx, terminals: usize) -> usize {
+    if ctx.cli.closed {
+        32.min(terminals)
+    } else {
+        ctx.cli.workers.unwrap_or(16).min(terminals).max(1)
+    }
+}
+
 fn connect(ctx: &mut Ctx) -> Result<()> {
     let (addr, pid) = ctx.broker("software")?;
     let floor = ctx.floor_us("connect");
     let terms = ctx.env.terminals.clone();
-    let n = ctx.cli.workers.unwrap_or(16).min(terms.len()).max(1);
-    let mut ops = build_ops(
-        if ctx.cli.closed {
-            32.min(terms.len())
-        } else {
-            n
-        },
-        |i| {
-            let t = terms[i % terms.len()].clone();
-            let tc = ops::no_resume(&t.config);
-            Ok(Box::new(ops::Connect { addr, t, tc }) as Box<dyn Op>)
-        },
-    )?;
+    let mut ops = build_ops(session_workers(ctx, terms.len()), |i| {
+        let t = terms[i % terms.len()].clone();
+        let tc = ops::no_resume(&t.config);
+        Ok(Box::new(ops::Connect { addr, t, tc }) as Box<dyn Op>)
+    })?;
     // Two password checks per session.
     let rate = ctx
         .cli
@@ -373,18 +375,9 @@ fn resume(ctx: &mut Ctx) -> Result<()> {
     let (addr, pid) = ctx.broker("software")?;
     let floor = ctx.floor_us("resume");
     let terms = ctx.env.terminals.clone();
-    let n = ctx.cli.workers.unwrap_or(16).min(terms.len()).max(1);
-    let mut ops = build_ops(
-        if ctx.cli.closed {
-            32.min(terms.len())
-        } else {
-            n
-        },
-        |i| {
-            ops::Resume::new(addr, terms[i % terms.len()].clone())
-                .map(|o| Box::new(o) as Box<dyn Op>)
-        },
-    )?;
+    let mut ops = build_ops(session_workers(ctx, terms.len()), |i| {
+        ops::Resume::new(addr, terms[i % terms.len()].clone()).map(|o| Box::new(o) as Box<dyn Op>)
+    })?;
     let rate = ctx
         .cli
         .rate
