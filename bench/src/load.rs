@@ -42,6 +42,18 @@ struct WorkerOut {
     samples: Vec<String>,
 }
 
+impl WorkerOut {
+    fn new() -> Self {
+        Self {
+            hist: new_hist(),
+            ok: 0,
+            errors: 0,
+            missed: 0,
+            samples: Vec::new(),
+        }
+    }
+}
+
 fn record(h: &mut Histogram<u64>, d: Duration) {
     let us = (d.as_micros() as u64).clamp(1, 120_000_000);
     h.saturating_record(us);
@@ -112,13 +124,7 @@ pub fn open_loop(
             .map(|(i, op)| {
                 let pb = pb.clone();
                 s.spawn(move || {
-                    let mut out = WorkerOut {
-                        hist: new_hist(),
-                        ok: 0,
-                        errors: 0,
-                        missed: 0,
-                        samples: Vec::new(),
-                    };
+                    let mut out = WorkerOut::new();
                     let offset = interval.mul_f64(i as f64 / w as f64);
                     let mut n = 0u64;
                     loop {
@@ -171,13 +177,7 @@ pub fn closed_loop(
             .map(|op| {
                 let pb = pb.clone();
                 s.spawn(move || {
-                    let mut out = WorkerOut {
-                        hist: new_hist(),
-                        ok: 0,
-                        errors: 0,
-                        missed: 0,
-                        samples: Vec::new(),
-                    };
+                    let mut out = WorkerOut::new();
                     let mut n = 0;
                     while n < per_worker && Instant::now() < end {
                         one(op.as_mut(), Instant::now(), &mut out, &pb);
