@@ -73,6 +73,18 @@ pub struct TerminalRecord {
     pub revoked: bool,
 }
 
+impl TerminalRecord {
+    /// From `fingerprint, serial, user_id, revoked`, in that order.
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            fingerprint: r.get(0)?,
+            serial: r.get(1)?,
+            user_id: r.get(2)?,
+            revoked: r.get(3)?,
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct MarketRecord {
     pub id: String,
@@ -201,14 +213,7 @@ impl Store {
             .query_row(
                 "SELECT fingerprint, serial, user_id, revoked FROM terminals WHERE fingerprint = ?1",
                 [fp],
-                |r| {
-                    Ok(TerminalRecord {
-                        fingerprint: r.get(0)?,
-                        serial: r.get(1)?,
-                        user_id: r.get(2)?,
-                        revoked: r.get(3)?,
-                    })
-                },
+                TerminalRecord::from_row,
             )
             .optional()?)
     }
@@ -218,14 +223,7 @@ impl Store {
             "SELECT fingerprint, serial, user_id, revoked FROM terminals
              WHERE ?1 IS NULL OR user_id = ?1 ORDER BY user_id, serial",
         )?;
-        let rows = st.query_map([user], |r| {
-            Ok(TerminalRecord {
-                fingerprint: r.get(0)?,
-                serial: r.get(1)?,
-                user_id: r.get(2)?,
-                revoked: r.get(3)?,
-            })
-        })?;
+        let rows = st.query_map([user], TerminalRecord::from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
