@@ -1,6 +1,6 @@
 //! The home-card wallet through the broker: purchases with receipts the
 //! market checks, cancels with the market's authorisation, top-ups with
-//! vouchers; concurrency, bad input, and a SIGKILL in the middle of a burst.
+//! vouchers; concurrency, bad input, and a SIGKILL under mixed load.
 //! Real SoftHSM, real SQLite files, a real SMTP relay on loopback.
 
 mod common;
@@ -211,8 +211,103 @@ fn many_terminals_buying_at_once_never_overdraw() {
     );
 }
 
+/// What the terminals saw acknowledged before the kill.
+#[derive(Default)]
+struct Acked {
+    /// Idempotency key → decision id.
+    purchases: BTreeMap<String, String>,
+    /// Every purchase key sent, acknowledged or not.
+    tried: BTreeSet<String>,
+    /// Decisions whose cancel was acknowledged.
+    cancels: BTreeSet<String>,
+    /// Voucher ids (hex) whose top-up was acknowledged.
+    top_ups: BTreeSet<String>,
+    exchanges: usize,
+}
+
+/// One terminal's share of the mixed load until the broker dies: role 0
+/// and 1 buy, role 2 buys and cancels through the market's authorisation,
+/// role 3 exchanges keys and tops up with vouchers.
+fn mixed_worker(
+    role: usize,
+    mut t: Terminal,
+    vouchers: Vec<([u8; 16], Vec<u8>)>,
+    acked: &Mutex<Acked>,
+) {
+    let (_, p2) = pw("alice");
+    let mut d = (role == 2).then(|| direct(&mut t));
+    for j in 0..400 {
+        let ok = match role {
+            0 | 1 | 2 => {
+                let key = format!("mixed-{role}-{j}");
+                acked.lock().unwrap().tried.insert(key.clone());
+                match t.purchase("m1", 7, "EUR", "mixed", &key) {
+                    Ok((_, r)) => {
+                        let decision = decision_of(&r);
+                        acked
+                            .lock()
+                            .unwrap()
+                            .purchases
+                            .insert(key, decision.clone());
+                        match d.as_mut() {
+                            Some(d) if j % 2 == 0 => {
+                                let (cert, sig) = d.cancel_authorisation(&decision).unwrap();
+                                let cancelled = t.cancel(&decision, cert, sig).is_ok();
+                                if cancelled {
+                                    acked.lock().unwrap().cancels.insert(decision);
+                                }
+                                cancelled
+                            }
+                            _ => true,
+                        }
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => match t.exchange("m1") {
+                Ok(_) => {
+                    acked.lock().unwrap().exchanges += 1;
+                    match vouchers.get(j) {
+                        Some((id, v)) => {
+                            let topped = t.top_up(v, p2.as_bytes()).is_ok();
+                            if topped {
+                                acked.lock().unwrap().top_ups.insert(hex::encode(id));
+                            }
+                            topped
+                        }
+                        None => true,
+                    }
+                }
+                Err(_) => false,
+            },
+        };
+        if !ok {
+            return; // the broker died
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn issue_vouchers(issuer: &std::path::Path, n: usize) -> Vec<([u8; 16], Vec<u8>)> {
+    let pem = std::fs::read_to_string(issuer.join("issuer.key")).unwrap();
+    let key = keybroker::wallet::voucher::pem_der(&pem, "PRIVATE KEY").unwrap();
+    (0..n)
+        .map(|_| {
+            let amount = keybroker::wallet::Amount::new(50, "EUR").unwrap();
+            let expiry = keybroker::wallet::now_ms() + 3_600_000;
+            let (v, bytes) =
+                keybroker::wallet::voucher::issue(&key, "alice", amount, expiry).unwrap();
+            (v.id, bytes)
+        })
+        .collect()
+}
+
+fn count(db: &rusqlite::Connection, sql: &str, arg: &str) -> i64 {
+    db.query_row(sql, [arg], |r| r.get(0)).unwrap()
+}
+
 #[test]
-fn sigkill_during_a_burst_loses_nothing_acknowledged() {
+fn sigkill_under_mixed_load_loses_nothing_acknowledged() {
     let port = free_port();
     let (env, issuer) = wallet_env(Some(port), "");
     let relay = Relay::start(port, &env.dir.path().join("relay"));
@@ -225,35 +320,18 @@ fn sigkill_during_a_burst_loses_nothing_acknowledged() {
             pw("alice").1.as_bytes(),
         )
         .unwrap();
-    let tcs: Vec<TerminalConfig> = (0..4)
-        .map(|i| env.terminal("alice", &format!("c{i}")))
-        .collect();
-    // key → decision id, for every purchase the broker acknowledged.
-    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-    let tried: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let handles: Vec<_> = tcs
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, tc)| {
-            let (acked, tried, addr) = (acked.clone(), tried.clone(), b.addr);
-            std::thread::spawn(move || {
-                let mut t = Terminal::connect(addr, &tc, TIMEOUT).unwrap();
-                let (p1, p2) = pw("alice");
-                t.login("alice", p1.as_bytes()).unwrap();
-                t.release(p2.as_bytes()).unwrap();
-                for j in 0..400 {
-                    let key = format!("burst-{i}-{j}");
-                    tried.lock().unwrap().insert(key.clone());
-                    match t.purchase("m1", 7, "EUR", "burst", &key) {
-                        Ok((_, r)) => {
-                            acked.lock().unwrap().insert(key, decision_of(&r));
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(_) => return, // the broker died
-                    }
-                }
-            })
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let handles: Vec<_> = (0..4)
+        .map(|role| {
+            let tc = env.terminal("alice", &format!("c{role}"));
+            let t = released(&b, &tc, "alice");
+            let vouchers = if role == 3 {
+                issue_vouchers(&issuer, 400)
+            } else {
+                Vec::new()
+            };
+            let acked = acked.clone();
+            std::thread::spawn(move || mixed_worker(role, t, vouchers, &acked))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
@@ -262,17 +340,21 @@ fn sigkill_during_a_burst_loses_nothing_acknowledged() {
     for h in handles {
         h.join().unwrap();
     }
-    let acked = acked.lock().unwrap().clone();
-    let tried = tried.lock().unwrap().clone();
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
     assert!(
-        !acked.is_empty(),
-        "no purchase was acknowledged before the kill"
+        !acked.purchases.is_empty()
+            && !acked.cancels.is_empty()
+            && !acked.top_ups.is_empty()
+            && acked.exchanges > 0,
+        "every kind of operation was acknowledged before the kill"
     );
     drop(b);
 
     let b = env.broker();
     let mut t = released(&b, &alice, "alice");
-    // Every acknowledged purchase is there, under the same decision.
+    let ledger = env.data().join("ledger.db");
+    let db = rusqlite::Connection::open(&ledger).unwrap();
+    // Every acknowledged purchase is there once, under the same decision.
     let hist = env.kb(&["wallet", "history", "alice"]).success().stdout();
     let decisions: Vec<&str> = hist
         .lines()
@@ -285,18 +367,41 @@ fn sigkill_during_a_burst_loses_nothing_acknowledged() {
         decisions.len(),
         "a decision was applied twice"
     );
-    for (key, d) in &acked {
+    for (key, d) in &acked.purchases {
         assert!(
             unique.contains(d.as_str()),
             "acknowledged purchase {key} ({d}) lost"
         );
     }
-    // Retrying every key (acknowledged or not) never debits twice.
+    // Every acknowledged cancel holds, refunded exactly once, and cannot
+    // be repeated; no decision was refunded twice.
+    let refunds = "SELECT count(*) FROM entries WHERE kind = 'cancel' AND decision_id = ?1";
+    for d in &acked.cancels {
+        assert_eq!(count(&db, refunds, d), 1, "cancel of {d} lost or doubled");
+        let mut dm = direct(&mut t);
+        let (cert, sig) = dm.cancel_authorisation(d).unwrap();
+        assert_eq!(refused(t.cancel(d, cert, sig)), ErrorCode::AlreadyCancelled);
+    }
+    let doubled: i64 = db
+        .query_row(
+            "SELECT count(*) FROM (SELECT decision_id FROM entries WHERE kind = 'cancel' \
+             GROUP BY decision_id HAVING count(*) > 1)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(doubled, 0, "a decision was refunded twice");
+    // Every acknowledged top-up is credited once.
+    let credits = "SELECT count(*) FROM entries WHERE kind = 'topup' AND voucher_id = ?1";
+    for v in &acked.top_ups {
+        assert_eq!(count(&db, credits, v), 1, "top-up {v} lost or doubled");
+    }
+    // Retrying every purchase key (acknowledged or not) never debits twice.
     let before = t.balance().unwrap()[0].1;
     let mut retried_new = 0;
-    for key in &tried {
-        let (_, r) = t.purchase("m1", 7, "EUR", "burst", key).unwrap();
-        if let Some(d) = acked.get(key) {
+    for key in &acked.tried {
+        let (_, r) = t.purchase("m1", 7, "EUR", "mixed", key).unwrap();
+        if let Some(d) = acked.purchases.get(key) {
             assert_eq!(&decision_of(&r), d, "a retry of {key} made a new decision");
         }
         if !unique.contains(decision_of(&r).as_str()) {
@@ -306,10 +411,11 @@ fn sigkill_during_a_burst_loses_nothing_acknowledged() {
     assert_eq!(t.balance().unwrap()[0].1, before - 7 * retried_new);
     let audit = env.kb(&["wallet", "audit"]).success().stdout();
     assert!(audit.contains("audit ok"), "{audit}");
-    // Every notification is delivered once or still queued: each decision's
-    // Message-ID is at the relay or pending in the outbox, and none arrives
-    // twice except one the mailer had in flight at the kill.
-    let ledger = env.data().join("ledger.db");
+    // Every notification is delivered once or still queued: each
+    // decision's Message-ID is at the relay or pending in the outbox, and
+    // none arrives twice except one the mailer had in flight at the kill.
+    // The restarted mailer may still be sending, so read the outbox before
+    // the relay: a row is marked sent only after the relay accepted it.
     std::thread::sleep(Duration::from_secs(3));
     let ids_of = |msgs: Vec<String>| -> Vec<String> {
         msgs.iter()
@@ -319,39 +425,51 @@ fn sigkill_during_a_burst_loses_nothing_acknowledged() {
             })
             .collect()
     };
-    // The restarted mailer may still be sending, so read the outbox before
-    // the relay: a row marked sent was accepted by the relay first, so a
-    // message is then either in `pending` or already in the relay's folder.
-    let db = rusqlite::Connection::open(&ledger).unwrap();
-    let pending: BTreeSet<String> = db
-        .prepare("SELECT message_id FROM outbox WHERE state = 'pending'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let column = |sql: &str| -> Vec<String> {
+        db.prepare(sql)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let pending: BTreeSet<String> = column("SELECT message_id FROM outbox WHERE state = 'pending'")
+        .into_iter()
+        .collect();
     let delivered = ids_of(relay.messages());
-    let all_decisions: Vec<String> = db
-        .prepare("SELECT id FROM decisions")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let all_decisions = column("SELECT id FROM decisions");
     assert_eq!(all_decisions.len(), unique.len() + retried_new as usize);
     let seen: BTreeSet<&String> = delivered.iter().collect();
-    for d in &all_decisions {
-        let id = format!("<decision-{d}@keybroker>");
+    let expected = all_decisions
+        .iter()
+        .map(|d| format!("<decision-{d}@keybroker>"))
+        .chain(
+            acked
+                .cancels
+                .iter()
+                .map(|d| format!("<cancel-{d}@keybroker>")),
+        )
+        .chain(
+            acked
+                .top_ups
+                .iter()
+                .map(|v| format!("<topup-{v}@keybroker>")),
+        );
+    for id in expected {
         assert!(
             seen.contains(&id) || pending.contains(&id),
-            "notification for {d} lost"
+            "notification {id} lost"
         );
     }
     let twice = delivered.len() - seen.len();
     assert!(twice <= 1, "{twice} notifications were delivered twice");
     eprintln!(
-        "crash test: {} acknowledged, {} decisions, {} mails delivered, {} queued",
-        acked.len(),
+        "crash test: {} purchases, {} cancels, {} top-ups, {} exchanges acknowledged; \
+         {} decisions, {} mails delivered, {} queued",
+        acked.purchases.len(),
+        acked.cancels.len(),
+        acked.top_ups.len(),
+        acked.exchanges,
         all_decisions.len(),
         seen.len(),
         pending.len()

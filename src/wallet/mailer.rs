@@ -4,7 +4,7 @@
 //! ```text
 //! ledger writer ──INSERT outbox (same transaction as the money)──► outbox (pending)
 //! mailer thread ──every poll: rows with next_attempt_ms ≤ now──► transport
-//!     accepted ──► collected, then one UPDATE … state='sent' transaction
+//!     accepted ──► UPDATE … state='sent' at once, one message at a time
 //!     refused  ──► attempts+1, next_attempt_ms = now + min·2^attempts (capped)
 //! ```
 //!
@@ -19,11 +19,11 @@
 //! PostgreSQL ledger ([`crate::wallet::pg::PgOutbox`], where the mailers
 //! of several nodes claim rows so each goes out from one node).
 
-use super::{WalletError, WalletResult, now_ms, schema};
+use super::{WalletError, WalletResult, now_ms, schema, smtp};
 use crossbeam_channel::{RecvTimeoutError, Sender, bounded};
+use lettre::Message;
 use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
-use lettre::{Message, SmtpTransport, Transport as _};
 use rusqlite::{Connection, params};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -230,8 +230,19 @@ impl Outbox for Connection {
 
 /// The transport, built once.
 enum Sender_ {
-    Smtp(SmtpTransport),
+    Smtp {
+        host: String,
+        port: u16,
+        timeout: Duration,
+    },
     Maildir(PathBuf),
+}
+
+/// One round of deliveries: the SMTP session opens at the first message
+/// and closes with the round.
+struct Round<'a> {
+    tx: &'a Sender_,
+    session: Option<smtp::Session>,
 }
 
 static MAILDIR_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -239,12 +250,11 @@ static MAILDIR_SEQ: AtomicU64 = AtomicU64::new(0);
 impl Sender_ {
     fn new(cfg: &MailerConfig) -> WalletResult<Self> {
         match &cfg.transport {
-            Transport::Smtp { host, port } => Ok(Sender_::Smtp(
-                SmtpTransport::builder_dangerous(host.as_str())
-                    .port(*port)
-                    .timeout(Some(cfg.timeout))
-                    .build(),
-            )),
+            Transport::Smtp { host, port } => Ok(Sender_::Smtp {
+                host: host.clone(),
+                port: *port,
+                timeout: cfg.timeout,
+            }),
             Transport::Maildir(dir) => {
                 for sub in ["tmp", "new", "cur"] {
                     std::fs::create_dir_all(dir.join(sub)).map_err(|e| {
@@ -256,20 +266,51 @@ impl Sender_ {
         }
     }
 
-    fn send(&self, from: &str, m: &Outgoing) -> Result<(), String> {
+    fn round(&self) -> Round<'_> {
+        Round {
+            tx: self,
+            session: None,
+        }
+    }
+}
+
+impl Round<'_> {
+    fn send(&mut self, from: &str, m: &Outgoing) -> Result<(), String> {
         let from: Mailbox = from.parse().map_err(|e| format!("From address: {e}"))?;
         let to: Mailbox = m.to.parse().map_err(|e| format!("To address: {e}"))?;
         let msg = Message::builder()
-            .from(from)
-            .to(to)
+            .from(from.clone())
+            .to(to.clone())
             .subject(m.subject.clone())
             .message_id(Some(m.message_id.clone()))
             .header(ContentType::TEXT_PLAIN)
             .body(m.body.clone())
             .map_err(|e| format!("building the message: {e}"))?;
-        match self {
-            Sender_::Smtp(t) => t.send(&msg).map(|_| ()).map_err(|e| format!("SMTP: {e}")),
+        match self.tx {
+            Sender_::Smtp {
+                host,
+                port,
+                timeout,
+            } => {
+                let session = match &mut self.session {
+                    Some(s) => s,
+                    None => self
+                        .session
+                        .insert(smtp::Session::connect(host, *port, *timeout)?),
+                };
+                let sent = session.send(&from.email, &to.email, &msg.formatted());
+                if sent.is_err() {
+                    self.session = None;
+                }
+                sent
+            }
             Sender_::Maildir(dir) => write_maildir(dir, &msg.formatted()),
+        }
+    }
+
+    fn finish(self) {
+        if let Some(s) = self.session {
+            s.quit();
         }
     }
 }
@@ -312,12 +353,18 @@ fn drain_once(
     now: i64,
 ) -> WalletResult<usize> {
     let due = c.due(now, cfg.batch)?;
+    let mut round = tx.round();
     // Each accepted message is marked at once, in its own transaction, so a
     // crash re-sends at most the one message in flight (with the same
     // Message-ID), not the whole round.
     for (i, m) in due.iter().enumerate() {
-        match tx.send(&cfg.from, m) {
-            Ok(()) => c.mark_sent(m.id)?,
+        match round.send(&cfg.from, m) {
+            Ok(()) => {
+                if let Err(e) = c.mark_sent(m.id) {
+                    round.finish();
+                    return Err(e);
+                }
+            }
             Err(e) => {
                 let attempts = m.attempts.saturating_add(1);
                 tracing::warn!(message_id = %m.message_id, attempts, error = %e, "mail not accepted");
@@ -328,6 +375,7 @@ fn drain_once(
             }
         }
     }
+    round.finish();
     Ok(due.len())
 }
 

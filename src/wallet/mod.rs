@@ -30,6 +30,7 @@ pub mod ledger;
 pub mod mailer;
 pub mod pg;
 mod schema;
+mod smtp;
 pub mod sqlite;
 pub mod store;
 pub mod voucher;
