@@ -238,7 +238,7 @@ fn mixed_worker(
     let mut d = (role == 2).then(|| direct(&mut t));
     for j in 0..400 {
         let ok = match role {
-            0 | 1 | 2 => {
+            0..=2 => {
                 let key = format!("mixed-{role}-{j}");
                 acked.lock().unwrap().tried.insert(key.clone());
                 match t.purchase("m1", 7, "EUR", "mixed", &key) {
