@@ -7,9 +7,11 @@ use std::sync::Arc;
 use tiny_http::{Header, Response, Server};
 
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// `POST /fault/hsm-sessions`, when `admin.fault_injection` is on.
+pub type Fault = Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>;
 
 /// Binds `addr` and serves until the process exits; returns the bound address.
-pub fn start(addr: SocketAddr, ready: ReadyCheck) -> anyhow::Result<SocketAddr> {
+pub fn start(addr: SocketAddr, ready: ReadyCheck, fault: Fault) -> anyhow::Result<SocketAddr> {
     let server = Server::http(addr).map_err(|e| anyhow::anyhow!("admin listener {addr}: {e}"))?;
     let bound = server
         .server_addr()
@@ -31,6 +33,15 @@ pub fn start(addr: SocketAddr, ready: ReadyCheck) -> anyhow::Result<SocketAddr> 
                         Err(why) => Response::from_string(format!("not ready: {why}\n"))
                             .with_status_code(503),
                     },
+                    "/fault/hsm-sessions" if *req.method() == tiny_http::Method::Post => {
+                        match fault.as_ref().map(|f| f()) {
+                            Some(Ok(())) => Response::from_string("injected\n"),
+                            Some(Err(e)) => {
+                                Response::from_string(format!("{e}\n")).with_status_code(500)
+                            }
+                            None => Response::from_string("not found\n").with_status_code(404),
+                        }
+                    }
                     _ => Response::from_string("not found\n").with_status_code(404),
                 };
                 let _ = req.respond(resp);

@@ -87,12 +87,17 @@ pub struct AdminConfig {
     /// `/metrics`, `/healthz`, `/readyz`. Default 127.0.0.1:9464 (loopback:
     /// the metrics say who trades where and when).
     pub listen: SocketAddr,
+    /// Serves `POST /fault/hsm-sessions`, which closes every HSM session of
+    /// the process (what an HSM restart does), for drills and the fault
+    /// tests. Off in production.
+    pub fault_injection: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9464".parse().expect("valid default"),
+            fault_injection: false,
         }
     }
 }

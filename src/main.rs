@@ -510,8 +510,8 @@ fn voucher(c: VoucherCmd) -> Result<()> {
             days,
             out,
         } => {
-            let pem = std::fs::read_to_string(&issuer_key)?;
-            let der = voucher::pem_der(&pem, "PRIVATE KEY")?;
+            let pem = zeroize::Zeroizing::new(std::fs::read_to_string(&issuer_key)?);
+            let der = zeroize::Zeroizing::new(voucher::pem_der(&pem, "PRIVATE KEY")?);
             let expiry = now_ms() + days * 86_400_000;
             let (v, bytes) = voucher::issue(&der, &user, Amount::new(amount, &currency)?, expiry)?;
             std::fs::write(&out, bytes)?;

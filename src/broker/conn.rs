@@ -40,11 +40,10 @@ pub(super) fn run_core(
     rt.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
         let hsm_inline = match shared.cfg.hsm.dispatch {
-            crate::config::Dispatch::Inline => Some(RefCell::new(super::HsmWorker {
-                session: shared.hsm.session()?,
-                keys: shared.hsm.key_handles()?,
-                hsm: shared.hsm.clone(),
-            })),
+            crate::config::Dispatch::Inline => Some(RefCell::new(super::HsmWorker::new(
+                shared.hsm.clone(),
+                shared.hsm.key_handles()?,
+            )?)),
             crate::config::Dispatch::Pool => None,
         };
         let core = Rc::new(Core {
@@ -234,7 +233,11 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         let read = compio::time::timeout(wait, c.io.read_some(&mut buf)).await;
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(n)) => decoder.push(&buf[..n]),
+            Ok(Ok(n)) => {
+                decoder.push(&buf[..n]);
+                // Plaintext may hold a password; keep one copy, not two.
+                zeroize::Zeroize::zeroize(&mut buf[..n]);
+            }
             Err(_) => {
                 c.send(&Frame {
                     id: 0,
@@ -248,7 +251,6 @@ async fn serve(core: &Core, mut stream: TcpStream) {
     }
 }
 
-/// Carries out `action` and what follows from it. False: close.
 /// Runs a closure when dropped, so a gauge comes back down on every path.
 struct Defer<F: FnMut()>(F);
 
@@ -258,6 +260,7 @@ impl<F: FnMut()> Drop for Defer<F> {
     }
 }
 
+/// Carries out `action` and what follows from it. False: close.
 async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action: Action) -> bool {
     let shared = &core.shared;
     let mut next = Some(action);
@@ -320,18 +323,31 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                         tracing::info!(target: "audit", user, peer = ?c.peer, market, mode, result = code.name(), "exchange")
                     }
                 }
-                next = Some(session.request_done(id, r));
+                next = Some(done(c, session, id, r));
             }
             Action::Wallet { id, user, call } => {
                 let r = super::wallet::handle(core, c.released.as_ref(), &user, call).await;
                 if let Err(code) = &r {
                     tracing::info!(target: "audit", user, result = code.name(), "wallet operation refused");
                 }
-                next = Some(session.request_done(id, r));
+                next = Some(done(c, session, id, r));
             }
         }
     }
     true
+}
+
+/// A request's answer; a key the HSM lost is forgotten here too.
+fn done(
+    c: &mut Conn,
+    session: &mut AccessSession,
+    id: u32,
+    r: Result<crate::proto::access::Message, ErrorCode>,
+) -> Action {
+    if matches!(r, Err(ErrorCode::NotReleased)) {
+        c.released = None;
+    }
+    session.request_done(id, r)
 }
 
 async fn release(
@@ -349,12 +365,13 @@ async fn release(
         .await
         .map_err(pool_code)??;
     let wrapped = record.wrapped_key;
-    let handle = exchange::hsm(core, "unwrap", move |w| {
+    let key = exchange::hsm(core, "unwrap", move |w| {
         crate::hsm::ops::unwrap_user_key(&w.session, w.keys.master_wrap, &wrapped)
+            .map(|h| w.session_key(h))
     })
     .await?;
     c.released = Some(Released {
-        handle,
+        key,
         terminal: c.fingerprint,
         mail: record.mail.clone(),
         fingerprint: crate::pki::fingerprint(&record.cert),

@@ -12,18 +12,17 @@ use super::link::Pending;
 use super::{HsmWorker, Shared};
 use crate::config::Kx;
 use crate::exchange::{self, Ephemeral, Mode, POINT_LEN, Transcript};
-use crate::hsm::HsmError;
+use crate::hsm::{HsmError, SessionKey};
 use crate::pool::PoolError;
 use crate::proto::ErrorCode;
 use crate::proto::access::Message;
 use crate::proto::market::ExchangeRequest;
-use cryptoki::object::ObjectHandle;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// The released home-card key of a session; destroyed in the HSM on drop.
 pub struct Released {
-    pub handle: ObjectHandle,
+    pub key: SessionKey,
     /// The user's certificate and its SHA-256.
     pub cert: Arc<Vec<u8>>,
     pub fingerprint: [u8; 32],
@@ -36,12 +35,15 @@ pub struct Released {
 
 impl Drop for Released {
     fn drop(&mut self) {
-        destroy_later(&self.shared, self.handle);
+        destroy_later(&self.shared, self.key);
     }
 }
 
-fn destroy_later(shared: &Shared, h: ObjectHandle) {
+/// Destroys a session key, unless the HSM lost it already (its handle may
+/// name something else now).
+fn destroy_later(shared: &Shared, key: SessionKey) {
     let queued = shared.hsm_pool.submit(move |w| {
+        let Ok(h) = w.hsm.live(key) else { return };
         if let Err(e) = crate::hsm::ops::destroy(&w.session, h) {
             tracing::warn!(error = %e, "destroying an HSM session object failed");
         }
@@ -59,6 +61,9 @@ pub fn pool_code(e: PoolError) -> ErrorCode {
 }
 
 fn hsm_code(e: HsmError) -> ErrorCode {
+    if let HsmError::Stale = e {
+        return ErrorCode::NotReleased;
+    }
     tracing::error!(error = %e, "HSM operation failed");
     ErrorCode::HsmUnavailable
 }
@@ -94,9 +99,17 @@ fn timed<R>(
     {
         // This request fails (its session objects went with the session);
         // the next one gets a fresh session.
-        match w.hsm.recover() {
-            Ok(s) => {
+        // Token key handles may change with the sessions (SoftHSM drops
+        // them when a slot's last session closes), so they are looked up again.
+        match w
+            .hsm
+            .recover(w.epoch)
+            .and_then(|(s, epoch)| Ok((s, epoch, w.hsm.key_handles()?)))
+        {
+            Ok((s, epoch, keys)) => {
                 w.session = s;
+                w.epoch = epoch;
+                w.keys = keys;
                 tracing::warn!(error = %e, "HSM session lost; reopened");
             }
             Err(again) => tracing::error!(error = %again, "HSM still unavailable"),
@@ -108,7 +121,7 @@ fn timed<R>(
 /// The requester's ephemeral key.
 enum Eph {
     Software(Ephemeral),
-    Hsm(ObjectHandle),
+    Hsm(SessionKey),
     Terminal,
 }
 
@@ -144,7 +157,7 @@ pub async fn exchange(
         nonce,
         binding,
     };
-    let key = rel.handle;
+    let key = rel.key;
     let kx = shared.cfg.exchange.kx;
     let (eph, digest, signature) = match (terminal_eph, kx) {
         (Some(p), _) => {
@@ -168,8 +181,12 @@ pub async fn exchange(
                     .try_into()
                     .map_err(|_| HsmError::Format("a bad EC point"))?;
                 let digest = tt.digest();
-                match crate::hsm::ops::sign_digest_p256(&w.session, key, &digest) {
-                    Ok(sig) => Ok((tt.ephemeral, private, digest, sig)),
+                let signed = w
+                    .hsm
+                    .live(key)
+                    .and_then(|k| crate::hsm::ops::sign_digest_p256(&w.session, k, &digest));
+                match signed {
+                    Ok(sig) => Ok((tt.ephemeral, w.session_key(private), digest, sig)),
                     Err(e) => {
                         let _ = crate::hsm::ops::destroy(&w.session, private);
                         Err(e)
@@ -227,7 +244,7 @@ pub async fn exchange(
             let peer = accepted.ephemeral;
             let input = exchange::x_input(&digest, &peer);
             let x = hsm(core, "derive", move |w| {
-                crate::hsm::ops::derive_x(&w.session, private, &peer, &input)
+                crate::hsm::ops::derive_x(&w.session, w.hsm.live(private)?, &peer, &input)
             })
             .await?;
             zeroize::Zeroizing::new(
@@ -251,12 +268,12 @@ pub async fn exchange(
 /// T and the home-card key's signature over it.
 async fn sign(
     core: &Core,
-    key: ObjectHandle,
+    key: SessionKey,
     t: &Transcript,
 ) -> Result<([u8; 32], Vec<u8>), ErrorCode> {
     let digest = t.digest();
     let sig = hsm(core, "sign", move |w| {
-        crate::hsm::ops::sign_digest_p256(&w.session, key, &digest)
+        crate::hsm::ops::sign_digest_p256(&w.session, w.hsm.live(key)?, &digest)
     })
     .await?;
     Ok((digest, sig))

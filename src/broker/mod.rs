@@ -30,8 +30,30 @@ use std::time::Duration;
 /// State of an HSM worker thread.
 pub struct HsmWorker {
     pub session: Session,
+    /// The HSM epoch the session was opened in.
+    pub epoch: u64,
     pub keys: KeyHandles,
     pub hsm: Arc<Hsm>,
+}
+
+impl HsmWorker {
+    pub fn new(hsm: Arc<Hsm>, keys: KeyHandles) -> Result<Self, HsmError> {
+        let epoch = hsm.epoch();
+        Ok(Self {
+            session: hsm.session()?,
+            epoch,
+            keys,
+            hsm,
+        })
+    }
+
+    /// A session key made on this worker's session.
+    pub fn session_key(&self, handle: cryptoki::object::ObjectHandle) -> crate::hsm::SessionKey {
+        crate::hsm::SessionKey {
+            handle,
+            epoch: self.epoch,
+        }
+    }
 }
 
 /// What every core shares.
@@ -122,11 +144,7 @@ impl Broker {
         })?;
         let h = hsm.clone();
         let hsm_pool = Pool::start("hsm", cfg.hsm.workers, cfg.hsm.queue, move |_| {
-            Ok::<_, HsmError>(HsmWorker {
-                session: h.session()?,
-                keys,
-                hsm: h.clone(),
-            })
+            HsmWorker::new(h.clone(), keys)
         })?;
 
         let (ledger, mailer, voucher_issuer) = open_wallet(&cfg, hsm.clone())?;
@@ -281,6 +299,7 @@ fn spawn_ticket_refresh(hsm: Arc<Hsm>, t: Arc<tickets::HsmTicketer>, period: Dur
 /// The admin listener, and a monitor that keeps `keybroker_hsm_up` current.
 fn start_admin(cfg: &Config, hsm: Arc<Hsm>) -> Result<SocketAddr> {
     let h = hsm.clone();
+    let hsm_fault = hsm.clone();
     std::thread::Builder::new()
         .name("hsm-monitor".into())
         .spawn(move || {
@@ -299,7 +318,14 @@ fn start_admin(cfg: &Config, hsm: Arc<Hsm>) -> Result<SocketAddr> {
             .map(drop)
             .map_err(|e| format!("the registry does not open: {e}"))
     });
-    crate::admin::start(cfg.admin.listen, ready)
+    let fault: crate::admin::Fault = cfg.admin.fault_injection.then(|| {
+        let hsm = hsm_fault.clone();
+        Arc::new(move || {
+            tracing::warn!("fault injection: closing every HSM session");
+            hsm.close_all_sessions().map_err(|e| e.to_string())
+        }) as Arc<dyn Fn() -> Result<(), String> + Send + Sync>
+    });
+    crate::admin::start(cfg.admin.listen, ready, fault)
 }
 
 /// A compio runtime tuned for one core: single issuer, deferred and

@@ -112,12 +112,17 @@ impl Certifier {
         std::thread::Builder::new()
             .name("tls-rotate".into())
             .spawn(move || {
+                let mut this = self;
                 loop {
-                    std::thread::sleep(self.lifetime / 2);
-                    let issued = hsm
-                        .session()
-                        .map_err(anyhow::Error::from)
-                        .and_then(|s| self.issue(&s, &provider));
+                    std::thread::sleep(this.lifetime / 2);
+                    let issued = hsm.session().map_err(anyhow::Error::from).and_then(|s| {
+                        // The CA key's handle may have changed if the HSM
+                        // recovered from a fault since the last rotation.
+                        if let Some(k) = hsm.find(&s, crate::hsm::labels::BROKER_CA, cryptoki::object::ObjectClass::PRIVATE_KEY)? {
+                            this.ca_key = k;
+                        }
+                        this.issue(&s, &provider)
+                    });
                     match issued {
                         Ok(ck) => {
                             resolver.set(ck);

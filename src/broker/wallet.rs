@@ -166,11 +166,11 @@ async fn purchase(
         created_ms: decision.created_ms,
     };
     let body = receipt.body();
-    let key = rel.handle;
+    let key = rel.key;
     // The debit is durable already; a failed signature leaves it in place
     // and a retry with the same idempotency key returns it, signed.
     let signature = hsm(core, "sign", move |w| {
-        crate::hsm::ops::sign_p256(&w.session, key, &body)
+        crate::hsm::ops::sign_p256(&w.session, w.hsm.live(key)?, &body)
     })
     .await?;
     tracing::info!(target: "audit", user, market = %decision.market, decision = %decision.id,

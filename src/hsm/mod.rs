@@ -20,8 +20,9 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
 /// Labels of the long-term keys. Each is a PKCS#11 URI
@@ -54,6 +55,9 @@ pub enum HsmError {
     Pin(String),
     #[error("HSM returned {0}")]
     Format(&'static str),
+    /// The key was released into a session the HSM has since lost.
+    #[error("a key released before the HSM recovered; release again")]
+    Stale,
 }
 
 pub type HsmResult<T> = Result<T, HsmError>;
@@ -104,11 +108,23 @@ pub struct KeyHandles {
 
 pub struct Hsm {
     ctx: Pkcs11,
+    module: PathBuf,
     slot: Slot,
     token: String,
     anchor: Mutex<Session>,
     /// Kept (zeroized on drop) to log in again after the HSM comes back.
     pin: AuthPin,
+    /// Counts recoveries. Session objects (released keys) die with their
+    /// sessions, and a handle from before a recovery may name another
+    /// object after it, so a released key remembers the epoch it was made in.
+    epoch: AtomicU64,
+}
+
+/// A key released into a session object, valid only in its epoch.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionKey {
+    pub handle: ObjectHandle,
+    pub epoch: u64,
 }
 
 /// Exports `SOFTHSM2_CONF` from the config unless the environment has it.
@@ -134,8 +150,10 @@ pub fn user_pin(cfg: &Config) -> HsmResult<AuthPin> {
 }
 
 pub fn read_pin(path: &Path) -> HsmResult<AuthPin> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| HsmError::Pin(format!("{}: {e}", path.display())))?;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| HsmError::Pin(format!("{}: {e}", path.display())))?,
+    );
     let pin = text.trim_end_matches(['\n', '\r']).to_owned();
     if pin.is_empty() {
         return Err(HsmError::Pin(format!("{} is empty", path.display())));
@@ -194,22 +212,69 @@ impl Hsm {
         login(&anchor, &pin)?;
         Ok(Self {
             ctx,
+            module: cfg.hsm.module.clone(),
             slot,
             token,
             anchor: Mutex::new(anchor),
             pin,
+            epoch: AtomicU64::new(0),
         })
     }
 
-    /// A fresh session after the old one was lost, logged in again (the
-    /// login goes with the last session) and made the new anchor.
-    pub fn recover(&self) -> HsmResult<Session> {
-        let slot = find_slot(&self.ctx, &self.token)?
-            .ok_or_else(|| HsmError::TokenNotFound(self.token.clone()))?;
-        let anchor = self.ctx.open_rw_session(slot).op("C_OpenSession")?;
-        login(&anchor, &self.pin)?;
-        *self.anchor.lock().expect("anchor lock") = anchor;
-        self.ctx.open_rw_session(slot).op("C_OpenSession")
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The handle of `key` if it still lives: made in this epoch.
+    pub fn live(&self, key: SessionKey) -> HsmResult<ObjectHandle> {
+        if key.epoch == self.epoch() {
+            Ok(key.handle)
+        } else {
+            Err(HsmError::Stale)
+        }
+    }
+
+    /// A fresh session for a worker whose session (opened in epoch `seen`)
+    /// was lost. The first worker to notice opens a new anchor, logs in
+    /// again (the login goes with the last session) and starts a new
+    /// epoch; the others only open a session. Returns it with its epoch.
+    pub fn recover(&self, seen: u64) -> HsmResult<(Session, u64)> {
+        let mut anchor = self.anchor.lock().expect("anchor lock");
+        if self.epoch() == seen {
+            let slot = find_slot(&self.ctx, &self.token)?
+                .ok_or_else(|| HsmError::TokenNotFound(self.token.clone()))?;
+            let fresh = self.ctx.open_rw_session(slot).op("C_OpenSession")?;
+            login(&fresh, &self.pin)?;
+            *anchor = fresh;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            tracing::warn!(
+                epoch = self.epoch(),
+                "HSM sessions reopened; released keys must be released again"
+            );
+        }
+        let s = self.ctx.open_rw_session(self.slot).op("C_OpenSession")?;
+        Ok((s, self.epoch()))
+    }
+
+    /// Fault injection (`admin.fault_injection`): closes every session this
+    /// process has on the token, as an HSM restart or a dropped network
+    /// HSM link does. cryptoki does not wrap `C_CloseAllSessions`; the
+    /// module is already loaded and initialised, so opening it again only
+    /// takes another reference to the same instance.
+    pub fn close_all_sessions(&self) -> HsmResult<()> {
+        #[allow(unsafe_code)]
+        // SAFETY: the same module cryptoki loaded and initialised;
+        // C_CloseAllSessions takes a slot id and touches nothing of ours.
+        let rv = unsafe {
+            let lib = cryptoki_sys::Pkcs11::new(&self.module)
+                .map_err(|_| HsmError::Format("a module that cannot be loaded again"))?;
+            lib.C_CloseAllSessions(self.slot.id())
+        };
+        if rv == cryptoki_sys::CKR_OK {
+            Ok(())
+        } else {
+            Err(HsmError::Format("an error to C_CloseAllSessions"))
+        }
     }
 
     /// Initialises the token if no token has the label yet. Idempotent.
@@ -286,8 +351,16 @@ impl Hsm {
         })
     }
 
-    /// Whether the token still answers. Used by `/readyz`.
+    /// Whether the token answers and our login holds; reopens the anchor
+    /// if it was lost. Used by `/readyz` and the HSM monitor.
     pub fn ping(&self) -> bool {
-        self.ctx.get_token_info(self.slot).is_ok()
+        let seen = self.epoch();
+        let alive = self
+            .anchor
+            .lock()
+            .expect("anchor lock")
+            .get_session_info()
+            .is_ok();
+        alive || self.recover(seen).is_ok()
     }
 }

@@ -13,7 +13,7 @@ use super::market::MAX_ENDPOINT;
 use super::wire::{Put, Reader, WireError};
 use crate::exchange::{POINT_LEN, WRAPPED_LEN};
 use thiserror::Error;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Longest user id, in bytes.
 pub const MAX_USER: usize = 64;
@@ -410,7 +410,7 @@ impl FrameDecoder {
     /// Appends bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
+            self.buf.zeroize();
             self.start = 0;
         }
         self.buf.extend_from_slice(bytes);
@@ -442,6 +442,8 @@ impl FrameDecoder {
             return Ok(None);
         }
         let frame = decode_body(&avail[4..4 + len]);
+        // The frame may carry a password: its bytes do not outlive it.
+        self.buf[self.start..self.start + 4 + len].zeroize();
         self.start += 4 + len;
         if self.start == self.buf.len() {
             self.buf.clear();
@@ -451,6 +453,12 @@ impl FrameDecoder {
             self.start = 0;
         }
         frame.map(Some)
+    }
+}
+
+impl Drop for FrameDecoder {
+    fn drop(&mut self) {
+        self.buf.zeroize();
     }
 }
 

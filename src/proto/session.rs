@@ -238,6 +238,14 @@ impl AccessSession {
         self.in_flight = false;
         match result {
             Ok(msg) => Action::Reply(Frame { id, msg }),
+            Err(ErrorCode::NotReleased) => {
+                // The broker lost the released key (the HSM recovered from
+                // a fault): the terminal must release again.
+                if let State::Released { user } = &self.state {
+                    self.state = State::LoggedIn { user: user.clone() };
+                }
+                self.fail(id, ErrorCode::NotReleased)
+            }
             Err(code) => self.fail(id, code),
         }
     }

@@ -101,9 +101,9 @@ impl ChainMac for SoftChainMac {
 /// PKCS#11 session belongs to one thread. The mutex is never contended;
 /// it only makes the type `Sync`.
 pub struct HsmChainMac {
-    _hsm: Arc<Hsm>,
-    session: Mutex<Session>,
-    key: ObjectHandle,
+    hsm: Arc<Hsm>,
+    /// The session and the `kb-ledger-mac` handle found on it.
+    session: Mutex<(Session, ObjectHandle)>,
     /// Day keys derived so far (bounded; an audit over a long history
     /// derives them again as needed).
     days: Mutex<std::collections::HashMap<i64, aws_lc_rs::hmac::Key>>,
@@ -113,6 +113,14 @@ const MAX_DAY_KEYS: usize = 1024;
 
 impl HsmChainMac {
     pub fn new(hsm: Arc<Hsm>) -> WalletResult<Self> {
+        Ok(Self {
+            session: Mutex::new(Self::open(&hsm)?),
+            hsm,
+            days: Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    fn open(hsm: &Hsm) -> WalletResult<(Session, ObjectHandle)> {
         let session = hsm.session().map_err(|e| WalletError::Mac(e.to_string()))?;
         let key = hsm
             .find(&session, labels::LEDGER_MAC, ObjectClass::SECRET_KEY)
@@ -124,12 +132,7 @@ impl HsmChainMac {
                     labels::LEDGER_MAC
                 ))
             })?;
-        Ok(Self {
-            _hsm: hsm,
-            session: Mutex::new(session),
-            key,
-            days: Mutex::new(std::collections::HashMap::new()),
-        })
+        Ok((session, key))
     }
 
     /// The day's key, derived in the HSM on first use.
@@ -141,18 +144,25 @@ impl HsmChainMac {
         if let Some(k) = days.get(&day) {
             return Ok(k.clone());
         }
-        let s = self
+        let mut s = self
             .session
             .lock()
             .map_err(|_| WalletError::Mac("session lock poisoned".into()))?;
-        let raw = zeroize::Zeroizing::new(
-            s.sign(
-                &Mechanism::Sha256Hmac,
-                self.key,
-                &[DAY_KEY, &day.to_be_bytes()].concat(),
-            )
-            .map_err(|e| WalletError::Mac(format!("C_Sign (SHA256_HMAC): {e}")))?,
-        );
+        let input = [DAY_KEY, &day.to_be_bytes()].concat();
+        let derive = |(s, key): &(Session, ObjectHandle)| {
+            s.sign(&Mechanism::Sha256Hmac, *key, &input)
+                .map_err(|e| WalletError::Mac(format!("C_Sign (SHA256_HMAC): {e}")))
+        };
+        // A session lost to an HSM restart is replaced once, here, where
+        // the next day's key is derived; the ledger refuses work until then.
+        let raw = match derive(&s) {
+            Ok(raw) => raw,
+            Err(_) => {
+                *s = Self::open(&self.hsm)?;
+                derive(&s)?
+            }
+        };
+        let raw = zeroize::Zeroizing::new(raw);
         let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &raw);
         if days.len() >= MAX_DAY_KEYS {
             days.clear();
