@@ -95,6 +95,33 @@ fn exchange_refusals_are_typed() {
 }
 
 #[test]
+fn a_users_sessions_share_one_released_key_and_each_proves_the_password() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let second = env.terminal("alice", "alice-2");
+    let _m = env.market("m1", "alice");
+    let b = env.broker();
+    let mut first = released(&b, &alice, "alice");
+    first.exchange("m1").unwrap();
+    // The key is released already, yet a session must still prove the
+    // second password to use it.
+    let mut t = b.connect(&second);
+    t.login("alice", pw("alice").0.as_bytes()).unwrap();
+    assert_eq!(refused(t.release(b"guess")), ErrorCode::WrongPassword);
+    assert_eq!(refused(t.exchange("m1")), ErrorCode::NotReleased);
+    t.release(pw("alice").1.as_bytes()).unwrap();
+    t.exchange("m1").unwrap();
+    // One session ending does not take the key from the other.
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    t.exchange("m1").unwrap();
+    drop(t);
+    std::thread::sleep(Duration::from_millis(200));
+    // After the last session, a new one unwraps it again.
+    released(&b, &alice, "alice").exchange("m1").unwrap();
+}
+
+#[test]
 fn direct_channel_refuses_bad_sessions_and_records() {
     let env = Env::new("");
     let alice = env.user("alice");

@@ -364,19 +364,24 @@ async fn release(
         .run(move |w| w.check(Which::Release, &fp, &u, &password))
         .await
         .map_err(pool_code)??;
-    let wrapped = record.wrapped_key;
-    let key = exchange::hsm(core, "unwrap", move |w| {
-        crate::hsm::ops::unwrap_user_key(&w.session, w.keys.master_wrap, &wrapped)
-            .map(|h| w.session_key(h))
-    })
-    .await?;
+    let key = match shared.released.get(user, shared.hsm.epoch()) {
+        Some(k) => k,
+        None => {
+            let wrapped = record.wrapped_key;
+            let k = exchange::hsm(core, "unwrap", move |w| {
+                crate::hsm::ops::unwrap_user_key(&w.session, w.keys.master_wrap, &wrapped)
+                    .map(|h| w.session_key(h))
+            })
+            .await?;
+            shared.released.insert(shared, user, k)
+        }
+    };
     c.released = Some(Released {
         key,
         terminal: c.fingerprint,
         mail: record.mail.clone(),
         fingerprint: crate::pki::fingerprint(&record.cert),
         cert: Arc::new(record.cert),
-        shared: shared.clone(),
     });
     Ok(())
 }

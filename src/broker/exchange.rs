@@ -20,9 +20,10 @@ use crate::proto::market::ExchangeRequest;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The released home-card key of a session; destroyed in the HSM on drop.
+/// A released session: the user's key (shared with the user's other
+/// released sessions) and what the wallet needs.
 pub struct Released {
-    pub key: SessionKey,
+    pub key: Arc<super::released::UserKey>,
     /// The user's certificate and its SHA-256.
     pub cert: Arc<Vec<u8>>,
     pub fingerprint: [u8; 32],
@@ -30,18 +31,11 @@ pub struct Released {
     pub terminal: [u8; 32],
     /// Where the user's notifications go.
     pub mail: String,
-    pub shared: Arc<Shared>,
-}
-
-impl Drop for Released {
-    fn drop(&mut self) {
-        destroy_later(&self.shared, self.key);
-    }
 }
 
 /// Destroys a session key, unless the HSM lost it already (its handle may
 /// name something else now).
-fn destroy_later(shared: &Shared, key: SessionKey) {
+pub(super) fn destroy_later(shared: &Shared, key: SessionKey) {
     let queued = shared.hsm_pool.submit(move |w| {
         let Ok(h) = w.hsm.live(key) else { return };
         if let Err(e) = crate::hsm::ops::destroy(&w.session, h) {
@@ -157,7 +151,7 @@ pub async fn exchange(
         nonce,
         binding,
     };
-    let key = rel.key;
+    let key = rel.key.key;
     let kx = shared.cfg.exchange.kx;
     let (eph, digest, signature) = match (terminal_eph, kx) {
         (Some(p), _) => {

@@ -10,6 +10,7 @@
 pub mod auth;
 mod conn;
 mod exchange;
+mod released;
 pub mod link;
 mod tickets;
 pub mod tls;
@@ -68,6 +69,8 @@ pub struct Shared {
     pub ledger: Arc<dyn crate::wallet::Ledger>,
     /// The voucher issuer's public key (SPKI DER), if top-ups are enabled.
     pub voucher_issuer: Option<Vec<u8>>,
+    /// Released home-card keys, one per user.
+    pub released: released::Keys,
 }
 
 /// A running broker.
@@ -162,6 +165,7 @@ impl Broker {
             markets,
             ledger: ledger.clone(),
             voucher_issuer,
+            released: released::Keys::default(),
         });
         let mut threads = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {

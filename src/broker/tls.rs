@@ -22,8 +22,22 @@ use rustls::{RootCertStore, ServerConfig};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+/// The one crypto provider of every TLS endpoint here (broker, market,
+/// terminal, bench floor): aws-lc-rs with TLS 1.3 suites only, AES-128-GCM with SHA-256 first: SHA-256 runs on
+/// the CPU's SHA extensions while SHA-384 does not (aws-lc's
+/// `sha512_block_data_order_nohw`), and the key schedule and transcript
+/// hashing of a handshake took 8% of the core threads' CPU under the
+/// `connect` bench with SHA-384 first (docs/BENCH.md).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..default_provider()
+    })
 }
 
 /// Serves the current certified key; swapped on rotation.
@@ -153,6 +167,8 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
+    // The broker's suite order wins (see `provider`).
+    cfg.ignore_client_order = true;
     cfg.ticketer = ticketer;
     cfg.send_tls13_tickets = 2;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

@@ -166,7 +166,7 @@ async fn purchase(
         created_ms: decision.created_ms,
     };
     let body = receipt.body();
-    let key = rel.key;
+    let key = rel.key.key;
     // The debit is durable already; a failed signature leaves it in place
     // and a retry with the same idempotency key returns it, signed.
     let signature = hsm(core, "sign", move |w| {
