@@ -8,7 +8,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # PostgreSQL (tests/wallet_pg.rs starts a throwaway cluster with its binaries), HAProxy (tests/cluster.rs).
 APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config prometheus python3-pip postgresql haproxy
 
-.PHONY: all setup deps build run serve test lint demo bench fuzz clean
+.PHONY: all setup deps build run serve test lint demo bench bench-ledgers fuzz clean
 
 all: build
 
@@ -52,6 +52,13 @@ demo: setup
 
 bench: setup
 	$(CARGO) run --release -p keybroker-bench -- $(BENCH_ARGS)
+
+# The purchase peak (closed loop, 3 s steps) on each ledger: SQLite, then
+# PostgreSQL in a throwaway loopback cluster the bench starts and stops.
+# Reports: target/bench/report-sqlite.json, target/bench/report-postgres.json.
+bench-ledgers:
+	$(MAKE) bench BENCH_ARGS="--scenario purchase --closed --duration 3 --ledger sqlite --out target/bench/report-sqlite.json"
+	$(MAKE) bench BENCH_ARGS="--scenario purchase --closed --duration 3 --ledger postgres --out target/bench/report-postgres.json"
 
 # Every parser and state machine under libFuzzer for FUZZ_SECONDS each.
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable
