@@ -8,7 +8,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # PostgreSQL (tests/wallet_pg.rs starts a throwaway cluster with its binaries), HAProxy (tests/cluster.rs).
 APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config prometheus python3-pip postgresql haproxy
 
-.PHONY: all setup deps build run serve test lint demo bench fuzz clean
+.PHONY: all setup deps build run serve test lint demo bench bench-ledgers fuzz clean
 
 all: build
 
@@ -52,6 +52,16 @@ demo: setup
 
 bench: setup
 	$(CARGO) run --release -p keybroker-bench -- $(BENCH_ARGS)
+
+# Purchases on each ledger, closed loop, 64 workers for 10 s (one long step
+# rather than the peak search: its 3 s steps are too noisy here to compare
+# two ledgers): SQLite, then PostgreSQL in a throwaway loopback cluster the
+# bench starts and stops. Reports: target/bench/report-sqlite.json and
+# report-postgres.json (charts latency-sqlite.svg, latency-postgres.svg).
+LEDGER_BENCH := --scenario purchase --closed --workers 64 --duration 10
+bench-ledgers:
+	$(MAKE) bench BENCH_ARGS="$(LEDGER_BENCH) --ledger sqlite --out target/bench/report-sqlite.json"
+	$(MAKE) bench BENCH_ARGS="$(LEDGER_BENCH) --ledger postgres --out target/bench/report-postgres.json"
 
 # Every parser and state machine under libFuzzer for FUZZ_SECONDS each.
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable

@@ -18,6 +18,9 @@ pub struct Settings {
     pub argon2_t: u32,
     /// `hsm.dispatch` of the brokers: "pool" or "inline".
     pub hsm_dispatch: String,
+    /// The ledger: None for SQLite (the file in the data dir), else the
+    /// libpq connection string of an empty PostgreSQL database (no password).
+    pub postgres_url: Option<String>,
 }
 
 pub struct Env {
@@ -112,6 +115,10 @@ impl Env {
         let (private, public) = keybroker::wallet::voucher::generate_issuer_key()?;
         std::fs::write(issuer.join("issuer.key"), private)?;
         std::fs::write(issuer.join("issuer.pub"), public)?;
+        let ledger = match &s.postgres_url {
+            None => "backend = \"sqlite\"\n".to_owned(),
+            Some(url) => format!("backend = \"postgres\"\npostgres_url = {url:?}\n"),
+        };
         for kx in ["software", "hsm"] {
             std::fs::write(
                 run.join(format!("broker-{kx}.toml")),
@@ -123,7 +130,7 @@ impl Env {
                      [auth]\nmax_failures = 100\nargon2_m_kib = {}\nargon2_t = {}\nworkers = 2\nqueue = 1024\n\
                      [hsm]\nworkers = 2\nqueue = 4096\ndispatch = {:?}\n\
                      [exchange]\nkx = \"{kx}\"\n\
-                     [wallet]\nvoucher_issuer = {:?}\n",
+                     [wallet]\n{ledger}voucher_issuer = {:?}\n",
                     s.argon2_m_kib,
                     s.argon2_t,
                     s.hsm_dispatch,

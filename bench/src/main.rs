@@ -10,7 +10,7 @@ mod procs;
 mod report;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use env::{Broker, Env, Settings};
 use indicatif::{ProgressBar, ProgressStyle};
 use load::{Op, RunResult};
@@ -55,7 +55,8 @@ struct Cli {
     /// A short run (CI smoke test).
     #[arg(long)]
     quick: bool,
-    /// JSON report; the SVG chart goes beside it as latency.svg.
+    /// JSON report; the SVG chart goes beside it as latency.svg
+    /// (report-X.json: latency-X.svg).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Concurrent idle connections for `idle` (default 10000, quick 500).
@@ -71,6 +72,29 @@ struct Cli {
     /// core's own session).
     #[arg(long, default_value = "pool")]
     hsm_dispatch: String,
+    /// The brokers' ledger (`wallet.backend`).
+    #[arg(long, value_enum, default_value_t = Ledger::Sqlite)]
+    ledger: Ledger,
+    /// With `--ledger postgres`: an empty database to use, libpq `key=value`
+    /// form without a password; default: a throwaway cluster on loopback,
+    /// started and stopped by the bench.
+    #[arg(long)]
+    postgres_url: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Ledger {
+    Sqlite,
+    Postgres,
+}
+
+impl Ledger {
+    fn name(self) -> &'static str {
+        match self {
+            Ledger::Sqlite => "sqlite",
+            Ledger::Postgres => "postgres",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -115,6 +139,9 @@ struct Ctx<'a> {
     entries: Vec<Entry>,
     /// Closed-loop peak of exchange_software, ops/s.
     sw_peak: Option<f64>,
+    /// The throwaway PostgreSQL cluster's postmaster, whose process tree's
+    /// CPU is reported beside the broker's.
+    ledger_pid: Option<u32>,
 }
 
 impl Ctx<'_> {
@@ -175,6 +202,14 @@ enum Plan {
     Closed { secs: f64 },
 }
 
+/// CPU measured around a run: broker, market, and the PostgreSQL server
+/// when the bench runs it.
+struct Cpu {
+    broker: procs::CpuDelta,
+    market: procs::CpuDelta,
+    ledger_s: Option<f64>,
+}
+
 /// Runs `ops` under `plan` and measures the broker and market CPU around it.
 fn measured(
     ctx: &Ctx,
@@ -182,7 +217,7 @@ fn measured(
     pid: u32,
     ops: &mut [Box<dyn Op>],
     plan: &Plan,
-) -> (RunResult, procs::CpuDelta, procs::CpuDelta) {
+) -> (RunResult, Cpu) {
     let mpid = ctx.env.market_pid().unwrap_or(0);
     let (pb, label) = match plan {
         Plan::Open { rate, secs } => (
@@ -196,6 +231,7 @@ fn measured(
     };
     pb.set_prefix(label);
     let (b0, m0) = (procs::cpu_snap(pid), procs::cpu_snap(mpid));
+    let l0 = ctx.ledger_pid.map(procs::tree_snap);
     let r = match plan {
         Plan::Open { rate, secs } => load::open_loop(
             ops,
@@ -210,26 +246,36 @@ fn measured(
         }
     };
     let (b1, m1) = (procs::cpu_snap(pid), procs::cpu_snap(mpid));
+    let ledger_s = l0
+        .zip(ctx.ledger_pid)
+        .map(|(l0, lp)| procs::tree_delta_s(&l0, &procs::tree_snap(lp)));
     pb.finish_and_clear();
     for s in &r.error_samples {
         eprintln!("  {name}: error sample: {s}");
     }
-    (r, procs::cpu_delta(&b0, &b1), procs::cpu_delta(&m0, &m1))
+    let cpu = Cpu {
+        broker: procs::cpu_delta(&b0, &b1),
+        market: procs::cpu_delta(&m0, &m1),
+        ledger_s,
+    };
+    (r, cpu)
 }
 
-fn entry(
-    name: &str,
-    plan: &Plan,
-    r: RunResult,
-    cpu: &procs::CpuDelta,
-    mcpu: &procs::CpuDelta,
-    floor_us: f64,
-) -> Entry {
+fn entry(name: &str, plan: &Plan, r: RunResult, c: &Cpu, floor_us: f64) -> Entry {
+    let (cpu, mcpu) = (&c.broker, &c.market);
     let auth = cpu.group("auth");
     let (mode, target) = match plan {
         Plan::Open { rate, .. } => ("open", Some(*rate)),
         Plan::Closed { .. } => ("closed", None),
     };
+    let mut extra = Map::new();
+    if let Some(s) = c.ledger_s {
+        extra.insert("ledger_server_cpu_s".into(), json!(s));
+        extra.insert(
+            "ledger_server_cpu_us_per_op".into(),
+            json!(s * 1e6 / (r.ok.max(1) as f64)),
+        );
+    }
     Entry {
         name: name.to_owned(),
         mode: mode.to_owned(),
@@ -248,7 +294,7 @@ fn entry(
         missed: r.missed,
         hist: r.hist,
         notes: r.error_samples,
-        extra: Map::new(),
+        extra,
     }
 }
 
@@ -290,8 +336,8 @@ fn peak(ctx: &Ctx, name: &str, pid: u32, ops: &mut [Box<dyn Op>], floor_us: f64)
     let mut curve = Vec::new();
     for w in steps {
         let plan = Plan::Closed { secs };
-        let (r, cpu, mcpu) = measured(ctx, name, pid, &mut ops[..w], &plan);
-        let e = entry(name, &plan, r, &cpu, &mcpu, floor_us);
+        let (r, cpu) = measured(ctx, name, pid, &mut ops[..w], &plan);
+        let e = entry(name, &plan, r, &cpu, floor_us);
         eprintln!(
             "  {name} closed w={w}: {:.0} ops/s, {:.1} µs broker CPU/op, {} errors",
             e.ops_per_s,
@@ -367,8 +413,8 @@ fn run_plan(
         rate,
         secs: ctx.open_secs(),
     };
-    let (r, cpu, mcpu) = measured(ctx, name, pid, ops, &plan);
-    Ok(entry(name, &plan, r, &cpu, &mcpu, floor))
+    let (r, cpu) = measured(ctx, name, pid, ops, &plan);
+    Ok(entry(name, &plan, r, &cpu, floor))
 }
 
 fn resume(ctx: &mut Ctx) -> Result<()> {
@@ -438,8 +484,8 @@ fn exchange(ctx: &mut Ctx, kx: &str) -> Result<()> {
             secs: ctx.open_secs(),
         };
         let label = format!("{name}_at_70pct");
-        let (r, cpu, mcpu) = measured(ctx, &label, pid, &mut ops, &plan);
-        let mut e = entry(&label, &plan, r, &cpu, &mcpu, floor);
+        let (r, cpu) = measured(ctx, &label, pid, &mut ops, &plan);
+        let mut e = entry(&label, &plan, r, &cpu, floor);
         e.notes.push(format!(
             "open loop at 70% of the closed-loop peak ({peak_rate:.0} ops/s); {note}"
         ));
@@ -478,10 +524,15 @@ fn purchase(ctx: &mut Ctx) -> Result<()> {
         }) as Box<dyn Op>)
     })?;
     let mut e = peak(ctx, "purchase", pid, &mut ops, floor)?;
-    e.notes.push(
-        "op = Purchase (debit, decision, mail row: one group-committed SQLite transaction with synchronous=FULL, HSM HMAC chain) + HSM receipt signature; floor = the receipt signature"
-            .into(),
-    );
+    let store = match ctx.cli.ledger {
+        Ledger::Sqlite => "one group-committed SQLite transaction with synchronous=FULL",
+        Ledger::Postgres => {
+            "one group-committed PostgreSQL transaction (loopback TCP, fsync=on, synchronous_commit=on)"
+        }
+    };
+    e.notes.push(format!(
+        "op = Purchase (debit, decision, mail row: {store}, HSM HMAC chain) + HSM receipt signature; floor = the receipt signature"
+    ));
     ctx.entries.push(e);
     Ok(())
 }
@@ -623,12 +674,16 @@ fn idle(ctx: &mut Ctx) -> Result<()> {
     let plan = Plan::Closed {
         secs: elapsed.as_secs_f64(),
     };
+    let cpu = Cpu {
+        broker: cpu,
+        market: procs::CpuDelta::default(),
+        ledger_s: None,
+    };
     let mut e = entry(
         "idle",
         &plan,
         r,
         &cpu,
-        &procs::CpuDelta::default(),
         ctx.item_us("tls13_full_handshake_client_auth_server_side"),
     );
     e.extra.insert("connections".into(), json!(held));
@@ -671,6 +726,9 @@ fn run(cli: &Cli) -> Result<()> {
     // (the broker inherits it).
     let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     let t0 = Instant::now();
+    // Declared before the brokers, so dropped (stopped) after them, also
+    // on error.
+    let (cluster, postgres_url) = ledger_db(cli)?;
     eprintln!(
         "setting up under {} ...",
         target.join("bench/run").display()
@@ -681,6 +739,7 @@ fn run(cli: &Cli) -> Result<()> {
         argon2_m_kib: cli.argon2_m_kib,
         argon2_t: cli.argon2_t,
         hsm_dispatch: cli.hsm_dispatch.clone(),
+        postgres_url,
     };
     let env = Env::create(
         bindir.join("keybroker"),
@@ -725,6 +784,7 @@ fn run(cli: &Cli) -> Result<()> {
         floors,
         entries: Vec::new(),
         sw_peak: None,
+        ledger_pid: cluster.as_ref().and_then(|c| c.postmaster_pid()),
     };
     // Order: software-broker scenarios first, the hsm broker last.
     for s in [
@@ -752,12 +812,21 @@ fn run(cli: &Cli) -> Result<()> {
     }
     ctx.broker = None;
     let unavailable: Vec<(&str, &str)> = Vec::new();
-    let table = report::table(&ctx.entries, &unavailable);
+    let ledger = match (cli.ledger, &cluster) {
+        (Ledger::Sqlite, _) => "sqlite (WAL, synchronous=FULL, in the data dir)".to_owned(),
+        (Ledger::Postgres, Some(c)) => format!(
+            "postgres (throwaway cluster on 127.0.0.1:{}, fsync=on, synchronous_commit=on)",
+            c.port
+        ),
+        (Ledger::Postgres, None) => "postgres (--postgres-url)".to_owned(),
+    };
+    let table = report::table(&ledger, &ctx.entries, &unavailable);
     let mut scenarios = Map::new();
     for e in &ctx.entries {
         scenarios.insert(e.name.clone(), e.json());
     }
     let report = json!({
+        "ledger": cli.ledger.name(),
         "machine": {
             "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "nofile_limit": nofile,
@@ -771,6 +840,7 @@ fn run(cli: &Cli) -> Result<()> {
             "broker_cores": 2,
             "quick": cli.quick,
             "closed": cli.closed,
+            "ledger": ledger,
         },
         "floor": ctx.floors,
         "scenarios": scenarios,
@@ -781,7 +851,12 @@ fn run(cli: &Cli) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")?;
-    let svg = out.with_file_name("latency.svg");
+    // report-<x>.json gets latency-<x>.svg, so runs side by side keep theirs.
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let svg = out.with_file_name(format!(
+        "latency{}.svg",
+        stem.strip_prefix("report").unwrap_or("")
+    ));
     report::chart(&ctx.entries, &svg).context("latency chart")?;
     print_floor(&ctx.floors);
     println!("{table}");
@@ -792,6 +867,37 @@ fn run(cli: &Cli) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The PostgreSQL database of `--ledger postgres`: `--postgres-url`, or a
+/// fresh database in a throwaway cluster started here (returned, so the
+/// caller's drop stops it).
+fn ledger_db(
+    cli: &Cli,
+) -> Result<(
+    Option<keybroker::wallet::pg_cluster::PgCluster>,
+    Option<String>,
+)> {
+    match (cli.ledger, &cli.postgres_url) {
+        (Ledger::Sqlite, None) => Ok((None, None)),
+        (Ledger::Sqlite, Some(_)) => bail!("--postgres-url needs --ledger postgres"),
+        (Ledger::Postgres, Some(url)) => {
+            if url.contains("password") {
+                bail!(
+                    "--postgres-url must not carry a password (it is written to the bench's config)"
+                );
+            }
+            Ok((None, Some(url.clone())))
+        }
+        (Ledger::Postgres, None) => {
+            eprintln!("starting a throwaway PostgreSQL cluster ...");
+            let c = keybroker::wallet::pg_cluster::PgCluster::start()
+                .context("starting the throwaway PostgreSQL cluster")?;
+            let url = c.url(&c.new_db("bench")?);
+            eprintln!("PostgreSQL on 127.0.0.1:{}", c.port);
+            Ok((Some(c), Some(url)))
+        }
+    }
 }
 
 fn print_floor(f: &Value) {

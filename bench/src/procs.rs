@@ -127,6 +127,51 @@ pub fn cpu_delta(a: &CpuSnap, b: &CpuSnap) -> CpuDelta {
     d
 }
 
+/// CPU of a process and its direct children (PostgreSQL: the postmaster
+/// and its backends), pid -> ns on CPU from /proc/<pid>/schedstat (the
+/// backends are single-threaded).
+pub fn tree_snap(root: u32) -> BTreeMap<u32, u64> {
+    let ns = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    let mut m = BTreeMap::new();
+    if let Some(n) = ns(root) {
+        m.insert(root, n);
+    }
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|t| {
+                t.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u32>()
+                    .ok()
+            });
+        if ppid == Some(root)
+            && let Some(n) = ns(pid)
+        {
+            m.insert(pid, n);
+        }
+    }
+    m
+}
+
+/// Seconds of CPU between two [`tree_snap`]s (a process that exited in
+/// between is not counted).
+pub fn tree_delta_s(a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>) -> f64 {
+    b.iter()
+        .map(|(pid, n)| n.saturating_sub(a.get(pid).copied().unwrap_or(0)))
+        .sum::<u64>() as f64
+        / 1e9
+}
+
 /// VmRSS of a process, bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

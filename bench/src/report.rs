@@ -83,8 +83,10 @@ impl Entry {
     }
 }
 
-pub fn table(entries: &[Entry], unavailable: &[(&str, &str)]) -> String {
-    let mut s = format!(
+/// The results table; its first line names the ledger the brokers used.
+pub fn table(ledger: &str, entries: &[Entry], unavailable: &[(&str, &str)]) -> String {
+    let mut s = format!("ledger: {ledger}\n");
+    s += &format!(
         "{:<28} {:>6} {:>4} {:>9} {:>11} {:>13} {:>11} {:>7} {:>8} {:>8} {:>8} {:>6}\n",
         "scenario",
         "mode",
@@ -124,6 +126,16 @@ pub fn table(entries: &[Entry], unavailable: &[(&str, &str)]) -> String {
                 "{:<28}   + password checks (argon2id, auth-* threads, not in cpu µs/op): {:.2} ms CPU per op\n",
                 "",
                 e.auth_cpu_s * 1e3 / (e.ops.max(1) as f64)
+            );
+        }
+        if let Some(us) = e
+            .extra
+            .get("ledger_server_cpu_us_per_op")
+            .and_then(Value::as_f64)
+        {
+            s += &format!(
+                "{:<28}   + PostgreSQL server (its own processes, not in cpu µs/op): {us:.1} µs CPU per op\n",
+                ""
             );
         }
     }

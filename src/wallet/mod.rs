@@ -29,6 +29,7 @@ pub mod chain;
 pub mod ledger;
 pub mod mailer;
 pub mod pg;
+pub mod pg_cluster;
 mod schema;
 mod smtp;
 pub mod sqlite;
