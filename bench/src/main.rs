@@ -68,9 +68,10 @@ struct Cli {
     /// argon2id passes.
     #[arg(long, default_value_t = 2)]
     argon2_t: u32,
-    /// The brokers' `hsm.dispatch`: pool (worker threads) or inline (each
-    /// core's own session).
-    #[arg(long, default_value = "pool")]
+    /// The brokers' `hsm.dispatch`: inline (each core's own session; the
+    /// right choice for SoftHSM, which is in-process) or pool (worker
+    /// threads, as for a network HSM).
+    #[arg(long, default_value = "inline")]
     hsm_dispatch: String,
     /// The brokers' ledger (`wallet.backend`).
     #[arg(long, value_enum, default_value_t = Ledger::Sqlite)]

@@ -64,10 +64,11 @@ fn hsm_code(e: HsmError) -> ErrorCode {
 
 /// Runs `f` on an HSM worker (the pool, or this core's own session with
 /// `hsm.dispatch = "inline"`), timing the operation apart from the queue wait.
+/// If the worker's session turns out lost, `f` runs once more on a fresh one.
 pub async fn hsm<R: Send + 'static>(
     core: &Core,
     op: &'static str,
-    f: impl FnOnce(&HsmWorker) -> Result<R, HsmError> + Send + 'static,
+    f: impl Fn(&HsmWorker) -> Result<R, HsmError> + Send + 'static,
 ) -> Result<R, ErrorCode> {
     if let Some(w) = &core.hsm_inline {
         return timed(&mut w.borrow_mut(), op, f).map_err(hsm_code);
@@ -83,33 +84,43 @@ pub async fn hsm<R: Send + 'static>(
 fn timed<R>(
     w: &mut HsmWorker,
     op: &'static str,
-    f: impl FnOnce(&HsmWorker) -> Result<R, HsmError>,
+    f: impl Fn(&HsmWorker) -> Result<R, HsmError>,
 ) -> Result<R, HsmError> {
-    let started = Instant::now();
-    let r = f(w);
-    crate::metrics::hsm_op(op, started.elapsed(), r.is_ok());
-    if let Err(e) = &r
-        && e.session_lost()
+    let attempt = |w: &HsmWorker| {
+        let started = Instant::now();
+        let r = f(w);
+        crate::metrics::hsm_op(op, started.elapsed(), r.is_ok());
+        r
+    };
+    match attempt(w) {
+        Err(e) if e.session_lost() && recover(w, &e) => attempt(w),
+        r => r,
+    }
+}
+
+/// Gives the worker a fresh session after `e` showed its session lost.
+/// Session objects of the old epoch stay lost: a key released before
+/// answers [`HsmError::Stale`] on the retry.
+fn recover(w: &mut HsmWorker, e: &HsmError) -> bool {
+    // Token key handles may change with the sessions (SoftHSM drops them
+    // when a slot's last session closes), so they are looked up again.
+    match w
+        .hsm
+        .recover(w.epoch)
+        .and_then(|(s, epoch)| Ok((s, epoch, w.hsm.key_handles()?)))
     {
-        // This request fails (its session objects went with the session);
-        // the next one gets a fresh session.
-        // Token key handles may change with the sessions (SoftHSM drops
-        // them when a slot's last session closes), so they are looked up again.
-        match w
-            .hsm
-            .recover(w.epoch)
-            .and_then(|(s, epoch)| Ok((s, epoch, w.hsm.key_handles()?)))
-        {
-            Ok((s, epoch, keys)) => {
-                w.session = s;
-                w.epoch = epoch;
-                w.keys = keys;
-                tracing::warn!(error = %e, "HSM session lost; reopened");
-            }
-            Err(again) => tracing::error!(error = %again, "HSM still unavailable"),
+        Ok((s, epoch, keys)) => {
+            w.session = s;
+            w.epoch = epoch;
+            w.keys = keys;
+            tracing::warn!(error = %e, "HSM session lost; reopened");
+            true
+        }
+        Err(again) => {
+            tracing::error!(error = %again, "HSM still unavailable");
+            false
         }
     }
-    r
 }
 
 /// The requester's ephemeral key.
@@ -169,7 +180,7 @@ pub async fn exchange(
             let tt = t.clone();
             let (point, private, digest, sig) = hsm(core, "keygen_sign", move |w| {
                 let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
-                let mut tt = tt;
+                let mut tt = tt.clone();
                 tt.ephemeral = point
                     .as_slice()
                     .try_into()

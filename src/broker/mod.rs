@@ -10,8 +10,8 @@
 pub mod auth;
 mod conn;
 mod exchange;
-mod released;
 pub mod link;
+mod released;
 mod tickets;
 pub mod tls;
 mod wallet;
