@@ -17,9 +17,10 @@ impl SqliteStore {
         // The writer checkpoints less often (every 10,000 WAL pages, about
         // 40 MB, instead of 1,000): a page written by many purchases goes
         // to the database file once per checkpoint, not once per 1,000
-        // frames. Reads come from a memory map rather than `pread`.
+        // frames. Measured: ledger writer 65-88 -> 50-58 µs per purchase.
+        // (A memory map for reads was tried too; it added page faults and
+        // unmaps and saved nothing.)
         c.pragma_update(None, "wal_autocheckpoint", 10_000)?;
-        c.pragma_update(None, "mmap_size", 256 * 1024 * 1024)?;
         Ok(Self(c))
     }
 }
