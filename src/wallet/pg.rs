@@ -153,6 +153,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_ms      BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (next_attempt_ms) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_ms, id) WHERE state = 'pending';
 "#;
 
 /// Serialises schema creation between nodes starting together (`CREATE …
@@ -462,7 +463,7 @@ impl Outbox for PgOutbox {
         let rows = self.0.query(
             "UPDATE outbox SET next_attempt_ms = $3 WHERE id IN (
                  SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_ms <= $1
-                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 ORDER BY next_attempt_ms, id LIMIT $2 FOR UPDATE SKIP LOCKED)
              RETURNING id, message_id, mail_to, subject, body, attempts",
             &[&now, &limit, &claim],
         )?;
