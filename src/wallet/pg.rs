@@ -482,9 +482,11 @@ impl Outbox for PgOutbox {
         Ok(out)
     }
 
-    fn mark_sent(&mut self, id: i64) -> WalletResult<()> {
-        self.0
-            .execute("UPDATE outbox SET state = 'sent' WHERE id = $1", &[&id])?;
+    fn mark_sent(&mut self, ids: &[i64]) -> WalletResult<()> {
+        self.0.execute(
+            "UPDATE outbox SET state = 'sent' WHERE id = ANY($1)",
+            &[&ids],
+        )?;
         Ok(())
     }
 
