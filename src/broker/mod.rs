@@ -302,8 +302,14 @@ fn spawn_ticket_refresh(hsm: Arc<Hsm>, t: Arc<tickets::HsmTicketer>, period: Dur
 
 /// The admin listener, and a monitor that keeps `keybroker_hsm_up` current.
 fn start_admin(cfg: &Config, hsm: Arc<Hsm>) -> Result<SocketAddr> {
+    let fault: crate::admin::Fault = cfg.admin.fault_injection.then(|| {
+        let hsm = hsm.clone();
+        Arc::new(move || {
+            tracing::warn!("fault injection: closing every HSM session");
+            hsm.close_all_sessions().map_err(|e| e.to_string())
+        }) as Arc<dyn Fn() -> Result<(), String> + Send + Sync>
+    });
     let h = hsm.clone();
-    let hsm_fault = hsm.clone();
     std::thread::Builder::new()
         .name("hsm-monitor".into())
         .spawn(move || {
@@ -321,13 +327,6 @@ fn start_admin(cfg: &Config, hsm: Arc<Hsm>) -> Result<SocketAddr> {
             .and_then(|s| s.meta_get("kb-broker-ca"))
             .map(drop)
             .map_err(|e| format!("the registry does not open: {e}"))
-    });
-    let fault: crate::admin::Fault = cfg.admin.fault_injection.then(|| {
-        let hsm = hsm_fault.clone();
-        Arc::new(move || {
-            tracing::warn!("fault injection: closing every HSM session");
-            hsm.close_all_sessions().map_err(|e| e.to_string())
-        }) as Arc<dyn Fn() -> Result<(), String> + Send + Sync>
     });
     crate::admin::start(cfg.admin.listen, ready, fault)
 }

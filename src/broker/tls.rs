@@ -13,7 +13,7 @@ use crate::hsm::signer::HsmSigner;
 use crate::hsm::{Hsm, ops};
 use crate::pki::{self, Usage};
 use anyhow::{Context, Result};
-use cryptoki::object::ObjectHandle;
+use cryptoki::object::{ObjectClass, ObjectHandle};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -23,11 +23,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// The one crypto provider of every TLS endpoint here (broker, market,
-/// terminal, bench floor): aws-lc-rs with TLS 1.3 suites only, AES-128-GCM with SHA-256 first: SHA-256 runs on
-/// the CPU's SHA extensions while SHA-384 does not (aws-lc's
-/// `sha512_block_data_order_nohw`), and the key schedule and transcript
-/// hashing of a handshake took 8% of the core threads' CPU under the
-/// `connect` bench with SHA-384 first (docs/BENCH.md).
+/// terminal, bench floor): aws-lc-rs with TLS 1.3 suites only,
+/// AES-128-GCM-SHA256 first. SHA-256 runs on the CPU's SHA extensions while
+/// SHA-384 does not (aws-lc's `sha512_block_data_order_nohw`); with SHA-384
+/// first, a handshake's key schedule and transcript hashing took 8% of the
+/// core threads' CPU under the `connect` bench (docs/DECISIONS.md).
 pub fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
     Arc::new(CryptoProvider {
@@ -129,10 +129,11 @@ impl Certifier {
                 let mut this = self;
                 loop {
                     std::thread::sleep(this.lifetime / 2);
+                    // The CA key's handle may have changed if the HSM
+                    // recovered from a fault since the last rotation.
                     let issued = hsm.session().map_err(anyhow::Error::from).and_then(|s| {
-                        // The CA key's handle may have changed if the HSM
-                        // recovered from a fault since the last rotation.
-                        if let Some(k) = hsm.find(&s, crate::hsm::labels::BROKER_CA, cryptoki::object::ObjectClass::PRIVATE_KEY)? {
+                        let label = crate::hsm::labels::BROKER_CA;
+                        if let Some(k) = hsm.find(&s, label, ObjectClass::PRIVATE_KEY)? {
                             this.ca_key = k;
                         }
                         this.issue(&s, &provider)

@@ -234,11 +234,11 @@ impl Hsm {
         }
     }
 
-    /// A fresh session for a worker whose session (opened in epoch `seen`)
-    /// was lost. The first worker to notice opens a new anchor, logs in
-    /// again (the login goes with the last session) and starts a new
-    /// epoch; the others only open a session. Returns it with its epoch.
-    pub fn recover(&self, seen: u64) -> HsmResult<(Session, u64)> {
+    /// After a session of epoch `seen` was found lost: the first caller to
+    /// notice opens a new anchor, logs in again (the login goes with the
+    /// last session) and starts a new epoch; later callers find it done.
+    /// Returns the current epoch.
+    fn reanchor(&self, seen: u64) -> HsmResult<u64> {
         let mut anchor = self.anchor.lock().expect("anchor lock");
         if self.epoch() == seen {
             let slot = find_slot(&self.ctx, &self.token)?
@@ -252,8 +252,14 @@ impl Hsm {
                 "HSM sessions reopened; released keys must be released again"
             );
         }
-        let s = self.ctx.open_rw_session(self.slot).op("C_OpenSession")?;
-        Ok((s, self.epoch()))
+        Ok(self.epoch())
+    }
+
+    /// A fresh session, and its epoch, for a user of a session opened in
+    /// epoch `seen` that was lost.
+    pub fn recover(&self, seen: u64) -> HsmResult<(Session, u64)> {
+        let epoch = self.reanchor(seen)?;
+        Ok((self.session()?, epoch))
     }
 
     /// Fault injection (`admin.fault_injection`): closes every session this
@@ -361,6 +367,6 @@ impl Hsm {
             .expect("anchor lock")
             .get_session_info()
             .is_ok();
-        alive || self.recover(seen).is_ok()
+        alive || self.reanchor(seen).is_ok()
     }
 }

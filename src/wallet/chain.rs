@@ -15,7 +15,7 @@
 //! wallet"). [`SoftChainMac`] exists for unit tests of the chain logic only.
 
 use super::{Entry, WalletError, WalletResult};
-use crate::hsm::{Hsm, labels};
+use crate::hsm::{Ctx, Hsm, HsmError, labels};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
@@ -102,8 +102,7 @@ impl ChainMac for SoftChainMac {
 /// it only makes the type `Sync`.
 pub struct HsmChainMac {
     hsm: Arc<Hsm>,
-    /// The session and the `kb-ledger-mac` handle found on it.
-    session: Mutex<(Session, ObjectHandle)>,
+    session: Mutex<MacSession>,
     /// Day keys derived so far (bounded; an audit over a long history
     /// derives them again as needed).
     days: Mutex<std::collections::HashMap<i64, aws_lc_rs::hmac::Key>>,
@@ -111,17 +110,26 @@ pub struct HsmChainMac {
 
 const MAX_DAY_KEYS: usize = 1024;
 
+/// A session, the HSM epoch it was opened in, and the `kb-ledger-mac`
+/// handle found on it.
+struct MacSession {
+    session: Session,
+    epoch: u64,
+    key: ObjectHandle,
+}
+
 impl HsmChainMac {
     pub fn new(hsm: Arc<Hsm>) -> WalletResult<Self> {
+        let epoch = hsm.epoch();
+        let session = hsm.session().map_err(|e| WalletError::Mac(e.to_string()))?;
         Ok(Self {
-            session: Mutex::new(Self::open(&hsm)?),
+            session: Mutex::new(Self::with_key(&hsm, session, epoch)?),
             hsm,
             days: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
-    fn open(hsm: &Hsm) -> WalletResult<(Session, ObjectHandle)> {
-        let session = hsm.session().map_err(|e| WalletError::Mac(e.to_string()))?;
+    fn with_key(hsm: &Hsm, session: Session, epoch: u64) -> WalletResult<MacSession> {
         let key = hsm
             .find(&session, labels::LEDGER_MAC, ObjectClass::SECRET_KEY)
             .map_err(|e| WalletError::Mac(e.to_string()))?
@@ -132,7 +140,11 @@ impl HsmChainMac {
                     labels::LEDGER_MAC
                 ))
             })?;
-        Ok((session, key))
+        Ok(MacSession {
+            session,
+            epoch,
+            key,
+        })
     }
 
     /// The day's key, derived in the HSM on first use.
@@ -149,18 +161,22 @@ impl HsmChainMac {
             .lock()
             .map_err(|_| WalletError::Mac("session lock poisoned".into()))?;
         let input = [DAY_KEY, &day.to_be_bytes()].concat();
-        let derive = |(s, key): &(Session, ObjectHandle)| {
-            s.sign(&Mechanism::Sha256Hmac, *key, &input)
-                .map_err(|e| WalletError::Mac(format!("C_Sign (SHA256_HMAC): {e}")))
+        let derive = |m: &MacSession| {
+            m.session
+                .sign(&Mechanism::Sha256Hmac, m.key, &input)
+                .op("C_Sign (SHA256_HMAC)")
         };
-        // A session lost to an HSM restart is replaced once, here, where
-        // the next day's key is derived; the ledger refuses work until then.
+        let mac_err = |e: HsmError| WalletError::Mac(e.to_string());
+        // A session lost to an HSM restart is replaced here, through the
+        // HSM's own recovery (new login, new epoch), and the key is found
+        // again on it: handles may change with the sessions.
         let raw = match derive(&s) {
-            Ok(raw) => raw,
-            Err(_) => {
-                *s = Self::open(&self.hsm)?;
-                derive(&s)?
+            Err(e) if e.session_lost() => {
+                let (session, epoch) = self.hsm.recover(s.epoch).map_err(mac_err)?;
+                *s = Self::with_key(&self.hsm, session, epoch)?;
+                derive(&s).map_err(mac_err)?
             }
+            r => r.map_err(mac_err)?,
         };
         let raw = zeroize::Zeroizing::new(raw);
         let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &raw);

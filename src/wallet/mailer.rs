@@ -4,7 +4,8 @@
 //! ```text
 //! ledger writer ──INSERT outbox (same transaction as the money)──► outbox (pending)
 //! mailer thread ──every poll: rows with next_attempt_ms ≤ now──► transport
-//!     accepted ──► UPDATE … state='sent' at once, one message at a time
+//!     accepted ──► UPDATE … state='sent': SMTP at once, per message;
+//!                  Maildir per round, once one syncfs made its files durable
 //!     refused  ──► attempts+1, next_attempt_ms = now + min·2^attempts (capped)
 //! ```
 //!
