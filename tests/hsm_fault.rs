@@ -11,18 +11,7 @@ mod common;
 
 use common::*;
 use keybroker::proto::ErrorCode;
-use std::time::{Duration, Instant};
-
-fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use std::time::Duration;
 
 #[test]
 fn hsm_sessions_lost_then_recovered_without_a_restart() {
@@ -56,8 +45,8 @@ fn hsm_sessions_lost_then_recovered_without_a_restart() {
         refused(a.purchase("m1", 100, "EUR", "stale", "k2")),
         ErrorCode::NotReleased
     );
-    until("/readyz to be ready again", || {
-        (get(b.admin, "/readyz").0 == 200).then_some(())
+    wait_until("/readyz to be ready again", Duration::from_secs(20), || {
+        get(b.admin, "/readyz").0 == 200
     });
     assert_eq!(get(b.admin, "/healthz").0, 200, "the process stayed up");
 

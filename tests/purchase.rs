@@ -376,9 +376,9 @@ fn sigkill_under_mixed_load_loses_nothing_acknowledged() {
     // Every acknowledged cancel holds, refunded exactly once, and cannot
     // be repeated; no decision was refunded twice.
     let refunds = "SELECT count(*) FROM entries WHERE kind = 'cancel' AND decision_id = ?1";
+    let mut dm = direct(&mut t);
     for d in &acked.cancels {
         assert_eq!(count(&db, refunds, d), 1, "cancel of {d} lost or doubled");
-        let mut dm = direct(&mut t);
         let (cert, sig) = dm.cancel_authorisation(d).unwrap();
         assert_eq!(refused(t.cancel(d, cert, sig)), ErrorCode::AlreadyCancelled);
     }

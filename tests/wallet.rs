@@ -6,6 +6,7 @@
 mod common;
 
 use common::relay::{Relay, free_port};
+use common::wait_until;
 use common::wallet::{
     assert_audit_ok, balance, buy, cancel, check_bad_input, check_idempotent_retries, eur, fund,
     mail,
@@ -290,14 +291,6 @@ fn outbox_ids(db: &Path) -> Vec<String> {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap()
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn fast(transport: Transport) -> MailerConfig {

@@ -278,6 +278,15 @@ impl Output {
     }
 }
 
+/// Polls `f` every 50 ms until it holds; fails the test after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A plain HTTP/1.0 request: (status, body).
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     use std::io::Read;
