@@ -371,8 +371,13 @@ fn session_workers(ctx: &Ctx, terminals: usize) -> usize {
     if ctx.cli.closed {
         32.min(terminals)
     } else {
-        ctx.cli.workers.unwrap_or(16).min(terminals).max(1)
+        workers(ctx, 16, terminals)
     }
+}
+
+/// `--workers`, else `default`; at least one, at most one per terminal.
+fn workers(ctx: &Ctx, default: usize, terminals: usize) -> usize {
+    ctx.cli.workers.unwrap_or(default).min(terminals).max(1)
 }
 
 fn connect(ctx: &mut Ctx) -> Result<()> {
@@ -445,12 +450,7 @@ fn exchange(ctx: &mut Ctx, kx: &str) -> Result<()> {
     let (addr, pid) = ctx.broker(kx)?;
     let floor = ctx.floor_us(&name);
     let terms = ctx.env.terminals.clone();
-    let n = ctx
-        .cli
-        .workers
-        .unwrap_or(terms.len())
-        .min(terms.len())
-        .max(1);
+    let n = workers(ctx, terms.len(), terms.len());
     let mut ops = build_ops(n, |i| {
         ops::Session::new(addr, terms[i % terms.len()].clone())
             .map(|s| Box::new(ops::Exchange(s)) as Box<dyn Op>)
@@ -511,12 +511,7 @@ fn purchase(ctx: &mut Ctx) -> Result<()> {
     // The receipt signature is the crypto a purchase cannot avoid on the
     // broker; the ledger's HMAC and fsync come on top (see docs/BENCH.md).
     let floor = ctx.floor_us("exchange_partial");
-    let n = ctx
-        .cli
-        .workers
-        .unwrap_or(terms.len())
-        .min(terms.len())
-        .max(1);
+    let n = workers(ctx, terms.len(), terms.len());
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut ops = build_ops(n, |i| {
         Ok(Box::new(ops::Purchase {
@@ -575,7 +570,7 @@ fn drain_mail(ctx: &Ctx, pid: u32, e: &mut report::Entry) {
 fn mixed(ctx: &mut Ctx) -> Result<()> {
     let (addr, pid) = ctx.broker("software")?;
     let terms = ctx.env.terminals.clone();
-    let n = ctx.cli.workers.unwrap_or(32).min(terms.len()).max(1);
+    let n = workers(ctx, 32, terms.len());
     let counts = Arc::new(ops::MixCounts::default());
     let c = counts.clone();
     let mut ops = build_ops(n, |i| {
