@@ -112,12 +112,18 @@ struct Conn {
 
 impl Conn {
     async fn send(&mut self, frame: &Frame) -> bool {
+        self.queue(frame) && self.io.flush().await.is_ok()
+    }
+
+    /// Encrypts `frame` without sending it yet: a last frame leaves with
+    /// the close_notify, in one send.
+    fn queue(&mut self, frame: &Frame) -> bool {
         if let Message::Error { code, .. } = &frame.msg {
             crate::metrics::error(*code);
         }
         self.out.clear();
         encode(frame, &mut self.out);
-        self.io.send(&self.out).await.is_ok()
+        self.io.queue(&self.out).is_ok()
     }
 }
 
@@ -154,7 +160,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         return;
     }
     let started = std::time::Instant::now();
-    match compio::time::timeout(ms(cfg.handshake_timeout_ms), io.handshake()).await {
+    match compio::time::timeout(ms(cfg.handshake_timeout_ms), io.accept()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
@@ -211,11 +217,10 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                 Ok(None) => break,
                 Err(e) => {
                     let code = e.code();
-                    c.send(&Frame {
+                    c.queue(&Frame {
                         id: 0,
                         msg: Message::error(code, e.to_string()),
-                    })
-                    .await;
+                    });
                     c.io.close().await;
                     return;
                 }
@@ -239,11 +244,10 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                 zeroize::Zeroize::zeroize(&mut buf[..n]);
             }
             Err(_) => {
-                c.send(&Frame {
+                c.queue(&Frame {
                     id: 0,
                     msg: Message::error(ErrorCode::Timeout, "idle"),
-                })
-                .await;
+                });
                 c.io.close().await;
                 return;
             }
@@ -275,7 +279,7 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 }
             }
             Action::Close(f) => {
-                c.send(&f).await;
+                c.queue(&f);
                 return false;
             }
             Action::CheckLogin { id, user, password } => {

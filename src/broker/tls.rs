@@ -171,7 +171,9 @@ pub fn server_config(
     // The broker's suite order wins (see `provider`).
     cfg.ignore_client_order = true;
     cfg.ticketer = ticketer;
-    cfg.send_tls13_tickets = 2;
+    // One ticket: a terminal resumes one connection at a time, and each
+    // resumption brings a fresh ticket (TLS 1.3 tickets are single use).
+    cfg.send_tls13_tickets = 1;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.max_early_data_size = 0;
     Ok(Arc::new(cfg))

@@ -150,7 +150,7 @@ async fn serve_channel(state: &MarketState, tls: Arc<ServerConfig>, stream: TcpS
     };
     let mut io = TlsIo::new(stream, conn);
     if !matches!(
-        compio::time::timeout(Duration::from_secs(5), io.handshake()).await,
+        compio::time::timeout(Duration::from_secs(5), io.accept()).await,
         Ok(Ok(()))
     ) {
         return;
