@@ -233,8 +233,12 @@ pub fn open_ledger(
     Ok(match w.backend {
         LedgerBackend::Sqlite => {
             let path = cfg.path(&w.ledger);
-            let l = SqliteLedger::open(&path, lc, mac).context("opening the ledger")?;
-            (Arc::new(l), Box::new(move |mc| Mailer::start(&path, mc)))
+            let l = Arc::new(SqliteLedger::open(&path, lc, mac).context("opening the ledger")?);
+            let ledger = l.clone();
+            (
+                l,
+                Box::new(move |mc| Mailer::start_ledger(&ledger, &path, mc)),
+            )
         }
         LedgerBackend::Postgres => {
             anyhow::ensure!(

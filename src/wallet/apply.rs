@@ -118,6 +118,11 @@ impl<S: Store> Writer<S> {
                     fatal = fatal.or_else(|| res.as_ref().err().filter(|e| is_fatal(e)).cloned());
                     answers.push(answer(res, reply));
                 }
+                Request::Outbox(u, reply) => {
+                    let res = self.guarded(&fatal, |w| w.store.outbox_update(&u));
+                    fatal = fatal.or_else(|| res.as_ref().err().cloned());
+                    answers.push(answer(res, reply));
+                }
             }
         }
         if fatal.is_none() && !answers.is_empty() {

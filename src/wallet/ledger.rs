@@ -20,6 +20,7 @@
 //! back and every caller in it gets the error: nothing of it is durable.
 
 use super::apply::Writer;
+use super::mailer::{Outbox, OutboxUpdate, Outgoing};
 use super::sqlite::SqliteStore;
 use super::store::Store;
 use super::{
@@ -29,7 +30,7 @@ use super::{
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use futures_channel::oneshot;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 #[derive(Clone, Debug)]
@@ -80,6 +81,7 @@ pub(crate) enum Request {
     Cancel(CancelRequest, Reply<Entry>),
     TopUp(TopUpRequest, Reply<Entry>),
     Audit(Reply<AuditReport>),
+    Outbox(OutboxUpdate, Reply<()>),
 }
 
 /// A ledger over the store `S`. Dropping it lets the writer finish what is
@@ -174,6 +176,30 @@ impl<S: Store> GroupLedger<S> {
             .map_err(|_| WalletError::Storage("ledger writer gone".into()))?
     }
 
+    /// The outbox of this ledger for its mailer: due rows are read on
+    /// `read`, and the mailer's marks go through the writer, in its next
+    /// group. SQLite drops every other connection's page cache when one
+    /// connection commits, so a mailer committing its own marks made the
+    /// writer read its B-tree pages back after each of them.
+    pub fn outbox<R: Outbox>(self: &Arc<Self>, read: R) -> LedgerOutbox<S, R> {
+        LedgerOutbox {
+            ledger: self.clone(),
+            read,
+        }
+    }
+
+    /// Applies `u` in the writer's next group. Waits for room in the
+    /// queue instead of failing with `Busy`: a mark lost here would send
+    /// the message again.
+    fn outbox_update(&self, u: OutboxUpdate) -> WalletResult<()> {
+        let gone = || WalletError::Storage("ledger writer gone".into());
+        let tx = self.tx.as_ref().ok_or_else(gone)?;
+        let (rtx, rrx) = bounded(1);
+        tx.send(Request::Outbox(u, Reply::Sync(rtx)))
+            .map_err(|_| gone())?;
+        rrx.recv().map_err(|_| gone())?
+    }
+
     fn read<T>(&self, f: impl FnOnce(&mut S) -> WalletResult<T>) -> WalletResult<T> {
         let mut c = self
             .reader
@@ -190,6 +216,7 @@ fn fail(req: Request, e: WalletError) {
         Request::Cancel(_, r) => r.send(Err(e)),
         Request::TopUp(_, r) => r.send(Err(e)),
         Request::Audit(r) => r.send(Err(e)),
+        Request::Outbox(_, r) => r.send(Err(e)),
     }
 }
 
@@ -204,6 +231,31 @@ fn writer_loop<S: Store>(mut w: Writer<S>, rx: &Receiver<Request>, group_max: us
             }
         }
         w.run_group(&mut group);
+    }
+}
+
+/// See [`GroupLedger::outbox`].
+pub struct LedgerOutbox<S, R> {
+    ledger: Arc<GroupLedger<S>>,
+    read: R,
+}
+
+impl<S: Store, R: Outbox> Outbox for LedgerOutbox<S, R> {
+    fn due(&mut self, now: i64, limit: usize) -> WalletResult<Vec<Outgoing>> {
+        self.read.due(now, limit)
+    }
+    fn mark_sent(&mut self, ids: &[i64]) -> WalletResult<()> {
+        self.ledger.outbox_update(OutboxUpdate::Sent(ids.to_vec()))
+    }
+    fn defer(&mut self, failed: i64, rest: &[i64], next: i64) -> WalletResult<()> {
+        self.ledger.outbox_update(OutboxUpdate::Defer {
+            failed,
+            rest: rest.to_vec(),
+            next,
+        })
+    }
+    fn pending(&mut self) -> WalletResult<usize> {
+        self.read.pending()
     }
 }
 

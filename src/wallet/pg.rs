@@ -321,6 +321,29 @@ impl Store for PgStore {
         Ok(())
     }
 
+    fn outbox_update(&mut self, u: &super::mailer::OutboxUpdate) -> WalletResult<()> {
+        use super::mailer::OutboxUpdate;
+        match u {
+            OutboxUpdate::Sent(ids) => {
+                self.c.execute(
+                    "UPDATE outbox SET state = 'sent' WHERE id = ANY($1)",
+                    &[ids],
+                )?;
+            }
+            OutboxUpdate::Defer { failed, rest, next } => {
+                self.c.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = $2 WHERE id = $1",
+                    &[failed, next],
+                )?;
+                self.c.execute(
+                    "UPDATE outbox SET next_attempt_ms = $2 WHERE id = ANY($1)",
+                    &[rest, next],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     fn decision_by_key(&mut self, user: &str, key: &str) -> WalletResult<Option<KeyedDecision>> {
         let Some(r) = self.c.query_opt(&self.st.decision_by_key, &[&user, &key])? else {
             return Ok(None);

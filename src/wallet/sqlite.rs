@@ -2,6 +2,7 @@
 //! `synchronous=FULL`). The write lock is `BEGIN IMMEDIATE`: SQLite's own
 //! database-wide writer lock, so two processes on one file append in turn.
 
+use super::mailer::OutboxUpdate;
 use super::store::{DecisionRow, ENTRY_COLUMNS, EntryRow, KeyedDecision, NewMail, Scanned, Store};
 use super::{Decision, Entry, WalletResult, schema};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -21,8 +22,36 @@ impl SqliteStore {
         // (A memory map for reads was tried too; it added page faults and
         // unmaps and saved nothing.)
         c.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+        // The hot B-tree pages (balances, idempotency keys, the outbox's
+        // pending index) stay in the writer's own cache instead of being
+        // read back with pread after eviction from the default 2 MiB.
+        c.pragma_update(None, "cache_size", -65_536)?;
         Ok(Self(c))
     }
+}
+
+/// Applies `u` inside the caller's transaction.
+pub(crate) fn update_outbox(c: &Connection, u: &OutboxUpdate) -> rusqlite::Result<()> {
+    match u {
+        OutboxUpdate::Sent(ids) => {
+            let mut sent = c.prepare_cached("UPDATE outbox SET state = 'sent' WHERE id = ?1")?;
+            for id in ids {
+                sent.execute([id])?;
+            }
+        }
+        OutboxUpdate::Defer { failed, rest, next } => {
+            c.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?2 WHERE id = ?1",
+            )?
+            .execute(params![failed, next])?;
+            let mut defer =
+                c.prepare_cached("UPDATE outbox SET next_attempt_ms = ?2 WHERE id = ?1")?;
+            for id in rest {
+                defer.execute(params![id, next])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn entry_row(r: &Row<'_>) -> rusqlite::Result<EntryRow> {
@@ -114,6 +143,10 @@ impl Store for SqliteStore {
         )?
         .execute(params![m.message_id, m.user, m.to, m.subject, m.body, m.now])?;
         Ok(())
+    }
+
+    fn outbox_update(&mut self, u: &OutboxUpdate) -> WalletResult<()> {
+        Ok(update_outbox(&self.0, u)?)
     }
 
     fn decision_by_key(&mut self, user: &str, key: &str) -> WalletResult<Option<KeyedDecision>> {

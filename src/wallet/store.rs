@@ -142,6 +142,8 @@ pub trait Store: Send + 'static {
     fn set_balance(&mut self, user: &str, currency: &str, balance: i64) -> WalletResult<()>;
     fn insert_entry(&mut self, e: &Entry) -> WalletResult<()>;
     fn queue_mail(&mut self, m: &NewMail<'_>) -> WalletResult<()>;
+    /// The mailer's marks on outbox rows, applied by the writer.
+    fn outbox_update(&mut self, u: &super::mailer::OutboxUpdate) -> WalletResult<()>;
     fn decision_by_key(&mut self, user: &str, key: &str) -> WalletResult<Option<KeyedDecision>>;
     fn decision_by_id(&mut self, id: &str) -> WalletResult<Option<DecisionRow>>;
     fn insert_decision(&mut self, d: &Decision, idempotency_key: &str) -> WalletResult<()>;
