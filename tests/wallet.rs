@@ -399,6 +399,41 @@ fn mailer_writes_a_maildir_without_a_relay() {
     assert!(md.join("cur").is_dir());
 }
 
+#[test]
+fn mailer_of_a_running_ledger_leaves_its_marks_to_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let ledger = Arc::new(open(&db, LedgerConfig::default()));
+    fund(&*ledger, "mia", eur(1_000));
+    ledger.purchase(buy("mia", 10, "w1")).unwrap();
+    let md = dir.path().join("Maildir");
+    let mailer = Mailer::start_ledger(&ledger, &db, fast(Transport::Maildir(md.clone()))).unwrap();
+    // Purchases keep coming while the mailer marks rows through the writer.
+    for i in 0..20 {
+        ledger
+            .purchase(buy("mia", 1, &format!("w-more-{i}")))
+            .unwrap();
+    }
+    wait_until("the outbox to drain", Duration::from_secs(10), || {
+        outbox_pending(&db).unwrap() == 0
+    });
+    mailer.stop();
+    assert_eq!(std::fs::read_dir(md.join("new")).unwrap().count(), 22);
+    assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 0);
+    let report = ledger.audit().unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    // Every row is marked once, by the writer: none is left pending and
+    // none was delivered twice.
+    assert_eq!(message_ids(&maildir_messages(&md)), outbox_ids(&db));
+}
+
+fn maildir_messages(md: &Path) -> Vec<String> {
+    std::fs::read_dir(md.join("new"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect()
+}
+
 /// `cargo test --release --test wallet -- --ignored --nocapture throughput`
 #[test]
 #[ignore]
