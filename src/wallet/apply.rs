@@ -17,9 +17,16 @@ use super::{
 };
 use std::collections::BTreeMap;
 
-fn random_id() -> String {
+/// A decision id: 48 bits of milliseconds, then 80 random bits (the layout
+/// of a UUIDv7), as 32 hex digits. Ids in time order land on the right edge
+/// of the `decisions` B-tree and of the outbox's `message_id` index, so a
+/// group commit dirties a few pages there instead of one random page per
+/// purchase in each (every dirty page is a 4 KiB WAL frame).
+fn new_decision_id() -> String {
     let mut b = [0u8; 16];
-    rand::fill(&mut b);
+    let ms = u64::try_from(now_ms()).unwrap_or(0);
+    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    rand::fill(&mut b[6..]);
     hex::encode(b)
 }
 
@@ -198,7 +205,7 @@ impl<S: Store> Writer<S> {
         if after < 0 {
             return Err(WalletError::InsufficientFunds);
         }
-        let id = random_id();
+        let id = new_decision_id();
         let now = now_ms();
         self.store.set_balance(&r.user, cur, after)?;
         let e = self.append(Entry {
@@ -499,5 +506,27 @@ impl<'m> Audit<'m> {
             ok: self.problems.is_empty(),
             problems: self.problems,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decision_ids_are_time_ordered_and_unique() {
+        let first = new_decision_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let ids: Vec<String> = (0..1000).map(|_| new_decision_id()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), 32);
+            assert!(check_id("decision", id).is_ok(), "{id}");
+            assert!(*id > first, "{id} after {first}");
+        }
+        let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        // The first 48 bits are the time in milliseconds.
+        let ms = i64::from_str_radix(&first[..12], 16).unwrap();
+        assert!((now_ms() - ms).abs() < 60_000);
     }
 }
