@@ -19,12 +19,12 @@
 //! callers see none of it.
 
 use super::ledger::{GroupLedger, LedgerConfig, MacFactory};
-use super::mailer::{Outbox, Outgoing};
+use super::mailer::{Outbox, OutboxUpdate, Outgoing};
 use super::store::{DecisionRow, ENTRY_COLUMNS, EntryRow, KeyedDecision, NewMail, Scanned, Store};
 use super::{Decision, Entry, WalletError, WalletResult};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
-use postgres::{Client, IsolationLevel, NoTls, Row, Statement};
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement};
 use std::path::PathBuf;
 
 /// The shared ledger: one PostgreSQL database.
@@ -152,8 +152,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_ms BIGINT NOT NULL,
     created_ms      BIGINT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (next_attempt_ms) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_ms, id) WHERE state = 'pending';
+-- outbox_due serves every query the older index did; keeping both cost
+-- every purchase an insert into each.
+DROP INDEX IF EXISTS outbox_pending;
 "#;
 
 /// Serialises schema creation between nodes starting together (`CREATE …
@@ -321,27 +323,8 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn outbox_update(&mut self, u: &super::mailer::OutboxUpdate) -> WalletResult<()> {
-        use super::mailer::OutboxUpdate;
-        match u {
-            OutboxUpdate::Sent(ids) => {
-                self.c.execute(
-                    "UPDATE outbox SET state = 'sent' WHERE id = ANY($1)",
-                    &[ids],
-                )?;
-            }
-            OutboxUpdate::Defer { failed, rest, next } => {
-                self.c.execute(
-                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = $2 WHERE id = $1",
-                    &[failed, next],
-                )?;
-                self.c.execute(
-                    "UPDATE outbox SET next_attempt_ms = $2 WHERE id = ANY($1)",
-                    &[rest, next],
-                )?;
-            }
-        }
-        Ok(())
+    fn outbox_update(&mut self, u: &OutboxUpdate) -> WalletResult<()> {
+        update_outbox(&mut self.c, u)
     }
 
     fn decision_by_key(&mut self, user: &str, key: &str) -> WalletResult<Option<KeyedDecision>> {
@@ -467,6 +450,29 @@ const CLAIM_MS: i64 = 120_000;
 /// LOCKED`, then a lease in `next_attempt_ms`), so a row goes to one node.
 pub struct PgOutbox(Client);
 
+/// Applies `u` on `c` (a transaction, or a client for one statement).
+fn update_outbox(c: &mut impl GenericClient, u: &OutboxUpdate) -> WalletResult<()> {
+    match u {
+        OutboxUpdate::Sent(ids) => {
+            c.execute(
+                "UPDATE outbox SET state = 'sent' WHERE id = ANY($1)",
+                &[ids],
+            )?;
+        }
+        OutboxUpdate::Defer { failed, rest, next } => {
+            c.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = $2 WHERE id = $1",
+                &[failed, next],
+            )?;
+            c.execute(
+                "UPDATE outbox SET next_attempt_ms = $2 WHERE id = ANY($1)",
+                &[rest, next],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 impl PgOutbox {
     pub fn connect(db: &PgConnect) -> WalletResult<Self> {
         // The writer creates the tables; a mailer may start first.
@@ -506,22 +512,18 @@ impl Outbox for PgOutbox {
     }
 
     fn mark_sent(&mut self, ids: &[i64]) -> WalletResult<()> {
-        self.0.execute(
-            "UPDATE outbox SET state = 'sent' WHERE id = ANY($1)",
-            &[&ids],
-        )?;
-        Ok(())
+        update_outbox(&mut self.0, &OutboxUpdate::Sent(ids.to_vec()))
     }
 
     fn defer(&mut self, failed: i64, rest: &[i64], next: i64) -> WalletResult<()> {
         let mut t = self.0.transaction()?;
-        t.execute(
-            "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = $2 WHERE id = $1",
-            &[&failed, &next],
-        )?;
-        t.execute(
-            "UPDATE outbox SET next_attempt_ms = $2 WHERE id = ANY($1)",
-            &[&rest, &next],
+        update_outbox(
+            &mut t,
+            &OutboxUpdate::Defer {
+                failed,
+                rest: rest.to_vec(),
+                next,
+            },
         )?;
         t.commit()?;
         Ok(())
