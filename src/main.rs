@@ -260,9 +260,10 @@ enum MarketCmd {
 /// and queues it, and never blocks in write(2) on the log file (one
 /// synchronous write per audit line took about a quarter of the core
 /// threads' CPU under load). The writer thread batches the queued lines into
-/// few writes (the thread flushes whenever the queue is empty). The queue is not lossy: when it is full, the logging thread
-/// waits rather than drop an audit line. Lines still queued at a SIGKILL are
-/// lost; the ledger, not the log, is the durable record of money.
+/// few writes (it flushes whenever the queue is empty). The queue is not
+/// lossy: when it is full, the logging thread waits rather than drop an
+/// audit line. Lines still queued at a SIGKILL are lost; the ledger, not
+/// the log, is the durable record of money.
 fn init_logs(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -93,11 +93,6 @@ impl Mailer {
         // message would cost more than it protects.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| super::WalletError::Storage(e.to_string()))?;
-        // Checkpoints are the ledger writer's (every 10,000 pages): with
-        // the default 1,000 here, each "sent" mark ran a checkpoint of a WAL
-        // the writer lets grow ten times larger.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(|e| super::WalletError::Storage(e.to_string()))?;
         Self::start_outbox(conn, cfg)
     }
 
@@ -373,8 +368,7 @@ impl Round<'_> {
         if self.staged.is_empty() {
             return Vec::new();
         }
-        let staged: Vec<&Staged> = self.staged.iter().map(|(_, s)| s).collect();
-        let done = publish_maildir(dir, &staged).unwrap_or_else(|e| {
+        let done = publish_maildir(dir, &self.staged).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "Maildir delivery failed; the round is retried");
             0
         });
@@ -432,13 +426,13 @@ fn stage_maildir(dir: &Path, bytes: &[u8]) -> Result<Staged, String> {
 /// CPU each), then each is linked (or renamed) into `new/`, relative to
 /// the directories' descriptors, and `new/` is synced. Returns how many
 /// were delivered, in order.
-fn publish_maildir(dir: &Path, staged: &[&Staged]) -> Result<usize, String> {
+fn publish_maildir(dir: &Path, staged: &[(i64, Staged)]) -> Result<usize, String> {
     use rustix::fs::{AtFlags, CWD, linkat, renameat};
     let io = |e: std::io::Error| format!("Maildir {}: {e}", dir.display());
     let tmp = std::fs::File::open(dir.join("tmp")).map_err(io)?;
     let new = std::fs::File::open(dir.join("new")).map_err(io)?;
     rustix::fs::syncfs(&tmp).map_err(|e| io(e.into()))?;
-    for (i, s) in staged.iter().enumerate() {
+    for (i, (_, s)) in staged.iter().enumerate() {
         let done = match &s.file {
             // Linking an unnamed file by its /proc path needs no privilege
             // (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
@@ -475,8 +469,8 @@ fn drain_once(
 ) -> WalletResult<usize> {
     let due = c.due(now, cfg.batch)?;
     let mut round = tx.round();
-    // Each message a relay accepted is marked at once, in its own
-    // transaction, so a crash re-sends at most the one message in flight
+    // Each message a relay accepted is marked at once, before the next one
+    // goes, so a crash re-sends at most the one message in flight
     // (with the same Message-ID), not the whole round. Maildir messages
     // are marked once the round's files are durable: a crash in between
     // leaves them in the Maildir and queued, delivered again under the
