@@ -166,6 +166,10 @@ pub struct HsmConfig {
     /// own session; no thread hand-off, right for a local CPU-bound token
     /// like SoftHSM). Default "pool".
     pub dispatch: Dispatch,
+    /// Seconds a user's unwrapped key stays in the HSM after the user's
+    /// last release, so a reconnecting terminal skips the unwrap (0: destroy
+    /// with the last session). 0..=3600; default 60.
+    pub key_linger_s: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -244,6 +248,7 @@ impl Default for HsmConfig {
             workers: 2,
             queue: 4096,
             dispatch: Dispatch::Pool,
+            key_linger_s: 60,
         }
     }
 }
@@ -315,6 +320,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.hsm.workers) || self.hsm.queue == 0 {
             bail!("hsm.workers must be 1..=64 and hsm.queue positive");
+        }
+        if self.hsm.key_linger_s > 3600 {
+            bail!("hsm.key_linger_s must be 0..=3600");
         }
         let a = &self.auth;
         if !(1..=100).contains(&a.max_failures) {

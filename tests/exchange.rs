@@ -111,14 +111,46 @@ fn a_users_sessions_share_one_released_key_and_each_proves_the_password() {
     assert_eq!(refused(t.exchange("m1")), ErrorCode::NotReleased);
     t.release(pw("alice").1.as_bytes()).unwrap();
     t.exchange("m1").unwrap();
+    assert_eq!(unwraps(&b), 1);
     // One session ending does not take the key from the other.
     drop(first);
     std::thread::sleep(Duration::from_millis(200));
     t.exchange("m1").unwrap();
     drop(t);
     std::thread::sleep(Duration::from_millis(200));
-    // After the last session, a new one unwraps it again.
+    // After the last session the key lingers (hsm.key_linger_s): a terminal
+    // that reconnects proves both passwords again but skips the unwrap.
+    let mut t = b.connect(&alice);
+    t.login("alice", pw("alice").0.as_bytes()).unwrap();
+    assert_eq!(refused(t.exchange("m1")), ErrorCode::NotReleased);
+    t.release(pw("alice").1.as_bytes()).unwrap();
+    t.exchange("m1").unwrap();
+    assert_eq!(unwraps(&b), 1);
+}
+
+#[test]
+fn without_a_linger_the_key_goes_with_the_last_session() {
+    let env = Env::new("[hsm]\nkey_linger_s = 0");
+    let alice = env.user("alice");
+    let _m = env.market("m1", "alice");
+    let b = env.broker();
     released(&b, &alice, "alice").exchange("m1").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    released(&b, &alice, "alice").exchange("m1").unwrap();
+    assert_eq!(unwraps(&b), 2);
+}
+
+/// Home-card keys the broker has unwrapped in the HSM, from `/metrics`.
+fn unwraps(b: &Broker) -> u64 {
+    let (status, body) = get(b.admin, "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find(|l| {
+            l.starts_with("keybroker_hsm_operation_duration_seconds_count")
+                && l.contains("op=\"unwrap\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]

@@ -156,6 +156,7 @@ impl Broker {
         let cores = cfg.cores();
         let (listeners, addr) = crate::net::listen::reuseport_group(cfg.broker.listen, cores, 1024)
             .context("binding the access channel")?;
+        let released = released::Keys::new(Duration::from_secs(cfg.hsm.key_linger_s));
         let shared = Arc::new(Shared {
             cfg,
             tls,
@@ -165,8 +166,9 @@ impl Broker {
             markets,
             ledger: ledger.clone(),
             voucher_issuer,
-            released: released::Keys::default(),
+            released,
         });
+        released::spawn_sweeper(&shared)?;
         let mut threads = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {
             let shared = shared.clone();

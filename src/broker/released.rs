@@ -1,52 +1,91 @@
 //! Released home-card keys: one HSM session object per user, shared by
-//! that user's released sessions.
+//! that user's released sessions, and kept a short while after the last.
 //!
 //! Unwrapping a home-card key costs about 0.5 ms of SoftHSM CPU, twice a
 //! full TLS handshake (the bench's floor). A user on several terminals, or
 //! one who reconnects, would pay it on every session. Instead the first
 //! release unwraps; a later release of the same user, after its own
-//! second-password check, takes the same session object; the last of those
-//! sessions to end destroys it. Nothing changes in what a session may do:
-//! the key is the user's own, and each session still proves the second
-//! password before it gets it.
+//! second-password check, takes the same session object. After the last of
+//! those sessions ends the object lingers for `hsm.key_linger_s` (default
+//! 60 s) from the user's last release, so a terminal that reconnects does
+//! not unwrap again; then it is destroyed.
+//!
+//! Nothing changes in what a session may do: the key is the user's own,
+//! and each session still proves the second password before it gets the
+//! handle. Nor does the linger widen what a compromise of the process
+//! could reach: the broker's logged-in HSM session can unwrap any enrolled
+//! user's key with the master wrapping key at any time.
 
 use super::Shared;
 use crate::hsm::SessionKey;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-/// A user's released key; destroyed in the HSM when the last session
-/// holding it ends.
+/// A user's released key; destroyed in the HSM when the last holder drops.
 pub struct UserKey {
     pub key: SessionKey,
     user: String,
-    shared: Arc<Shared>,
+    /// Weak: the lingering entries in [`Keys`] must not keep the broker's
+    /// shared state alive through this key.
+    shared: Weak<Shared>,
 }
 
 impl Drop for UserKey {
     fn drop(&mut self) {
-        super::exchange::destroy_later(&self.shared, self.key);
-        self.shared.released.forget(&self.user);
+        if let Some(shared) = self.shared.upgrade() {
+            super::exchange::destroy_later(&shared, self.key);
+            shared.released.forget(&self.user);
+        }
     }
 }
 
-/// The users with a released key, by name. Weak, so an entry never keeps a
-/// key alive; bounded by the open sessions.
-#[derive(Default)]
-pub struct Keys(Mutex<HashMap<String, Weak<UserKey>>>);
+/// The users with a released key, by name, bounded by the open sessions
+/// plus the users released in the last `linger`.
+pub struct Keys {
+    linger: Duration,
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+struct Entry {
+    /// What the sessions hold; an entry never keeps a key alive by it.
+    key: Weak<UserKey>,
+    /// Held until `until`, so the key outlives its sessions by the linger.
+    kept: Option<(Arc<UserKey>, Instant)>,
+}
 
 impl Keys {
-    /// The user's key if one is released and still valid in `epoch`.
+    pub fn new(linger: Duration) -> Self {
+        Self {
+            linger,
+            map: Mutex::default(),
+        }
+    }
+
+    /// The user's key if one is released and still valid in `epoch`; its
+    /// linger starts again.
     pub fn get(&self, user: &str, epoch: u64) -> Option<Arc<UserKey>> {
-        let found = self
-            .0
-            .lock()
-            .expect("released keys")
-            .get(user)
-            .and_then(Weak::upgrade);
-        // Filtered after the lock is released: dropping the last holder of
-        // a stale key runs `forget`, which takes the lock.
-        found.filter(|k| k.key.epoch == epoch)
+        let mut stale = None;
+        let found = {
+            let mut map = self.map.lock().expect("released keys");
+            let entry = map.get_mut(user)?;
+            match entry.key.upgrade() {
+                Some(k) if k.key.epoch == epoch => {
+                    if !self.linger.is_zero() {
+                        entry.kept = Some((k.clone(), Instant::now() + self.linger));
+                    }
+                    Some(k)
+                }
+                k => {
+                    stale = Some((k, entry.kept.take()));
+                    None
+                }
+            }
+        };
+        // Dropped after the lock is released: dropping the last holder of a
+        // stale key runs `forget`, which takes the lock.
+        drop(stale);
+        found
     }
 
     /// Records a freshly unwrapped key for `user`.
@@ -54,20 +93,75 @@ impl Keys {
         let k = Arc::new(UserKey {
             key,
             user: user.to_owned(),
-            shared: shared.clone(),
+            shared: Arc::downgrade(shared),
         });
-        self.0
+        let kept = (!self.linger.is_zero()).then(|| (k.clone(), Instant::now() + self.linger));
+        let entry = Entry {
+            key: Arc::downgrade(&k),
+            kept,
+        };
+        let old = self
+            .map
             .lock()
             .expect("released keys")
-            .insert(user.to_owned(), Arc::downgrade(&k));
+            .insert(user.to_owned(), entry);
+        drop(old); // outside the lock: it may be the last holder of a key
         k
     }
 
-    /// Drops the user's entry once no session holds its key.
+    /// Lets go of the keys whose linger has passed (and of keys from an
+    /// HSM epoch before `epoch`); a key still held by a session stays until
+    /// that session ends.
+    pub fn sweep(&self, epoch: u64) {
+        let now = Instant::now();
+        let expired: Vec<Arc<UserKey>> = {
+            let mut map = self.map.lock().expect("released keys");
+            map.values_mut()
+                .filter_map(|e| {
+                    let due = e
+                        .kept
+                        .as_ref()
+                        .is_some_and(|(k, until)| *until <= now || k.key.epoch != epoch);
+                    if due {
+                        e.kept.take().map(|(k, _)| k)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        };
+        drop(expired); // outside the lock, for the same reason
+    }
+
+    /// Drops the user's entry once nothing holds its key.
     fn forget(&self, user: &str) {
-        let mut map = self.0.lock().expect("released keys");
-        if map.get(user).is_some_and(|w| w.strong_count() == 0) {
+        let mut map = self.map.lock().expect("released keys");
+        if map
+            .get(user)
+            .is_some_and(|e| e.kept.is_none() && e.key.strong_count() == 0)
+        {
             map.remove(user);
         }
     }
+}
+
+/// Sweeps the lingering keys every quarter linger (at least every second)
+/// until the broker's shared state is gone.
+pub fn spawn_sweeper(shared: &Arc<Shared>) -> std::io::Result<()> {
+    let linger = shared.released.linger;
+    if linger.is_zero() {
+        return Ok(());
+    }
+    let every = (linger / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let weak = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("key-linger".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let Some(shared) = weak.upgrade() else { return };
+                shared.released.sweep(shared.hsm.epoch());
+            }
+        })
+        .map(drop)
 }
