@@ -2,6 +2,11 @@
 //! loopback, measures throughput, broker CPU per operation against the
 //! crypto floor measured in the same run, and latency (docs/BENCH.md).
 
+/// The broker's allocator, also under the C libraries (SoftHSM, OpenSSL):
+/// the floor's HSM and TLS items must run on what the broker runs on.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod env;
 mod floor;
 mod load;
