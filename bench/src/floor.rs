@@ -256,7 +256,9 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
     let hw = sign.us + ecdh_hsm.us + wrap.us;
     // The user's key is unwrapped once per user, not per session (a user's
     // sessions share it, docs/DECISIONS.md), so it is reported as an item,
-    // not counted in the per-session floor.
+    // not counted in the per-session floor. The handshake is the broker's own
+    // server config: a returning terminal's chain was verified before and is
+    // remembered, its CertificateVerify is checked every time (as here).
     let connect = tls_full.us;
     let per = |us: f64, parts: &str| json!({"cpu_us_per_op": us, "ops_per_cpu_s": 1e6 / us, "parts": parts});
     Ok(json!({
@@ -276,7 +278,7 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
             "exchange_software": per(sw, "hsm_sign_user_key + ecdh_software_keygen_agree_hmac + wrap_x_aes_kwp"),
             "exchange_hsm": per(hw, "hsm_sign_user_key + ecdh_hsm_keygen_derive_hmac + wrap_x_aes_kwp"),
             "exchange_partial": per(sign.us, "hsm_sign_user_key"),
-            "connect": per(connect, "tls13_full_handshake_client_auth_server_side (argon2id excluded, reported apart; hsm_unwrap_user_key_and_destroy once per user)"),
+            "connect": per(connect, "tls13_full_handshake_client_auth_server_side (a returning terminal: chain remembered, CertificateVerify checked; argon2id excluded, reported apart; hsm_unwrap_user_key_and_destroy once per user)"),
             "resume": per(tls_resumed.us, "tls13_resumed_handshake_server_side (argon2id excluded, reported apart)"),
             "market_share": per(market.us, "market_verify_ecdh_hmac"),
             "terminal_share": per(terminal.us, "terminal_unwrap_hkdf_seal"),

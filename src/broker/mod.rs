@@ -14,6 +14,7 @@ pub mod link;
 mod released;
 mod tickets;
 pub mod tls;
+mod verify_cache;
 mod wallet;
 
 use crate::config::Config;

@@ -166,7 +166,9 @@ pub fn server_config(
         .context("client verifier")?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(super::verify_cache::CachingVerifier::new(
+            verifier,
+        )))
         .with_cert_resolver(resolver);
     // The broker's suite order wins (see `provider`).
     cfg.ignore_client_order = true;

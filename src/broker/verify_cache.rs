@@ -1,0 +1,196 @@
+//! The terminal CA's signature over a terminal certificate, checked once.
+//!
+//! A full handshake with a client certificate makes the broker verify two
+//! ECDSA signatures: the CA's over the certificate (the chain) and the
+//! terminal's over the handshake (CertificateVerify, the proof that the
+//! terminal holds the key). The first is a pure function of the
+//! certificate's bytes and the clock, and terminals reconnect with the same
+//! certificate all day. So a chain that verified is remembered, by the
+//! SHA-256 of its exact DER, until the certificate's `notAfter` (at most
+//! [`TTL`]); the proof of possession is verified on every handshake.
+//!
+//! Revocation is unaffected: the broker does not take revocation from the
+//! chain but from the registry, looked up by fingerprint at every login.
+//! The memo is bounded ([`MAX_ENTRIES`]; full, it starts over).
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// How long a verified chain is trusted without verifying it again.
+pub const TTL: u64 = 3600;
+/// Chains remembered at most.
+pub const MAX_ENTRIES: usize = 65_536;
+
+#[derive(Debug)]
+pub struct CachingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    /// SHA-256 of the presented chain → valid until (Unix seconds).
+    verified: Mutex<HashMap<[u8; 32], u64>>,
+}
+
+impl CachingVerifier {
+    pub fn new(inner: Arc<dyn ClientCertVerifier>) -> Self {
+        Self {
+            inner,
+            verified: Mutex::default(),
+        }
+    }
+
+    fn key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+        let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for c in std::iter::once(end_entity).chain(intermediates) {
+            h.update(&(c.len() as u64).to_be_bytes());
+            h.update(c);
+        }
+        h.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
+    }
+}
+
+/// The certificate's `notAfter`, Unix seconds.
+fn not_after(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok()
+}
+
+impl ClientCertVerifier for CachingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let key = Self::key(end_entity, intermediates);
+        let t = now.as_secs();
+        let hit = self
+            .verified
+            .lock()
+            .expect("verified chains")
+            .get(&key)
+            .is_some_and(|&until| t < until);
+        if hit {
+            return Ok(ClientCertVerified::assertion());
+        }
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if let Some(end) = not_after(end_entity) {
+            let mut map = self.verified.lock().expect("verified chains");
+            if map.len() >= MAX_ENTRIES {
+                map.clear();
+            }
+            map.insert(key, end.min(t + TTL));
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts chain verifications; accepts every chain.
+    #[derive(Debug, Default)]
+    struct Counting(AtomicUsize);
+
+    impl ClientCertVerifier for Counting {
+        fn root_hint_subjects(&self) -> &[DistinguishedName] {
+            &[]
+        }
+        fn verify_client_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: UnixTime,
+        ) -> Result<ClientCertVerified, Error> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(ClientCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Err(Error::General("unused".into()))
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Err(Error::General("unused".into()))
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            vec![]
+        }
+    }
+
+    fn cert(days: i64) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::new(vec!["t".into()]).unwrap();
+        p.not_after = rcgen::date_time_ymd(2026, 1, 1) + time::Duration::days(days);
+        let k = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&k).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_chain_is_verified_once_until_it_expires_and_a_changed_one_again() {
+        let inner = Arc::new(Counting::default());
+        let v = CachingVerifier::new(inner.clone());
+        let a = cert(10);
+        let jan1 = rcgen::date_time_ymd(2026, 1, 1).unix_timestamp() as u64;
+        let at = |s: u64| UnixTime::since_unix_epoch(std::time::Duration::from_secs(s));
+        v.verify_client_cert(&a, &[], at(jan1)).unwrap();
+        v.verify_client_cert(&a, &[], at(jan1 + 60)).unwrap();
+        assert_eq!(inner.0.load(Ordering::SeqCst), 1);
+        // After the TTL, and for other bytes, the inner verifier decides.
+        v.verify_client_cert(&a, &[], at(jan1 + TTL + 1)).unwrap();
+        assert_eq!(inner.0.load(Ordering::SeqCst), 2);
+        v.verify_client_cert(&cert(10), &[], at(jan1)).unwrap();
+        assert_eq!(inner.0.load(Ordering::SeqCst), 3);
+        // Never past notAfter.
+        let short = cert(0);
+        v.verify_client_cert(&short, &[], at(jan1 - 30)).unwrap();
+        v.verify_client_cert(&short, &[], at(jan1 + 1)).unwrap();
+        assert_eq!(inner.0.load(Ordering::SeqCst), 5);
+    }
+}
