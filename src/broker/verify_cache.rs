@@ -28,26 +28,62 @@ pub const MAX_ENTRIES: usize = 65_536;
 #[derive(Debug)]
 pub struct CachingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    /// SHA-256 of the presented chain → valid until (Unix seconds).
-    verified: Mutex<HashMap<[u8; 32], u64>>,
+    memo: Memo,
 }
 
 impl CachingVerifier {
     pub fn new(inner: Arc<dyn ClientCertVerifier>) -> Self {
         Self {
             inner,
-            verified: Mutex::default(),
+            memo: Memo::default(),
         }
     }
+}
 
-    fn key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
-        let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        for c in std::iter::once(end_entity).chain(intermediates) {
-            h.update(&(c.len() as u64).to_be_bytes());
-            h.update(c);
+/// SHA-256 of a presented chain → valid until (Unix seconds).
+#[derive(Debug, Default)]
+struct Memo(Mutex<HashMap<[u8; 32], u64>>);
+
+impl Memo {
+    /// `verify` unless this exact chain verified before and is still within
+    /// its memo's life.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        verify: impl FnOnce() -> Result<ClientCertVerified, Error>,
+    ) -> Result<ClientCertVerified, Error> {
+        let key = chain_key(end_entity, intermediates);
+        let t = now.as_secs();
+        let hit = self
+            .0
+            .lock()
+            .expect("verified chains")
+            .get(&key)
+            .is_some_and(|&until| t < until);
+        if hit {
+            return Ok(ClientCertVerified::assertion());
         }
-        h.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
+        let ok = verify()?;
+        if let Some(end) = not_after(end_entity) {
+            let mut map = self.0.lock().expect("verified chains");
+            if map.len() >= MAX_ENTRIES {
+                map.clear();
+            }
+            map.insert(key, end.min(t + TTL));
+        }
+        Ok(ok)
     }
+}
+
+fn chain_key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for c in std::iter::once(end_entity).chain(intermediates) {
+        h.update(&(c.len() as u64).to_be_bytes());
+        h.update(c);
+    }
+    h.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// The certificate's `notAfter`, Unix seconds.
@@ -75,28 +111,10 @@ impl ClientCertVerifier for CachingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let key = Self::key(end_entity, intermediates);
-        let t = now.as_secs();
-        let hit = self
-            .verified
-            .lock()
-            .expect("verified chains")
-            .get(&key)
-            .is_some_and(|&until| t < until);
-        if hit {
-            return Ok(ClientCertVerified::assertion());
-        }
-        let ok = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if let Some(end) = not_after(end_entity) {
-            let mut map = self.verified.lock().expect("verified chains");
-            if map.len() >= MAX_ENTRIES {
-                map.clear();
-            }
-            map.insert(key, end.min(t + TTL));
-        }
-        Ok(ok)
+        self.memo.check(end_entity, intermediates, now, || {
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)
+        })
     }
 
     fn verify_tls12_signature(
@@ -125,45 +143,7 @@ impl ClientCertVerifier for CachingVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// Counts chain verifications; accepts every chain.
-    #[derive(Debug, Default)]
-    struct Counting(AtomicUsize);
-
-    impl ClientCertVerifier for Counting {
-        fn root_hint_subjects(&self) -> &[DistinguishedName] {
-            &[]
-        }
-        fn verify_client_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: UnixTime,
-        ) -> Result<ClientCertVerified, Error> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(ClientCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, Error> {
-            Err(Error::General("unused".into()))
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &CertificateDer<'_>,
-            _: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, Error> {
-            Err(Error::General("unused".into()))
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            vec![]
-        }
-    }
+    use std::cell::Cell;
 
     fn cert(days: i64) -> CertificateDer<'static> {
         let mut p = rcgen::CertificateParams::new(vec!["t".into()]).unwrap();
@@ -174,23 +154,33 @@ mod tests {
 
     #[test]
     fn a_chain_is_verified_once_until_it_expires_and_a_changed_one_again() {
-        let inner = Arc::new(Counting::default());
-        let v = CachingVerifier::new(inner.clone());
-        let a = cert(10);
+        let memo = Memo::default();
+        let calls = Cell::new(0);
+        let check = |c: &CertificateDer<'_>, s: u64| {
+            let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(s));
+            memo.check(c, &[], at, || {
+                calls.set(calls.get() + 1);
+                Ok(ClientCertVerified::assertion())
+            })
+            .unwrap();
+            calls.get()
+        };
         let jan1 = rcgen::date_time_ymd(2026, 1, 1).unix_timestamp() as u64;
-        let at = |s: u64| UnixTime::since_unix_epoch(std::time::Duration::from_secs(s));
-        v.verify_client_cert(&a, &[], at(jan1)).unwrap();
-        v.verify_client_cert(&a, &[], at(jan1 + 60)).unwrap();
-        assert_eq!(inner.0.load(Ordering::SeqCst), 1);
+        let a = cert(10);
+        assert_eq!(check(&a, jan1), 1);
+        assert_eq!(check(&a, jan1 + 60), 1);
         // After the TTL, and for other bytes, the inner verifier decides.
-        v.verify_client_cert(&a, &[], at(jan1 + TTL + 1)).unwrap();
-        assert_eq!(inner.0.load(Ordering::SeqCst), 2);
-        v.verify_client_cert(&cert(10), &[], at(jan1)).unwrap();
-        assert_eq!(inner.0.load(Ordering::SeqCst), 3);
+        assert_eq!(check(&a, jan1 + TTL + 1), 2);
+        assert_eq!(check(&cert(10), jan1), 3);
         // Never past notAfter.
         let short = cert(0);
-        v.verify_client_cert(&short, &[], at(jan1 - 30)).unwrap();
-        v.verify_client_cert(&short, &[], at(jan1 + 1)).unwrap();
-        assert_eq!(inner.0.load(Ordering::SeqCst), 5);
+        assert_eq!(check(&short, jan1 - 30), 4);
+        assert_eq!(check(&short, jan1 + 1), 5);
+        // A refused chain is not remembered.
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(jan1));
+        let b = cert(10);
+        let refuse = || Err(Error::General("refused".into()));
+        assert!(memo.check(&b, &[], at, refuse).is_err());
+        assert!(memo.check(&b, &[], at, refuse).is_err());
     }
 }
