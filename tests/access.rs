@@ -7,6 +7,7 @@ use common::*;
 use keybroker::proto::ErrorCode;
 use keybroker::proto::access::{Frame, Message, encode};
 use keybroker::terminal::{Terminal, TerminalConfig, TerminalError};
+use std::time::Duration;
 
 #[test]
 fn login_release_and_xprime_agree() {
@@ -235,6 +236,25 @@ fn client_without_certificate_fails_the_handshake() {
     assert!(r.is_err(), "a client without a certificate was served");
     let mut t = b.connect(&alice);
     t.ping().unwrap();
+}
+
+#[test]
+fn a_connected_terminal_may_wait_past_the_handshake_timeout() {
+    // A terminal that connects and waits for its user before the login:
+    // its handshake is complete, so the idle timeout (3 s here) applies,
+    // not the handshake timeout (2 s).
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let mut t = b.connect(&alice);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (p1, _) = pw("alice");
+    t.login("alice", p1.as_bytes()).unwrap();
+    // The one-segment variant logs in at once.
+    Terminal::connect_and_login(b.addr, &alice, TIMEOUT, "alice", p1.as_bytes())
+        .unwrap()
+        .ping()
+        .unwrap();
 }
 
 #[test]

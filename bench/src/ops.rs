@@ -42,9 +42,8 @@ pub fn released(
     t: &TerminalInfo,
     tc: &TerminalConfig,
 ) -> Result<Terminal, String> {
-    let mut term = Terminal::connect(addr, tc, TIMEOUT).map_err(e("connect"))?;
-    term.login(&t.user, t.first.as_bytes())
-        .map_err(e("login"))?;
+    let mut term = Terminal::connect_and_login(addr, tc, TIMEOUT, &t.user, t.first.as_bytes())
+        .map_err(e("connect and login"))?;
     term.release(t.second.as_bytes()).map_err(e("release"))?;
     Ok(term)
 }
@@ -79,9 +78,8 @@ impl Resume {
     /// Takes the first tickets with one full session (not measured).
     pub fn new(addr: SocketAddr, t: TerminalInfo) -> Result<Self, String> {
         let tc = own_tickets(&t.config);
-        let mut term = Terminal::connect(addr, &tc, TIMEOUT).map_err(e("connect"))?;
-        term.login(&t.user, t.first.as_bytes())
-            .map_err(e("login"))?;
+        let term = Terminal::connect_and_login(addr, &tc, TIMEOUT, &t.user, t.first.as_bytes())
+            .map_err(e("connect and login"))?;
         term.logout().map_err(e("logout"))?;
         Ok(Self { addr, t, tc })
     }
@@ -89,12 +87,17 @@ impl Resume {
 
 impl Op for Resume {
     fn run(&mut self) -> Result<(), String> {
-        let mut term = Terminal::connect(self.addr, &self.tc, TIMEOUT).map_err(e("connect"))?;
+        let term = Terminal::connect_and_login(
+            self.addr,
+            &self.tc,
+            TIMEOUT,
+            &self.t.user,
+            self.t.first.as_bytes(),
+        )
+        .map_err(e("connect and login"))?;
         if !term.resumed() {
             return Err("not resumed".into());
         }
-        term.login(&self.t.user, self.t.first.as_bytes())
-            .map_err(e("login"))?;
         term.logout().map_err(e("logout"))
     }
 }

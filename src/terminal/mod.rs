@@ -97,10 +97,10 @@ impl TerminalConfig {
     }
 }
 
-/// Runs the client's flights but leaves its Finished queued: it leaves in
-/// the same segment as the first request, one packet and one read fewer for
-/// the broker per session. (TLS 1.3 lets a client send data right behind its
-/// Finished; a refused client certificate shows on the first read either way.)
+/// Runs the client's flights but leaves its Finished queued for the caller
+/// to flush, alone or with the first request. (TLS 1.3 lets a client send
+/// data right behind its Finished; a refused client certificate shows on the
+/// first read either way.)
 fn handshake(tls: &mut StreamOwned<ClientConnection, TcpStream>) -> Result<(), TerminalError> {
     while tls.conn.is_handshaking() {
         if tls.conn.wants_write() {
@@ -130,8 +130,37 @@ pub struct Terminal {
 
 impl Terminal {
     /// Connects and completes the TLS handshake (resuming when the config
-    /// holds a ticket from an earlier session with this broker).
+    /// holds a ticket from an earlier session with this broker). The
+    /// connection may then wait: the broker's idle timeout applies, not its
+    /// handshake timeout.
     pub fn connect(
+        addr: SocketAddr,
+        cfg: &TerminalConfig,
+        timeout: Duration,
+    ) -> Result<Self, TerminalError> {
+        let mut t = Self::open(addr, cfg, timeout)?;
+        t.tls.flush()?;
+        Ok(t)
+    }
+
+    /// Connects and logs in with the first password at once: the client's
+    /// TLS Finished leaves in the same segment as the login, one packet and
+    /// one read fewer for the broker per session. For a terminal that logs
+    /// in right away; one that waits for its user uses [`Terminal::connect`].
+    pub fn connect_and_login(
+        addr: SocketAddr,
+        cfg: &TerminalConfig,
+        timeout: Duration,
+        user: &str,
+        password: &[u8],
+    ) -> Result<Self, TerminalError> {
+        let mut t = Self::open(addr, cfg, timeout)?;
+        t.login(user, password)?;
+        Ok(t)
+    }
+
+    /// TCP, then the TLS handshake up to the client's Finished, queued.
+    fn open(
         addr: SocketAddr,
         cfg: &TerminalConfig,
         timeout: Duration,
@@ -169,9 +198,15 @@ impl Terminal {
     }
 
     /// Sends raw bytes (tests use this to send malformed frames).
+    ///
+    /// Written past `StreamOwned`, whose write would first send whatever
+    /// TLS is pending (a queued Finished) in a segment of its own: here the
+    /// pending records and this one leave in one `writev`.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), TerminalError> {
-        self.tls.write_all(bytes)?;
-        self.tls.flush()?;
+        self.tls.conn.writer().write_all(bytes)?;
+        while self.tls.conn.wants_write() {
+            self.tls.conn.write_tls(&mut self.tls.sock)?;
+        }
         Ok(())
     }
 
