@@ -8,8 +8,8 @@ mod common;
 use common::relay::{Relay, free_port};
 use common::wait_until;
 use common::wallet::{
-    assert_audit_ok, balance, buy, cancel, check_bad_input, check_idempotent_retries, eur, fund,
-    mail,
+    assert_audit_ok, balance, buy, cancel, check_bad_input, check_cancel_rules,
+    check_idempotent_retries, eur, fund, mail,
 };
 use keybroker::hsm::Hsm;
 use keybroker::wallet::mailer::{Mailer, MailerConfig, Transport, outbox_pending};
@@ -117,28 +117,7 @@ fn idempotent_retries_return_the_first_decision_and_debit_once() {
 #[test]
 fn cancel_refunds_once_and_only_for_the_owner() {
     let f = Fixture::new();
-    fund(&f.ledger, "dave", eur(1_000));
-    let d = f.ledger.purchase(buy("dave", 400, "c1")).unwrap();
-    assert_eq!(balance(&f.ledger, "dave"), 600);
-    assert_eq!(
-        f.ledger.cancel(cancel("erin", &d.id)).unwrap_err(),
-        WalletError::NotYourDecision
-    );
-    assert_eq!(
-        f.ledger.cancel(cancel("dave", "00ff")).unwrap_err(),
-        WalletError::UnknownDecision
-    );
-    let e = f.ledger.cancel(cancel("dave", &d.id)).unwrap();
-    assert_eq!(e.amount, eur(400));
-    assert_eq!(e.balance_after, 1_000);
-    assert_eq!(
-        f.ledger.cancel(cancel("dave", &d.id)).unwrap_err(),
-        WalletError::AlreadyCancelled
-    );
-    assert_eq!(balance(&f.ledger, "dave"), 1_000);
-    // The idempotency key still names the (cancelled) first decision.
-    assert_eq!(f.ledger.purchase(buy("dave", 400, "c1")).unwrap().id, d.id);
-    assert_eq!(balance(&f.ledger, "dave"), 1_000);
+    check_cancel_rules(&f.ledger);
     assert_eq!(outbox_pending(&f.db()).unwrap(), 3);
     assert_audit_ok(&f.ledger);
 }

@@ -7,8 +7,8 @@ mod common;
 
 use common::pg::{PgServer, server};
 use common::wallet::{
-    assert_audit_ok, balance, buy, cancel, check_bad_input, check_idempotent_retries, eur, fund,
-    mail,
+    assert_audit_ok, balance, buy, cancel, check_bad_input, check_cancel_rules,
+    check_idempotent_retries, eur, fund, mail,
 };
 use keybroker::wallet::mailer::{Mailer, MailerConfig, Outbox, Transport};
 use keybroker::wallet::pg::PgOutbox;
@@ -144,30 +144,7 @@ fn idempotent_retries_return_the_first_decision_and_debit_once() {
 #[test]
 fn cancel_and_top_up_rules() {
     let f = Fixture::new();
-    fund(&f.ledger, "dave", eur(1_000));
-    let d = f.ledger.purchase(buy("dave", 400, "c1")).unwrap();
-    assert_eq!(
-        f.ledger.cancel(cancel("erin", &d.id)).unwrap_err(),
-        WalletError::NotYourDecision
-    );
-    assert_eq!(
-        f.ledger.cancel(cancel("dave", "00ff")).unwrap_err(),
-        WalletError::UnknownDecision
-    );
-    let mut wrong_market = cancel("dave", &d.id);
-    wrong_market.market = Some("m2".into());
-    assert_eq!(
-        f.ledger.cancel(wrong_market).unwrap_err(),
-        WalletError::BadAuthorisation
-    );
-    let e = f.ledger.cancel(cancel("dave", &d.id)).unwrap();
-    assert_eq!((e.amount, e.balance_after), (eur(400), 1_000));
-    assert_eq!(
-        f.ledger.cancel(cancel("dave", &d.id)).unwrap_err(),
-        WalletError::AlreadyCancelled
-    );
-    assert_eq!(f.ledger.purchase(buy("dave", 400, "c1")).unwrap().id, d.id);
-    assert_eq!(balance(&f.ledger, "dave"), 1_000);
+    check_cancel_rules(&f.ledger);
     let top = TopUpRequest {
         user: "dave".into(),
         amount: eur(250),

@@ -111,6 +111,38 @@ pub fn check_idempotent_retries(l: &dyn Ledger) -> Decision {
     first
 }
 
+/// Cancel rules every ledger keeps: only the owner, a known decision, with
+/// the market that made it, once; the idempotency key still names the
+/// cancelled decision. Leaves dave at 1,000 with one cancelled decision.
+pub fn check_cancel_rules(l: &dyn Ledger) -> Decision {
+    fund(l, "dave", eur(1_000));
+    let d = l.purchase(buy("dave", 400, "c1")).unwrap();
+    assert_eq!(balance(l, "dave"), 600);
+    assert_eq!(
+        l.cancel(cancel("erin", &d.id)).unwrap_err(),
+        WalletError::NotYourDecision
+    );
+    assert_eq!(
+        l.cancel(cancel("dave", "00ff")).unwrap_err(),
+        WalletError::UnknownDecision
+    );
+    let mut wrong_market = cancel("dave", &d.id);
+    wrong_market.market = Some("m2".into());
+    assert_eq!(
+        l.cancel(wrong_market).unwrap_err(),
+        WalletError::BadAuthorisation
+    );
+    let e = l.cancel(cancel("dave", &d.id)).unwrap();
+    assert_eq!((e.amount, e.balance_after), (eur(400), 1_000));
+    assert_eq!(
+        l.cancel(cancel("dave", &d.id)).unwrap_err(),
+        WalletError::AlreadyCancelled
+    );
+    assert_eq!(l.purchase(buy("dave", 400, "c1")).unwrap().id, d.id);
+    assert_eq!(balance(l, "dave"), 1_000);
+    d
+}
+
 /// Zero, negative, too large and uncovered amounts, unknown currencies and
 /// malformed fields are typed errors and change nothing; a refused retry
 /// key is not consumed.
