@@ -133,7 +133,6 @@ impl Session {
     /// One exchange (full or partial) and one direct request with X.
     pub fn exchange(&mut self, partial: bool) -> Result<(), String> {
         let term = self.term()?;
-        let t0 = std::time::Instant::now();
         let r = if partial {
             term.exchange_partial(MARKET_ID)
         } else {
@@ -148,19 +147,8 @@ impl Session {
                 return Err(format!("exchange: {err}"));
             }
         };
-        let t1 = std::time::Instant::now();
         let mut d = Direct::connect(&b, TIMEOUT).map_err(e("direct connect"))?;
-        let t2 = std::time::Instant::now();
         let reply = d.request(b"bench quote").map_err(e("direct request"))?;
-        let t3 = std::time::Instant::now();
-        if t3 - t0 > std::time::Duration::from_millis(20) {
-            eprintln!(
-                "SLOW ex={} dconn={} dreq={}",
-                (t1 - t0).as_millis(),
-                (t2 - t1).as_millis(),
-                (t3 - t2).as_millis()
-            );
-        }
         if reply.is_empty() {
             return Err("empty direct reply".into());
         }
