@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use keybroker::terminal::{Direct, Terminal};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,14 +62,7 @@ fn haproxy(env: &Env, nodes: &[SocketAddr]) -> (HaProxy, SocketAddr) {
 
 /// TLS handshakes a node has completed, from its own /metrics.
 fn handshakes(admin: SocketAddr) -> f64 {
-    let mut s = TcpStream::connect(admin).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find(|l| l.starts_with("keybroker_handshake_duration_seconds_count"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    metric(admin, "keybroker_handshake_duration_seconds_count")
 }
 
 fn decision_of(receipt: &[u8]) -> String {

@@ -311,6 +311,18 @@ pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     http(addr, "GET", path)
 }
 
+/// The value on the first line of a node's `/metrics` (at its `admin`
+/// address) that starts with `series`, a name or a name with its labels;
+/// 0 when there is none yet.
+pub fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (status, body) = get(admin, "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Logs in and releases `u` on a fresh connection.
 pub fn released(b: &Broker, tc: &TerminalConfig, u: &str) -> Terminal {
     let (p1, p2) = pw(u);
