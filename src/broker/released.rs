@@ -50,7 +50,8 @@ pub struct Keys {
 struct Entry {
     /// What the sessions hold; an entry never keeps a key alive by it.
     key: Weak<UserKey>,
-    /// Held until `until`, so the key outlives its sessions by the linger.
+    /// The key held until the instant beside it (the user's last release
+    /// plus the linger), so it outlives its sessions.
     kept: Option<(Arc<UserKey>, Instant)>,
 }
 
