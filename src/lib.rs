@@ -18,6 +18,7 @@ pub mod demo;
 pub mod enroll;
 pub mod exchange;
 pub mod hsm;
+pub mod logs;
 pub mod market;
 pub mod metrics;
 pub mod net;

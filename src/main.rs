@@ -256,25 +256,18 @@ enum MarketCmd {
     },
 }
 
-/// Logs go to stderr through a writer thread: a core thread formats a line
-/// and queues it, and never blocks in write(2) on the log file (one
-/// synchronous write per audit line took about a quarter of the core
-/// threads' CPU under load). The writer thread batches the queued lines into
-/// few writes (it flushes whenever the queue is empty). The queue is not
-/// lossy: when it is full, the logging thread waits rather than drop an
-/// audit line. Lines still queued at a SIGKILL are lost; the ledger, not
-/// the log, is the durable record of money.
-fn init_logs(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr through the batching `log-writer` thread
+/// (keybroker::logs): a core thread formats a line and queues it, and never
+/// blocks in write(2) on the log file (one synchronous write per audit line
+/// took about a quarter of the core threads' CPU under load).
+fn init_logs(json: bool) -> std::sync::Arc<keybroker::logs::Logs> {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("log-writer")
-        .finish(std::io::BufWriter::with_capacity(
-            1 << 16,
-            std::io::stderr(),
-        ));
+    let (writer, logs) = keybroker::logs::start(std::io::stderr()).unwrap_or_else(|e| {
+        eprintln!("error: starting the log writer: {e}");
+        std::process::exit(1);
+    });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -284,14 +277,39 @@ fn init_logs(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     } else {
         b.init();
     }
-    guard
+    std::sync::Arc::new(logs)
+}
+
+/// SIGTERM (a service stop) and SIGINT write out the queued log lines
+/// before the process ends; their default action would drop them. Nothing
+/// else needs a graceful stop: an operation is acknowledged only once the
+/// ledger has committed it.
+fn stop_on_signals(logs: std::sync::Arc<keybroker::logs::Logs>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping");
+                logs.flush();
+                std::process::exit(if sig == SIGTERM { 0 } else { 128 + sig });
+            }
+        })?;
+    Ok(())
 }
 
 fn main() {
     let cli = Cli::parse();
     let logs = init_logs(cli.json_logs);
-    if let Err(e) = run(cli) {
-        drop(logs);
+    if let Err(e) = stop_on_signals(logs.clone()) {
+        eprintln!("error: installing the signal handlers: {e:#}");
+        std::process::exit(1);
+    }
+    let result = run(cli);
+    // The signal thread holds the other reference: flush, not drop.
+    logs.flush();
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

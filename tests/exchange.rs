@@ -40,12 +40,15 @@ fn brokered_in_mode(config: &str) {
     keys.dedup();
     assert_eq!(keys.len(), 6, "every exchange must agree a fresh X");
     t.logout().unwrap();
-    drop(b);
+    // SIGTERM writes out the lines still queued (they are batched in time).
+    assert!(b.stop().success(), "a SIGTERM stop is a clean exit");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        text.contains("exchange"),
-        "the audit lines are missing from the log"
+    assert_eq!(
+        text.matches("audit: exchange").count(),
+        6,
+        "an exchange's audit line is missing from the log:\n{text}"
     );
+    assert!(text.contains("stopping"), "the stop is not logged");
     for k in &keys {
         assert!(
             !text.to_lowercase().contains(k),

@@ -35,6 +35,23 @@ impl Drop for Broker {
 }
 
 impl Broker {
+    /// Stops the broker as systemd does (SIGTERM) and returns how it ended.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let until = std::time::Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "the broker ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn connect(&self, tc: &TerminalConfig) -> Terminal {
         Terminal::connect(self.addr, tc, TIMEOUT).expect("connect")
     }
