@@ -99,6 +99,80 @@ fn one(op: &mut dyn Op, from: Instant, out: &mut WorkerOut, pb: &ProgressBar) {
     pb.inc(1);
 }
 
+/// Called once all workers are warmed up, just before the timed run; the
+/// bench takes its CPU snapshots here.
+pub type AtStart<'a> = &'a (dyn Fn() + Sync);
+
+/// One thread per op. Each thread first runs one untimed operation (a
+/// session's first operation pays one-time costs: first use of a key on
+/// each core's HSM session, cold caches, the first direct connection), then
+/// all wait for each other, `at_start` runs once, and `work(index, op,
+/// start)` runs on every thread from the same instant, which is returned
+/// with the workers' results.
+///
+/// The workers run without transparent huge pages (`NoThp`). Each new
+/// thread gets its own mimalloc pages, and mimalloc asks for huge pages:
+/// every first touch zeroed a 2 MiB page. perf at the start of an open-loop
+/// exchange run put 0.5 CPU-seconds of the bench in `clear_page_erms`
+/// within 400 ms, which starved broker and market and made most of the
+/// exchange p99 (150-270 ms at 64 workers against 10-30 ms at 16).
+fn run_workers<W>(
+    ops: &mut [Box<dyn Op>],
+    at_start: AtStart<'_>,
+    work: W,
+) -> (Vec<WorkerOut>, Instant)
+where
+    W: Fn(usize, &mut dyn Op, Instant) -> WorkerOut + Sync,
+{
+    let _no_thp = NoThp::new();
+    let ready = std::sync::Barrier::new(ops.len());
+    let go = std::sync::Barrier::new(ops.len());
+    let start = std::sync::OnceLock::new();
+    let outs = std::thread::scope(|s| {
+        let hs: Vec<_> = ops
+            .iter_mut()
+            .enumerate()
+            .map(|(i, op)| {
+                let (ready, go, start, work) = (&ready, &go, &start, &work);
+                s.spawn(move || {
+                    let _ = op.run();
+                    if ready.wait().is_leader() {
+                        at_start();
+                        start.get_or_init(|| Instant::now() + Duration::from_millis(20));
+                    }
+                    go.wait();
+                    work(i, op.as_mut(), *start.get().expect("set before go"))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("worker panicked"))
+            .collect()
+    });
+    (outs, *start.get().expect("set by the workers"))
+}
+
+/// Transparent huge pages off for this process while it lives. The flag is
+/// inherited by children, so it is only set while the workers run: the
+/// broker, market and floor processes the bench starts keep the host's
+/// setting.
+struct NoThp;
+
+impl NoThp {
+    fn new() -> Self {
+        if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+            eprintln!("warning: cannot turn off transparent huge pages for the workers: {e}");
+        }
+        Self
+    }
+}
+
+impl Drop for NoThp {
+    fn drop(&mut self) {
+        let _ = rustix::thread::disable_transparent_huge_pages(false);
+    }
+}
+
 /// Open loop: `rate` operations per second in total, spread evenly over the
 /// workers, each with its own schedule of intended send times. Stops at
 /// `duration` (no new sends) or `max_ops`; a send still not started
@@ -109,71 +183,42 @@ pub fn open_loop(
     duration: Duration,
     max_ops: u64,
     pb: &ProgressBar,
+    at_start: AtStart<'_>,
 ) -> RunResult {
-    warm_up(ops);
     let w = ops.len().max(1);
     let interval = Duration::from_secs_f64(w as f64 / rate.max(1e-3));
     let per_worker = max_ops.div_ceil(w as u64);
     let grace = Duration::from_secs(5).max(duration / 4);
-    let start = Instant::now() + Duration::from_millis(20);
-    let end = start + duration;
-    let hard = end + grace;
-    let outs: Vec<WorkerOut> = std::thread::scope(|s| {
-        let hs: Vec<_> = ops
-            .iter_mut()
-            .enumerate()
-            .map(|(i, op)| {
-                let pb = pb.clone();
-                s.spawn(move || {
-                    let mut out = WorkerOut::new();
-                    let offset = interval.mul_f64(i as f64 / w as f64);
-                    let mut n = 0u64;
-                    loop {
-                        let intended = start + offset + interval.mul_f64(n as f64);
-                        if intended >= end || n >= per_worker {
-                            break;
-                        }
-                        let now = Instant::now();
-                        if now > hard {
-                            // Due sends never started: counted, not timed.
-                            let due = (end.saturating_duration_since(intended).as_secs_f64()
-                                / interval.as_secs_f64())
-                            .ceil() as u64;
-                            out.missed += due.min(per_worker - n);
-                            break;
-                        }
-                        if intended > now {
-                            std::thread::sleep(intended - now);
-                        }
-                        one(op.as_mut(), intended, &mut out, &pb);
-                        n += 1;
-                    }
-                    out
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("worker panicked"))
-            .collect()
+    let (outs, start) = run_workers(ops, at_start, |i, op, start| {
+        let end = start + duration;
+        let hard = end + grace;
+        let mut out = WorkerOut::new();
+        let offset = interval.mul_f64(i as f64 / w as f64);
+        let mut n = 0u64;
+        loop {
+            let intended = start + offset + interval.mul_f64(n as f64);
+            if intended >= end || n >= per_worker {
+                break;
+            }
+            let now = Instant::now();
+            if now > hard {
+                // Due sends never started: counted, not timed.
+                let due = (end.saturating_duration_since(intended).as_secs_f64()
+                    / interval.as_secs_f64())
+                .ceil() as u64;
+                out.missed += due.min(per_worker - n);
+                break;
+            }
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            one(op, intended, &mut out, pb);
+            n += 1;
+        }
+        out
     });
     let elapsed = duration.max(start.elapsed().min(duration + grace));
     merge(outs, elapsed, w)
-}
-
-/// One untimed operation per worker, all at once, before an open-loop run:
-/// the first operation of a session pays one-time costs (first use of a
-/// key on each core's HSM session, cold caches, the workers' first direct
-/// connections), and they arrive together as a burst the open loop would
-/// otherwise time as queueing. The latency figure is the steady
-/// state of terminals already released.
-fn warm_up(ops: &mut [Box<dyn Op>]) {
-    std::thread::scope(|s| {
-        for op in ops.iter_mut() {
-            s.spawn(move || {
-                let _ = op.run();
-            });
-        }
-    });
 }
 
 /// Closed loop: each worker sends back to back for `duration` or until the
@@ -183,30 +228,22 @@ pub fn closed_loop(
     duration: Duration,
     max_ops: u64,
     pb: &ProgressBar,
+    at_start: AtStart<'_>,
 ) -> RunResult {
     let w = ops.len().max(1);
     let per_worker = max_ops.div_ceil(w as u64);
-    let start = Instant::now();
-    let end = start + duration;
-    let outs: Vec<WorkerOut> = std::thread::scope(|s| {
-        let hs: Vec<_> = ops
-            .iter_mut()
-            .map(|op| {
-                let pb = pb.clone();
-                s.spawn(move || {
-                    let mut out = WorkerOut::new();
-                    let mut n = 0;
-                    while n < per_worker && Instant::now() < end {
-                        one(op.as_mut(), Instant::now(), &mut out, &pb);
-                        n += 1;
-                    }
-                    out
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("worker panicked"))
-            .collect()
+    let (outs, start) = run_workers(ops, at_start, |_, op, start| {
+        let end = start + duration;
+        let mut out = WorkerOut::new();
+        let mut n = 0;
+        if let Some(d) = start.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        while n < per_worker && Instant::now() < end {
+            one(op, Instant::now(), &mut out, pb);
+            n += 1;
+        }
+        out
     });
     merge(outs, start.elapsed(), w)
 }
@@ -234,6 +271,7 @@ mod tests {
             Duration::from_millis(500),
             1000,
             &ProgressBar::hidden(),
+            &|| {},
         );
         assert!(r.ok >= 20, "ok {}", r.ok);
         assert!(r.hist.max() > 100_000, "max {} µs", r.hist.max());
@@ -250,6 +288,7 @@ mod tests {
             Duration::from_secs(10),
             10,
             &ProgressBar::hidden(),
+            &|| {},
         );
         assert_eq!(r.ok, 10);
     }

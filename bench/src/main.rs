@@ -236,8 +236,17 @@ fn measured(
         ),
     };
     pb.set_prefix(label);
-    let (b0, m0) = (procs::cpu_snap(pid), procs::cpu_snap(mpid));
-    let l0 = ctx.ledger_pid.map(procs::tree_snap);
+    // Taken once the workers have warmed up, right before the timed run.
+    let before = std::sync::OnceLock::new();
+    let at_start = || {
+        before.get_or_init(|| {
+            (
+                procs::cpu_snap(pid),
+                procs::cpu_snap(mpid),
+                ctx.ledger_pid.map(procs::tree_snap),
+            )
+        });
+    };
     let r = match plan {
         Plan::Open { rate, secs } => load::open_loop(
             ops,
@@ -245,12 +254,20 @@ fn measured(
             Duration::from_secs_f64(*secs),
             (rate * secs).ceil() as u64,
             &pb,
+            &at_start,
         ),
         Plan::Closed { secs } => {
             pb.enable_steady_tick(Duration::from_millis(200));
-            load::closed_loop(ops, Duration::from_secs_f64(*secs), 5_000_000, &pb)
+            load::closed_loop(
+                ops,
+                Duration::from_secs_f64(*secs),
+                5_000_000,
+                &pb,
+                &at_start,
+            )
         }
     };
+    let (b0, m0, l0) = before.into_inner().expect("set before the run");
     let (b1, m1) = (procs::cpu_snap(pid), procs::cpu_snap(mpid));
     let ledger_s = l0
         .zip(ctx.ledger_pid)
