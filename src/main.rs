@@ -280,10 +280,13 @@ fn init_logs(json: bool) -> std::sync::Arc<keybroker::logs::Logs> {
     std::sync::Arc::new(logs)
 }
 
-/// SIGTERM (a service stop) and SIGINT write out the queued log lines
-/// before the process ends; their default action would drop them. Nothing
-/// else needs a graceful stop: an operation is acknowledged only once the
-/// ledger has committed it.
+/// SIGTERM (a service stop) and SIGINT write out the queued log lines, then
+/// end the process by the signal's default action, as before: an exit
+/// status of "killed by SIGTERM", which systemd counts as a clean stop.
+/// Not `std::process::exit`: its atexit handlers (OpenSSL's cleanup, under
+/// SoftHSM) would run while core threads may still be inside the HSM.
+/// Nothing else needs a graceful stop: an operation is acknowledged only
+/// once the ledger has committed it.
 fn stop_on_signals(logs: std::sync::Arc<keybroker::logs::Logs>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
@@ -293,7 +296,8 @@ fn stop_on_signals(logs: std::sync::Arc<keybroker::logs::Logs>) -> Result<()> {
             if let Some(sig) = signals.forever().next() {
                 tracing::info!(signal = sig, "stopping");
                 logs.flush();
-                std::process::exit(if sig == SIGTERM { 0 } else { 128 + sig });
+                let _ = signal_hook::low_level::emulate_default_handler(sig);
+                signal_hook::low_level::exit(128 + sig);
             }
         })?;
     Ok(())

@@ -37,6 +37,7 @@ impl Drop for Broker {
 impl Broker {
     /// Stops the broker as systemd does (SIGTERM) and returns how it ended.
     pub fn stop(mut self) -> std::process::ExitStatus {
+        // `Drop` afterwards finds the child reaped and sends nothing.
         let pid = rustix::process::Pid::from_child(&self.child);
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
         let until = std::time::Instant::now() + TIMEOUT;
