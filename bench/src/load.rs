@@ -149,7 +149,8 @@ where
             .map(|h| h.join().expect("worker panicked"))
             .collect()
     });
-    (outs, *start.get().expect("set by the workers"))
+    // With no workers nothing set it: the run starts and ends now.
+    (outs, *start.get_or_init(Instant::now))
 }
 
 /// Transparent huge pages off for this process while it lives. The flag is
@@ -291,5 +292,17 @@ mod tests {
             &|| {},
         );
         assert_eq!(r.ok, 10);
+    }
+
+    #[test]
+    fn no_workers_is_an_empty_run() {
+        let r = closed_loop(
+            &mut [],
+            Duration::from_secs(1),
+            10,
+            &ProgressBar::hidden(),
+            &|| {},
+        );
+        assert_eq!((r.ok, r.errors), (0, 0));
     }
 }
