@@ -119,7 +119,8 @@ pub struct ExchangeConfig {
     pub kx: Kx,
     /// Flush a market batch at this many exchanges. 1..=1024; default 64.
     pub batch_max: usize,
-    /// ...or this long after its first exchange, µs. Default 100.
+    /// ...or this long after its first exchange, µs. Default 0: a batch is
+    /// what queued while the previous one was in flight (docs/DECISIONS.md).
     pub batch_delay_us: u64,
     /// A market silent this long with a batch in flight is down, ms. Default 2000.
     pub market_timeout_ms: u64,
@@ -135,7 +136,7 @@ impl Default for ExchangeConfig {
         Self {
             kx: Kx::Software,
             batch_max: 64,
-            batch_delay_us: 100,
+            batch_delay_us: 0,
             market_timeout_ms: 2_000,
             reconnect_min_ms: 50,
             reconnect_max_ms: 5_000,

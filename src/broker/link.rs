@@ -7,11 +7,11 @@
 //! ```
 //!
 //! One batch is in flight at a time; requests arriving meanwhile form the
-//! next one, so batches grow with load and the idle latency stays at most
-//! `batch_delay_us`. While the market is down, new requests fail at once
-//! with `market_unavailable`; a batch in flight when it dies fails with
-//! `market_unavailable` (or `market_timeout` when it went silent) and
-//! nothing else. Reconnects back off exponentially.
+//! next one, so batches grow with load without waiting. `batch_delay_us`
+//! (0 by default) makes a batch also wait that long for company. While the
+//! market is down, new requests fail at once with `market_unavailable`; a
+//! batch in flight when it dies fails with `market_unavailable` (or
+//! `market_timeout` when it went silent) and nothing else. Reconnects back off exponentially.
 
 use crate::config::ExchangeConfig;
 use crate::net::tls_io::TlsIo;
@@ -199,8 +199,8 @@ async fn serve(
                     batch.push(p);
                     continue;
                 }
-                Err(mpsc::TryRecvError::Closed) => break,
-                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Empty) if !delay.is_zero() => {}
+                Err(_) => break,
             }
             match compio::time::timeout_at(deadline, rx.next()).await {
                 Ok(Some(p)) => batch.push(p),
