@@ -160,3 +160,27 @@ fn expired_sessions_are_refused() {
         Err(ErrorCode::UnknownSession)
     );
 }
+
+#[test]
+fn a_market_full_of_live_sessions_answers_busy_until_they_expire() {
+    let (ca, ca_key) = setup();
+    let alice = user(&ca, &ca_key, "alice");
+    let mut cfg = config(&["*"]);
+    cfg.max_sessions = 2;
+    cfg.session_ttl_s = 1;
+    let m = MarketState::new(cfg, &ca, "127.0.0.1:1".into()).unwrap();
+    let now = now_ms();
+    for n in 1..=2u8 {
+        let req = request(&alice, "alice", [1; 32], now, [n; 16]);
+        m.exchange(&req, [1; 32], now).expect("room for two");
+    }
+    let third = request(&alice, "alice", [1; 32], now, [3; 16]);
+    assert_eq!(m.exchange(&third, [1; 32], now), Err(ErrorCode::Busy));
+    assert_eq!(m.session_count(), 2);
+    // Nonces are kept for twice the freshness window (60 s), sessions for
+    // their 1 s lifetime: past both, the old entries make room.
+    let later = now + 60_001;
+    let fourth = request(&alice, "alice", [1; 32], later, [4; 16]);
+    m.exchange(&fourth, [1; 32], later).expect("room again");
+    assert_eq!(m.session_count(), 1);
+}

@@ -8,6 +8,7 @@
 //! terminal ──direct channel (AEAD records keyed from X)──► look up session ─► answer
 //! ```
 
+mod expiring;
 pub mod server;
 pub mod setup;
 
@@ -15,6 +16,7 @@ use crate::exchange::{self, Ephemeral, Transcript};
 use crate::proto::ErrorCode;
 use crate::proto::market::{Accepted, ExchangeRequest};
 use anyhow::{Context, Result};
+use expiring::Expiring;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -109,8 +111,8 @@ pub struct MarketState {
     pub endpoint: String,
     user_ca_spki: Vec<u8>,
     certs: Mutex<HashMap<[u8; 32], UserKey>>,
-    replay: Mutex<HashMap<[u8; 16], u64>>,
-    sessions: Mutex<HashMap<[u8; 16], Session>>,
+    replay: Mutex<Expiring<[u8; 16], ()>>,
+    sessions: Mutex<Expiring<[u8; 16], Session>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -126,13 +128,13 @@ impl MarketState {
         let (_, ca) = x509_parser::parse_x509_certificate(user_ca_der)
             .map_err(|e| anyhow::anyhow!("user CA: {e}"))?;
         Ok(Self {
+            replay: Mutex::new(Expiring::new(cfg.max_sessions)),
+            sessions: Mutex::new(Expiring::new(cfg.max_sessions)),
             cfg,
             signer: None,
             endpoint,
             user_ca_spki: ca.public_key().raw.to_vec(),
             certs: Mutex::new(HashMap::new()),
-            replay: Mutex::new(HashMap::new()),
-            sessions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -240,28 +242,20 @@ impl MarketState {
     /// again inside it is a replay. Older ones are refused as stale anyway.
     fn check_replay(&self, nonce: [u8; 16], now: u64) -> Result<(), ErrorCode> {
         let mut seen = self.replay.lock().expect("replay cache");
-        if seen.len() >= self.cfg.max_sessions {
-            seen.retain(|_, exp| *exp > now);
-            if seen.len() >= self.cfg.max_sessions {
-                return Err(ErrorCode::Busy);
-            }
-        }
-        match seen.insert(nonce, now + 2 * self.cfg.freshness_ms) {
-            Some(exp) if exp > now => Err(ErrorCode::Replay),
-            _ => Ok(()),
+        match seen.insert(nonce, (), now + 2 * self.cfg.freshness_ms, now) {
+            Ok(None) => Ok(()),
+            Ok(Some(())) => Err(ErrorCode::Replay),
+            Err(expiring::Full) => Err(ErrorCode::Busy),
         }
     }
 
     fn insert_session(&self, id: [u8; 16], s: Session, now: u64) -> Result<(), ErrorCode> {
+        let expiry = s.expiry_ms;
         let mut sessions = self.sessions.lock().expect("sessions");
-        if sessions.len() >= self.cfg.max_sessions {
-            sessions.retain(|_, s| s.expiry_ms > now);
-            if sessions.len() >= self.cfg.max_sessions {
-                return Err(ErrorCode::Busy);
-            }
+        match sessions.insert(id, s, expiry, now) {
+            Ok(_) => Ok(()),
+            Err(expiring::Full) => Err(ErrorCode::Busy),
         }
-        sessions.insert(id, s);
-        Ok(())
     }
 
     /// X and user of a live session; typed errors for unknown or expired.
@@ -271,13 +265,10 @@ impl MarketState {
         now: u64,
     ) -> Result<(Zeroizing<[u8; 32]>, String, u64), ErrorCode> {
         let mut sessions = self.sessions.lock().expect("sessions");
-        match sessions.get(id) {
-            None => Err(ErrorCode::UnknownSession),
-            Some(s) if s.expiry_ms <= now => {
-                sessions.remove(id);
-                Err(ErrorCode::SessionExpired)
-            }
-            Some(s) => Ok((s.x.clone(), s.user.clone(), s.expiry_ms)),
+        match sessions.get(id, now) {
+            Ok(None) => Err(ErrorCode::UnknownSession),
+            Err(()) => Err(ErrorCode::SessionExpired),
+            Ok(Some((s, expiry))) => Ok((s.x.clone(), s.user.clone(), expiry)),
         }
     }
 
