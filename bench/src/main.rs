@@ -513,7 +513,48 @@ fn exchange(ctx: &mut Ctx, kx: &str) -> Result<()> {
         e.notes.push(format!(
             "open loop at 70% of the closed-loop peak ({peak_rate:.0} ops/s); {note}"
         ));
+        let met = e.ms(0.99) <= P99_TARGET_MS;
         ctx.entries.push(e);
+        if !met {
+            within_target(ctx, &name, pid, &mut ops, floor, peak_rate)?;
+        }
+    }
+    Ok(())
+}
+
+/// The exchange latency target (issue 5): p99 at 70% of the peak.
+const P99_TARGET_MS: f64 = 2.0;
+
+/// Where 70% of the peak misses the p99 target, the highest lower share of
+/// the peak that meets it (or the lowest tried), so the report says what
+/// load the target holds at.
+fn within_target(
+    ctx: &mut Ctx,
+    name: &str,
+    pid: u32,
+    ops: &mut [Box<dyn Op>],
+    floor: f64,
+    peak_rate: f64,
+) -> Result<()> {
+    const SHARES: [f64; 3] = [0.5, 0.35, 0.25];
+    let label = format!("{name}_p99_{P99_TARGET_MS}ms");
+    for (i, share) in SHARES.iter().enumerate() {
+        let plan = Plan::Open {
+            rate: (share * peak_rate).max(1.0),
+            secs: ctx.open_secs() / 2.0,
+        };
+        let (r, cpu) = measured(ctx, &label, pid, ops, &plan);
+        let mut e = entry(&label, &plan, r, &cpu, floor);
+        let met = e.ms(0.99) <= P99_TARGET_MS;
+        if met || i + 1 == SHARES.len() {
+            e.notes.push(format!(
+                "open loop at {:.0}% of the closed-loop peak ({peak_rate:.0} ops/s): {} of 50/35/25% whose p99 is within {P99_TARGET_MS} ms",
+                share * 100.0,
+                if met { "the highest" } else { "none" }
+            ));
+            ctx.entries.push(e);
+            break;
+        }
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ impl Entry {
             0.0
         }
     }
-    fn ms(&self, q: f64) -> f64 {
+    pub fn ms(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64 / 1000.0
     }
 
