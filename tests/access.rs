@@ -165,6 +165,26 @@ fn failures_on_release_count_towards_the_lock() {
     assert_eq!(refused(t.release(b"bad3")), ErrorCode::Locked);
 }
 
+#[test]
+fn a_right_password_clears_the_failures() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let (p1, p2) = pw("alice");
+    let mut t = b.connect(&alice);
+    t.login("alice", p1.as_bytes()).unwrap();
+    assert_eq!(refused(t.release(b"bad1")), ErrorCode::WrongPassword);
+    assert_eq!(refused(t.release(b"bad2")), ErrorCode::WrongPassword);
+    t.release(p2.as_bytes())
+        .expect("the right one, before the lock");
+    // Counting starts again: two more wrong ones do not lock.
+    let mut t = b.connect(&alice);
+    t.login("alice", p1.as_bytes()).unwrap();
+    assert_eq!(refused(t.release(b"bad3")), ErrorCode::WrongPassword);
+    assert_eq!(refused(t.release(b"bad4")), ErrorCode::WrongPassword);
+    t.release(p2.as_bytes()).expect("not locked");
+}
+
 fn expect_error_then_close(t: &mut Terminal, code: ErrorCode) {
     match t.recv().expect("an error frame").msg {
         Message::Error { code: c, .. } => assert_eq!(c, code),

@@ -61,7 +61,11 @@ impl AuthWorker {
             Which::Release => &u.pw_release,
         };
         if passwords::verify(password.expose(), phc) {
-            self.store.reset_failures(user).map_err(internal)?;
+            // Most logins find no failures to clear: no write then. A failure
+            // recorded meanwhile by another attempt stays counted.
+            if u.failures != 0 {
+                self.store.reset_failures(user).map_err(internal)?;
+            }
             return Ok(u);
         }
         let (failures, locked) = self
