@@ -11,7 +11,8 @@
 //! (0 by default) makes a batch also wait that long for company. While the
 //! market is down, new requests fail at once with `market_unavailable`; a
 //! batch in flight when it dies fails with `market_unavailable` (or
-//! `market_timeout` when it went silent) and nothing else. Reconnects back off exponentially.
+//! `market_timeout` when it went silent) and nothing else. Reconnects back
+//! off exponentially.
 
 use crate::config::ExchangeConfig;
 use crate::net::tls_io::TlsIo;
