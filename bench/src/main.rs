@@ -547,10 +547,12 @@ fn within_target(
         let mut e = entry(&label, &plan, r, &cpu, floor);
         let met = e.ms(0.99) <= P99_TARGET_MS;
         if met || i + 1 == SHARES.len() {
+            let tried: Vec<String> = SHARES.iter().map(|s| format!("{:.0}", s * 100.0)).collect();
             e.notes.push(format!(
-                "open loop at {:.0}% of the closed-loop peak ({peak_rate:.0} ops/s): {} of 50/35/25% whose p99 is within {P99_TARGET_MS} ms",
+                "open loop at {:.0}% of the closed-loop peak ({peak_rate:.0} ops/s): {} of {}% whose p99 is within {P99_TARGET_MS} ms",
                 share * 100.0,
-                if met { "the highest" } else { "none" }
+                if met { "the highest" } else { "none" },
+                tried.join("/")
             ));
             ctx.entries.push(e);
             break;

@@ -89,10 +89,10 @@ impl MarketConfig {
 }
 
 /// A direct-channel session the market agreed with a terminal's broker.
+/// Its expiry is kept by the sessions map.
 pub struct Session {
     pub x: Zeroizing<[u8; 32]>,
     pub user: String,
-    pub expiry_ms: u64,
 }
 
 /// A verified user certificate: its user id and public key.
@@ -226,8 +226,8 @@ impl MarketState {
             Session {
                 x,
                 user: req.user.clone(),
-                expiry_ms,
             },
+            expiry_ms,
             now,
         )?;
         Ok(Accepted {
@@ -249,8 +249,13 @@ impl MarketState {
         }
     }
 
-    fn insert_session(&self, id: [u8; 16], s: Session, now: u64) -> Result<(), ErrorCode> {
-        let expiry = s.expiry_ms;
+    fn insert_session(
+        &self,
+        id: [u8; 16],
+        s: Session,
+        expiry: u64,
+        now: u64,
+    ) -> Result<(), ErrorCode> {
         let mut sessions = self.sessions.lock().expect("sessions");
         match sessions.insert(id, s, expiry, now) {
             Ok(_) => Ok(()),
