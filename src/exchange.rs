@@ -2,29 +2,35 @@
 //! terminal so all three compute the same bytes.
 //!
 //! ```text
-//! preimage = "keybroker exchange v1" ‖ mode ‖ market ‖ user ‖ SHA-256(user cert)
-//!            ‖ request id ‖ requester ephemeral ‖ time ‖ nonce ‖ market-channel binding
+//! preimage = "keybroker exchange v2" ‖ mode ‖ market ‖ user ‖ SHA-256(user cert)
+//!            ‖ request id ‖ group ‖ requester ephemeral ‖ time ‖ nonce ‖ market-channel binding
 //! T = SHA-256(preimage)            signed by the user's home-card key (ECDSA P-256)
-//! Z = ECDH(requester ephemeral, market ephemeral)
+//! Z = ECDH(requester ephemeral, market ephemeral), both in `group`
 //! X = HMAC-SHA256(key = Z, "keybroker X v1" ‖ T ‖ market ephemeral)
 //! wrapped X = AES-KWP(key = X', X)  (RFC 5649)
 //! ```
 //!
 //! SoftHSM can compute X with Z inside it (`ECDH1_DERIVE` to a generic
 //! secret, then `SHA256_HMAC`), so `kx = "hsm"` and `kx = "software"` give the
-//! same X and the market cannot tell them apart.
+//! same X.
+//!
+//! The requester picks the group: X25519 wherever the ECDH runs in software
+//! (it costs 28 µs against P-256's 48 here), P-256 where it runs in SoftHSM,
+//! which has no X25519 (docs/DECISIONS.md, "The exchange's group"). The
+//! market answers in the requester's group.
 
 use crate::proto::wire::Put;
-use aws_lc_rs::agreement::{self, ECDH_P256, PrivateKey, UnparsedPublicKey};
+use crate::proto::wire::{Reader, WireError};
+use aws_lc_rs::agreement::{self, Algorithm, ECDH_P256, PrivateKey, UnparsedPublicKey, X25519};
 use aws_lc_rs::key_wrap::{AES_256, KeyEncryptionKey, KeyWrapPadded};
 use zeroize::Zeroizing;
 
-pub const PREIMAGE_LABEL: &[u8] = b"keybroker exchange v1";
+pub const PREIMAGE_LABEL: &[u8] = b"keybroker exchange v2";
 pub const X_LABEL: &[u8] = b"keybroker X v1";
 /// TLS exporter label binding exchanges to one market-channel connection.
 pub const BINDING_LABEL: &[u8] = b"EXPORTER-keybroker-market-binding";
-/// Length of an uncompressed P-256 point.
-pub const POINT_LEN: usize = 65;
+/// Length of an uncompressed P-256 point, the longest public key.
+pub const MAX_POINT_LEN: usize = 65;
 /// Length of X wrapped with AES-KWP (32 + 8).
 pub const WRAPPED_LEN: usize = 40;
 
@@ -48,6 +54,98 @@ impl Mode {
     }
 }
 
+/// The ECDH group of an exchange's two ephemeral keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Group {
+    /// NIST P-256, uncompressed points (65 bytes): what an HSM can derive with.
+    P256 = 0,
+    /// X25519 (RFC 7748), 32-byte u-coordinates: the faster one in software.
+    X25519 = 1,
+}
+
+impl Group {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::P256),
+            1 => Some(Self::X25519),
+            _ => None,
+        }
+    }
+
+    pub fn point_len(self) -> usize {
+        match self {
+            Self::P256 => 65,
+            Self::X25519 => 32,
+        }
+    }
+
+    fn algorithm(self) -> &'static Algorithm {
+        match self {
+            Self::P256 => &ECDH_P256,
+            Self::X25519 => &X25519,
+        }
+    }
+}
+
+/// An ephemeral public key and its group. On the wire: `group:u8` then the
+/// key, whose length the group fixes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Point {
+    group: Group,
+    bytes: [u8; MAX_POINT_LEN],
+}
+
+impl std::fmt::Debug for Point {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Point({:?}, {} bytes)",
+            self.group,
+            self.group.point_len()
+        )
+    }
+}
+
+impl Point {
+    /// A placeholder until a key is made: no valid key of any group, so an
+    /// exchange that sent it would fail its ECDH.
+    pub const UNSET: Point = Point {
+        group: Group::P256,
+        bytes: [0; MAX_POINT_LEN],
+    };
+
+    /// `None` unless `key` has the group's length. Whether it is a valid
+    /// point is checked where it is used, by the ECDH.
+    pub fn new(group: Group, key: &[u8]) -> Option<Self> {
+        if key.len() != group.point_len() {
+            return None;
+        }
+        let mut bytes = [0u8; MAX_POINT_LEN];
+        bytes[..key.len()].copy_from_slice(key);
+        Some(Self { group, bytes })
+    }
+
+    pub fn group(&self) -> Group {
+        self.group
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.group.point_len()]
+    }
+
+    pub fn put(&self, out: &mut Vec<u8>) {
+        out.put_u8(self.group as u8);
+        out.extend_from_slice(self.as_bytes());
+    }
+
+    pub fn read(r: &mut Reader<'_>, what: &'static str) -> Result<Self, WireError> {
+        let group = Group::from_u8(r.u8(what)?).ok_or(WireError::Invalid(what))?;
+        let key = r.take(group.point_len(), what)?;
+        Ok(Self::new(group, key).expect("length fixed by the group"))
+    }
+}
+
 /// The fields the user's signature covers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transcript {
@@ -56,7 +154,7 @@ pub struct Transcript {
     pub user: String,
     pub cert_fingerprint: [u8; 32],
     pub request_id: u64,
-    pub ephemeral: [u8; POINT_LEN],
+    pub ephemeral: Point,
     pub time_ms: u64,
     pub nonce: [u8; 16],
     pub binding: [u8; 32],
@@ -71,7 +169,7 @@ impl Transcript {
         v.put_bytes(self.user.as_bytes());
         v.extend_from_slice(&self.cert_fingerprint);
         v.put_u64(self.request_id);
-        v.extend_from_slice(&self.ephemeral);
+        self.ephemeral.put(&mut v);
         v.put_u64(self.time_ms);
         v.extend_from_slice(&self.nonce);
         v.extend_from_slice(&self.binding);
@@ -92,46 +190,49 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 }
 
 /// The HMAC input that turns Z into X.
-pub fn x_input(t: &[u8; 32], market_ephemeral: &[u8; POINT_LEN]) -> Vec<u8> {
-    [X_LABEL, t, market_ephemeral].concat()
+pub fn x_input(t: &[u8; 32], market_ephemeral: &Point) -> Vec<u8> {
+    [X_LABEL, t, market_ephemeral.as_bytes()].concat()
 }
 
 /// X from a shared secret Z computed in software.
-pub fn derive_x(z: &[u8], t: &[u8; 32], market_ephemeral: &[u8; POINT_LEN]) -> Zeroizing<[u8; 32]> {
+pub fn derive_x(z: &[u8], t: &[u8; 32], market_ephemeral: &Point) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(crate::crypto::hmac_sha256(
         z,
-        &[X_LABEL, t, market_ephemeral],
+        &[X_LABEL, t, market_ephemeral.as_bytes()],
     ))
 }
 
-/// An ephemeral P-256 key in process (aws-lc-rs).
+/// An ephemeral key in process (aws-lc-rs).
 pub struct Ephemeral {
     key: PrivateKey,
-    pub public: [u8; POINT_LEN],
+    pub public: Point,
 }
 
 impl Ephemeral {
-    pub fn generate() -> Self {
-        let key = PrivateKey::generate(&ECDH_P256).expect("P-256 key generation");
-        let public = key
-            .compute_public_key()
-            .expect("public key")
-            .as_ref()
-            .try_into()
-            .expect("uncompressed P-256 point");
+    pub fn generate(group: Group) -> Self {
+        let key = PrivateKey::generate(group.algorithm()).expect("ephemeral key generation");
+        let public = Point::new(
+            group,
+            key.compute_public_key().expect("public key").as_ref(),
+        )
+        .expect("a public key of the group's length");
         Self { key, public }
     }
 
-    /// X with the peer's ephemeral key; `None` if the point is invalid.
+    /// X with the peer's ephemeral key; `None` if the peer's key is not a
+    /// valid one of this key's group.
     pub fn x(
         &self,
-        peer: &[u8; POINT_LEN],
+        peer: &Point,
         t: &[u8; 32],
-        market_ephemeral: &[u8; POINT_LEN],
+        market_ephemeral: &Point,
     ) -> Option<Zeroizing<[u8; 32]>> {
+        if peer.group() != self.public.group() {
+            return None;
+        }
         agreement::agree(
             &self.key,
-            UnparsedPublicKey::new(&ECDH_P256, peer),
+            UnparsedPublicKey::new(self.public.group().algorithm(), peer.as_bytes()),
             (),
             |z| Ok(derive_x(z, t, market_ephemeral)),
         )
@@ -175,17 +276,48 @@ mod tests {
 
     #[test]
     fn both_sides_agree_on_x_and_wrap_round_trips() {
-        let a = Ephemeral::generate();
-        let m = Ephemeral::generate();
+        for group in [Group::P256, Group::X25519] {
+            let a = Ephemeral::generate(group);
+            let m = Ephemeral::generate(group);
+            let t = [5u8; 32];
+            let xa = a.x(&m.public, &t, &m.public).unwrap();
+            let xm = m.x(&a.public, &t, &m.public).unwrap();
+            assert_eq!(*xa, *xm);
+            let xp = [9u8; 32];
+            let w = wrap(&xp, &xa);
+            assert_eq!(*unwrap(&xp, &w).unwrap(), *xa);
+            assert!(unwrap(&[8u8; 32], &w).is_none());
+        }
+        let p = Ephemeral::generate(Group::P256);
+        let x = Ephemeral::generate(Group::X25519);
         let t = [5u8; 32];
-        let xa = a.x(&m.public, &t, &m.public).unwrap();
-        let xm = m.x(&a.public, &t, &m.public).unwrap();
-        assert_eq!(*xa, *xm);
-        let xp = [9u8; 32];
-        let w = wrap(&xp, &xa);
-        assert_eq!(*unwrap(&xp, &w).unwrap(), *xa);
-        assert!(unwrap(&[8u8; 32], &w).is_none());
-        assert!(a.x(&[4u8; 65], &t, &m.public).is_none());
+        let off_curve = Point::new(Group::P256, &[4u8; 65]).unwrap();
+        assert!(p.x(&off_curve, &t, &off_curve).is_none());
+        // X25519's all-zero output (a small-order peer key) is refused.
+        let small = Point::new(Group::X25519, &[0u8; 32]).unwrap();
+        assert!(x.x(&small, &t, &small).is_none());
+        // Keys of different groups never agree.
+        assert!(p.x(&x.public, &t, &x.public).is_none());
+        assert!(x.x(&p.public, &t, &p.public).is_none());
+    }
+
+    #[test]
+    fn points_round_trip_and_their_group_fixes_the_length() {
+        for group in [Group::P256, Group::X25519] {
+            let e = Ephemeral::generate(group);
+            let mut out = Vec::new();
+            e.public.put(&mut out);
+            assert_eq!(out.len(), 1 + group.point_len());
+            let mut r = Reader::new(&out);
+            assert_eq!(Point::read(&mut r, "p").unwrap(), e.public);
+            r.finish().unwrap();
+        }
+        assert!(Point::new(Group::X25519, &[1u8; 65]).is_none());
+        assert!(Point::new(Group::P256, &[1u8; 32]).is_none());
+        let mut r = Reader::new(&[7, 0, 0]);
+        assert_eq!(Point::read(&mut r, "p"), Err(WireError::Invalid("p")));
+        let mut r = Reader::new(&[1, 0, 0]);
+        assert_eq!(Point::read(&mut r, "p"), Err(WireError::Truncated("p")));
     }
 
     #[test]
@@ -196,13 +328,16 @@ mod tests {
             user: "u".into(),
             cert_fingerprint: [1; 32],
             request_id: 7,
-            ephemeral: [4; 65],
+            ephemeral: Point::new(Group::X25519, &[4; 32]).unwrap(),
             time_ms: 1,
             nonce: [2; 16],
             binding: [3; 32],
         };
         let mut other = base.clone();
         other.user = "v".into();
+        assert_ne!(base.digest(), other.digest());
+        let mut other = base.clone();
+        other.ephemeral = Point::new(Group::P256, &[4; 65]).unwrap();
         assert_ne!(base.digest(), other.digest());
         let mut other = base.clone();
         other.binding = [0; 32];

@@ -3,7 +3,7 @@
 //! released home-card key: the market sees the same bytes either way).
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
-use keybroker::exchange::{Ephemeral, Mode, Transcript};
+use keybroker::exchange::{Ephemeral, Group, Mode, Point, Transcript};
 use keybroker::market::{MarketConfig, MarketState, now_ms};
 use keybroker::pki::{self, Usage};
 use keybroker::proto::ErrorCode;
@@ -54,7 +54,19 @@ fn request(
     time_ms: u64,
     nonce: [u8; 16],
 ) -> ExchangeRequest {
-    let eph = Ephemeral::generate();
+    request_in(Group::X25519, u, name, binding, time_ms, nonce).0
+}
+
+/// A signed request whose ephemeral key is in `group`, and that key.
+fn request_in(
+    group: Group,
+    u: &User,
+    name: &str,
+    binding: [u8; 32],
+    time_ms: u64,
+    nonce: [u8; 16],
+) -> (ExchangeRequest, Ephemeral, [u8; 32]) {
+    let eph = Ephemeral::generate(group);
     let t = Transcript {
         mode: Mode::Full,
         market: "m1".into(),
@@ -68,7 +80,7 @@ fn request(
     };
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let signature = u.key.sign(&rng, &t.preimage()).unwrap().as_ref().to_vec();
-    ExchangeRequest {
+    let req = ExchangeRequest {
         request_id: 1,
         mode: Mode::Full,
         user: name.into(),
@@ -77,7 +89,36 @@ fn request(
         time_ms,
         nonce,
         signature,
+    };
+    (req, eph, t.digest())
+}
+
+#[test]
+fn the_market_answers_in_the_requesters_group_and_both_sides_agree_on_x() {
+    let (ca, ca_key) = setup();
+    let alice = user(&ca, &ca_key, "alice");
+    let m = MarketState::new(config(&["*"]), &ca, "127.0.0.1:1".into()).unwrap();
+    let now = now_ms();
+    for (i, group) in [Group::P256, Group::X25519].into_iter().enumerate() {
+        let (req, eph, t) = request_in(group, &alice, "alice", [1; 32], now, [20 + i as u8; 16]);
+        let a = m.exchange(&req, [1; 32], now).unwrap();
+        assert_eq!(a.ephemeral.group(), group);
+        let mine = eph.x(&a.ephemeral, &t, &a.ephemeral).unwrap();
+        let (theirs, user, _) = m.session(&a.session_id, now).unwrap();
+        assert_eq!(*mine, *theirs);
+        assert_eq!(user, "alice");
     }
+    // The group is signed: the same key bytes relabelled are refused.
+    let (mut req, _, _) = request_in(Group::X25519, &alice, "alice", [1; 32], now, [30; 16]);
+    let key = req.ephemeral.as_bytes().to_vec();
+    let mut long = vec![4u8];
+    long.extend_from_slice(&key);
+    long.extend_from_slice(&key);
+    req.ephemeral = Point::new(Group::P256, &long).unwrap();
+    assert_eq!(
+        m.exchange(&req, [1; 32], now).map(|_| ()),
+        Err(ErrorCode::BadSignature)
+    );
 }
 
 #[test]

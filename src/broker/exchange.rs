@@ -11,7 +11,7 @@ use super::conn::Core;
 use super::link::Pending;
 use super::{HsmWorker, Shared};
 use crate::config::Kx;
-use crate::exchange::{self, Ephemeral, Mode, POINT_LEN, Transcript};
+use crate::exchange::{self, Ephemeral, Group, Mode, Point, Transcript};
 use crate::hsm::{HsmError, SessionKey};
 use crate::pool::PoolError;
 use crate::proto::ErrorCode;
@@ -135,7 +135,7 @@ pub async fn exchange(
     rel: &Released,
     user: &str,
     market: &str,
-    terminal_eph: Option<[u8; POINT_LEN]>,
+    terminal_eph: Option<Point>,
     xprime: &[u8; 32],
 ) -> Result<Message, ErrorCode> {
     let started = Instant::now();
@@ -157,7 +157,7 @@ pub async fn exchange(
         user: user.to_owned(),
         cert_fingerprint: rel.fingerprint,
         request_id: core.request_id(),
-        ephemeral: [0; POINT_LEN],
+        ephemeral: Point::UNSET,
         time_ms: crate::market::now_ms(),
         nonce,
         binding,
@@ -171,7 +171,7 @@ pub async fn exchange(
             (Eph::Terminal, d, sig)
         }
         (None, Kx::Software) => {
-            let e = Ephemeral::generate();
+            let e = Ephemeral::generate(Group::X25519);
             t.ephemeral = e.public;
             let (d, sig) = sign(core, key, &t).await?;
             (Eph::Software(e), d, sig)
@@ -181,10 +181,8 @@ pub async fn exchange(
             let (point, private, digest, sig) = hsm(core, "keygen_sign", move |w| {
                 let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
                 let mut tt = tt.clone();
-                tt.ephemeral = point
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| HsmError::Format("a bad EC point"))?;
+                tt.ephemeral =
+                    Point::new(Group::P256, &point).ok_or(HsmError::Format("a bad EC point"))?;
                 let digest = tt.digest();
                 let signed = w
                     .hsm
@@ -247,9 +245,14 @@ pub async fn exchange(
             .ok_or(ErrorCode::MarketInternal)?,
         Eph::Hsm(private) => {
             let peer = accepted.ephemeral;
+            if peer.group() != Group::P256 {
+                destroy_later(shared, private);
+                return Err(ErrorCode::MarketInternal);
+            }
             let input = exchange::x_input(&digest, &peer);
             let x = hsm(core, "derive", move |w| {
-                crate::hsm::ops::derive_x(&w.session, w.hsm.live(private)?, &peer, &input)
+                let private = w.hsm.live(private)?;
+                crate::hsm::ops::derive_x(&w.session, private, peer.as_bytes(), &input)
             })
             .await?;
             zeroize::Zeroizing::new(

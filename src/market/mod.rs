@@ -214,7 +214,7 @@ impl MarketState {
         }
         self.check_replay(req.nonce, now)?;
         let digest = exchange::sha256(&preimage);
-        let eph = Ephemeral::generate();
+        let eph = Ephemeral::generate(req.ephemeral.group());
         let x = eph
             .x(&req.ephemeral, &digest, &eph.public)
             .ok_or(ErrorCode::BadSignature)?;

@@ -11,7 +11,7 @@
 use super::code::ErrorCode;
 use super::market::MAX_ENDPOINT;
 use super::wire::{Put, Reader, WireError};
-use crate::exchange::{POINT_LEN, WRAPPED_LEN};
+use crate::exchange::{Point, WRAPPED_LEN};
 use thiserror::Error;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -67,10 +67,7 @@ pub enum Message {
     Exchange { market: String },
     /// Terminal → broker: partial proxy; the terminal brings its own
     /// ephemeral key and the broker only signs (type 0x06).
-    ExchangePartial {
-        market: String,
-        ephemeral: [u8; POINT_LEN],
-    },
+    ExchangePartial { market: String, ephemeral: Point },
     /// Terminal → broker: debit the wallet for a purchase (type 0x07).
     Purchase {
         market: String,
@@ -113,7 +110,7 @@ pub enum Message {
         session_id: [u8; 16],
         expiry_ms: u64,
         endpoint: String,
-        market_ephemeral: [u8; POINT_LEN],
+        market_ephemeral: Point,
         transcript: [u8; 32],
     },
     /// Broker → terminal: the purchase decision and its receipt signed by
@@ -211,7 +208,7 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         Message::Exchange { market } => out.put_bytes(market.as_bytes()),
         Message::ExchangePartial { market, ephemeral } => {
             out.put_bytes(market.as_bytes());
-            out.extend_from_slice(ephemeral);
+            ephemeral.put(out);
         }
         Message::ExchangeOk {
             session_id,
@@ -234,7 +231,7 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(session_id);
             out.put_u64(*expiry_ms);
             out.put_bytes(endpoint.as_bytes());
-            out.extend_from_slice(market_ephemeral);
+            market_ephemeral.put(out);
             out.extend_from_slice(transcript);
         }
         Message::Error { code, detail } => {
@@ -314,7 +311,7 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         },
         0x06 => Message::ExchangePartial {
             market: id_str(&mut r, "market")?,
-            ephemeral: r.array("ephemeral")?,
+            ephemeral: Point::read(&mut r, "ephemeral")?,
         },
         0x85 => Message::ExchangeOk {
             session_id: r.array("session_id")?,
@@ -326,7 +323,7 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
             session_id: r.array("session_id")?,
             expiry_ms: r.u64("expiry")?,
             endpoint: r.str(MAX_ENDPOINT, "endpoint")?.to_owned(),
-            market_ephemeral: r.array("market_ephemeral")?,
+            market_ephemeral: Point::read(&mut r, "market_ephemeral")?,
             transcript: r.array("transcript")?,
         },
         0x81 => Message::LoginOk {
@@ -465,6 +462,7 @@ impl Drop for FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::Group;
 
     fn samples() -> Vec<Frame> {
         let msgs = vec![
@@ -511,7 +509,7 @@ mod tests {
             },
             Message::ExchangePartial {
                 market: "m1".into(),
-                ephemeral: [4; 65],
+                ephemeral: Point::new(Group::X25519, &[4; 32]).unwrap(),
             },
             Message::ExchangeOk {
                 session_id: [1; 16],
@@ -523,7 +521,7 @@ mod tests {
                 session_id: [1; 16],
                 expiry_ms: 77,
                 endpoint: "127.0.0.1:9".into(),
-                market_ephemeral: [3; 65],
+                market_ephemeral: Point::new(Group::P256, &[3; 65]).unwrap(),
                 transcript: [5; 32],
             },
             Message::error(ErrorCode::Locked, "card locked"),

@@ -11,7 +11,7 @@
 
 use super::code::ErrorCode;
 use super::wire::{Put, Reader, WireError};
-use crate::exchange::{Mode, POINT_LEN};
+use crate::exchange::{Mode, Point};
 
 pub const TYPE_REQUESTS: u8 = 0x10;
 pub const TYPE_REPLIES: u8 = 0x90;
@@ -30,7 +30,7 @@ pub struct ExchangeRequest {
     pub user: String,
     /// DER of the user's certificate, issued by the user CA.
     pub user_cert: Vec<u8>,
-    pub ephemeral: [u8; POINT_LEN],
+    pub ephemeral: Point,
     pub time_ms: u64,
     pub nonce: [u8; 16],
     /// ECDSA P-256 (DER) over the transcript, by the user's home-card key.
@@ -40,7 +40,7 @@ pub struct ExchangeRequest {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accepted {
     pub session_id: [u8; 16],
-    pub ephemeral: [u8; POINT_LEN],
+    pub ephemeral: Point,
     pub expiry_ms: u64,
     /// Where the terminal opens the direct channel.
     pub endpoint: String,
@@ -75,7 +75,7 @@ pub fn encode_requests<'a>(
         out.put_u8(r.mode as u8);
         out.put_bytes(r.user.as_bytes());
         out.put_bytes(&r.user_cert);
-        out.extend_from_slice(&r.ephemeral);
+        r.ephemeral.put(out);
         out.put_u64(r.time_ms);
         out.extend_from_slice(&r.nonce);
         out.put_bytes(&r.signature);
@@ -91,7 +91,7 @@ pub fn encode_replies(replies: &[ExchangeReply], out: &mut Vec<u8>) {
             Ok(a) => {
                 out.put_u16(0);
                 out.extend_from_slice(&a.session_id);
-                out.extend_from_slice(&a.ephemeral);
+                a.ephemeral.put(out);
                 out.put_u64(a.expiry_ms);
                 out.put_bytes(a.endpoint.as_bytes());
             }
@@ -122,7 +122,7 @@ pub fn decode_requests(frame: &[u8]) -> Result<Vec<ExchangeRequest>, WireError> 
         let mode = Mode::from_u8(r.u8("mode")?).ok_or(WireError::Invalid("mode"))?;
         let user = r.str(super::access::MAX_USER, "user")?.to_owned();
         let user_cert = r.bytes(MAX_CERT, "user_cert")?.to_vec();
-        let ephemeral = r.array("ephemeral")?;
+        let ephemeral = Point::read(&mut r, "ephemeral")?;
         let time_ms = r.u64("time")?;
         let nonce = r.array("nonce")?;
         let signature = r.bytes(MAX_SIGNATURE, "signature")?.to_vec();
@@ -150,7 +150,7 @@ pub fn decode_replies(frame: &[u8]) -> Result<Vec<ExchangeReply>, WireError> {
         let result = if status == 0 {
             Ok(Accepted {
                 session_id: r.array("session_id")?,
-                ephemeral: r.array("ephemeral")?,
+                ephemeral: Point::read(&mut r, "ephemeral")?,
                 expiry_ms: r.u64("expiry")?,
                 endpoint: r.str(MAX_ENDPOINT, "endpoint")?.to_owned(),
             })
@@ -209,7 +209,7 @@ mod tests {
             mode: Mode::Full,
             user: "alice".into(),
             user_cert: vec![1, 2, 3],
-            ephemeral: [4; 65],
+            ephemeral: Point::new(crate::exchange::Group::X25519, &[4; 32]).unwrap(),
             time_ms: 99,
             nonce: [5; 16],
             signature: vec![6; 70],
@@ -224,7 +224,7 @@ mod tests {
                 request_id: 1,
                 result: Ok(Accepted {
                     session_id: [7; 16],
-                    ephemeral: [8; 65],
+                    ephemeral: Point::new(crate::exchange::Group::P256, &[8; 65]).unwrap(),
                     expiry_ms: 1000,
                     endpoint: "127.0.0.1:1".into(),
                 }),

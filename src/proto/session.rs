@@ -17,7 +17,7 @@
 
 use super::access::{Frame, Message, Password};
 use super::code::ErrorCode;
-use crate::exchange::POINT_LEN;
+use crate::exchange::Point;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {
@@ -55,7 +55,7 @@ pub enum Action {
         id: u32,
         user: String,
         market: String,
-        ephemeral: Option<[u8; POINT_LEN]>,
+        ephemeral: Option<Point>,
     },
     /// A wallet operation for the user (purchase, cancel and top-up need
     /// the release; balance only the login), then call

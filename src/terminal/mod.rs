@@ -15,7 +15,7 @@ pub mod direct;
 
 pub use direct::{Brokered, Direct};
 
-use crate::exchange::Ephemeral;
+use crate::exchange::{Ephemeral, Group};
 use crate::proto::access::{self, Frame, FrameDecoder, Message, Password};
 use crate::proto::{ErrorCode, XPRIME_LABEL, XPRIME_LEN};
 use anyhow::Context;
@@ -310,7 +310,7 @@ impl Terminal {
     /// Partial proxy (claim 8): this terminal makes the ephemeral key and the
     /// ECDH; the broker only signs the transcript, so it never learns X.
     pub fn exchange_partial(&mut self, market: &str) -> Result<Brokered, TerminalError> {
-        let eph = Ephemeral::generate();
+        let eph = Ephemeral::generate(Group::X25519);
         match self.call(Message::ExchangePartial {
             market: market.into(),
             ephemeral: eph.public,
