@@ -203,11 +203,18 @@ impl SessionArgs {
         let p1 = read_secret(&self.access_password_file, stdin)?;
         let p2 = read_secret(&self.release_password_file, stdin)?;
         let tc = TerminalConfig::load(&self.dir)?;
-        let mut t =
-            Terminal::connect(self.broker, &tc, Duration::from_secs(10)).context("connecting")?;
-        t.login(&self.user, p1.as_bytes()).context("login")?;
+        // Login and Release leave in one flight; the broker's key
+        // confirmation is checked before this returns.
+        let t = Terminal::connect_and_release(
+            self.broker,
+            &tc,
+            Duration::from_secs(10),
+            &self.user,
+            p1.as_bytes(),
+            p2.as_bytes(),
+        )
+        .context("connect, login and release")?;
         println!("logged in as {}; X' confirmed by the broker", self.user);
-        t.release(p2.as_bytes()).context("release")?;
         println!(
             "released: the broker may act for {} in this session",
             self.user

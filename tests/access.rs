@@ -75,6 +75,42 @@ fn wrong_password_is_typed_and_session_continues() {
 }
 
 #[test]
+fn login_and_release_in_one_flight() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let (p1, p2) = pw("alice");
+    let one = |first: &str, second: &str| {
+        Terminal::connect_and_release(
+            b.addr,
+            &alice,
+            TIMEOUT,
+            "alice",
+            first.as_bytes(),
+            second.as_bytes(),
+        )
+    };
+    // Both answers arrive, in order, and the session is released.
+    let mut t = one(&p1, &p2).unwrap();
+    t.ping().unwrap();
+    assert_ne!(t.xprime(), &[0u8; 32]);
+    t.logout().unwrap();
+    // A refused login refuses the pipelined release without checking its
+    // password: the first refusal is what the terminal sees.
+    assert_eq!(
+        refused(one("nope", &p2).map(drop)),
+        ErrorCode::WrongPassword
+    );
+    // A wrong second password is refused after a good login.
+    assert_eq!(
+        refused(one(&p1, "nope").map(drop)),
+        ErrorCode::WrongPassword
+    );
+    // Two failures so far; the right pair still works.
+    one(&p1, &p2).unwrap().logout().unwrap();
+}
+
+#[test]
 fn unknown_user_and_release_before_login() {
     let env = Env::new("");
     let alice = env.user("alice");

@@ -36,16 +36,22 @@ fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |err| format!("{what}: {err}")
 }
 
-/// Connects, logs in and releases (a full session set-up).
+/// Connects, logs in and releases (a full session set-up), Login and
+/// Release in one flight as the bundled terminal sends them.
 pub fn released(
     addr: SocketAddr,
     t: &TerminalInfo,
     tc: &TerminalConfig,
 ) -> Result<Terminal, String> {
-    let mut term = Terminal::connect_and_login(addr, tc, TIMEOUT, &t.user, t.first.as_bytes())
-        .map_err(e("connect and login"))?;
-    term.release(t.second.as_bytes()).map_err(e("release"))?;
-    Ok(term)
+    Terminal::connect_and_release(
+        addr,
+        tc,
+        TIMEOUT,
+        &t.user,
+        t.first.as_bytes(),
+        t.second.as_bytes(),
+    )
+    .map_err(e("connect, login and release"))
 }
 
 /// `connect`: a new session each time: full TLS handshake with the client

@@ -108,11 +108,28 @@ struct Conn {
     released: Option<Released>,
     /// The terminal's address (from the PROXY header behind HAProxy).
     peer: Option<std::net::SocketAddr>,
+    /// More frames of a pipelined burst wait behind the one being handled:
+    /// its answer is held and leaves with the burst's last one.
+    hold: bool,
+    /// Answers held and not yet sent.
+    held: bool,
 }
 
 impl Conn {
     async fn send(&mut self, frame: &Frame) -> bool {
-        self.queue(frame) && self.io.flush().await.is_ok()
+        if !self.queue(frame) {
+            return false;
+        }
+        if self.hold {
+            self.held = true;
+            return true;
+        }
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> bool {
+        self.held = false;
+        self.io.flush().await.is_ok()
     }
 
     /// Encrypts `frame` without sending it yet: a last frame leaves with
@@ -198,6 +215,8 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         xprime,
         peer,
         released: None,
+        hold: false,
+        held: false,
     };
     let mut buf = vec![0u8; 4096];
     // When the first byte of a still-incomplete frame arrived: a frame must
@@ -208,13 +227,19 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
+                    c.hold = decoder.ready();
                     let action = session.handle(frame);
                     if !perform(core, &mut session, &mut c, action).await {
                         c.io.close().await;
                         return;
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if c.held && !c.flush().await {
+                        return;
+                    }
+                    break;
+                }
                 Err(e) => {
                     let code = e.code();
                     c.queue(&Frame {

@@ -418,6 +418,17 @@ impl FrameDecoder {
         self.buf.len() - self.start
     }
 
+    /// Whether [`FrameDecoder::next_frame`] would return something now: a
+    /// complete frame, or an error.
+    pub fn ready(&self) -> bool {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return false;
+        }
+        let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        len > self.max_frame || len < HEADER - 4 || avail.len() >= 4 + len
+    }
+
     /// The next complete frame, `None` if more bytes are needed. A
     /// [`FrameError`] is final: the stream cannot be resynchronised.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
@@ -542,7 +553,13 @@ mod tests {
         let mut got = Vec::new();
         for b in &wire {
             dec.push(std::slice::from_ref(b));
-            while let Some(f) = dec.next_frame().unwrap() {
+            loop {
+                let ready = dec.ready();
+                let Some(f) = dec.next_frame().unwrap() else {
+                    assert!(!ready);
+                    break;
+                };
+                assert!(ready);
                 got.push(f);
             }
         }
@@ -573,6 +590,7 @@ mod tests {
     fn oversized_frame_is_refused_before_buffering() {
         let mut dec = FrameDecoder::new(100);
         dec.push(&1000u32.to_be_bytes());
+        assert!(dec.ready(), "an error to report is ready too");
         assert_eq!(
             dec.next_frame(),
             Err(FrameError::TooLarge {

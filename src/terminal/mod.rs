@@ -236,11 +236,21 @@ impl Terminal {
     /// Sends one message and waits for its answer; typed errors become
     /// [`TerminalError::Refused`].
     pub fn call(&mut self, msg: Message) -> Result<Message, TerminalError> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let mut out = Vec::new();
+        let id = self.take_id();
+        let mut out = zeroize::Zeroizing::new(Vec::new());
         access::encode(&Frame { id, msg }, &mut out);
         self.send_raw(&out)?;
+        self.answer(id)
+    }
+
+    fn take_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    /// The next frame, which must answer request `id`.
+    fn answer(&mut self, id: u32) -> Result<Message, TerminalError> {
         let reply = self.recv()?;
         match reply.msg {
             Message::Error { code, detail } => Err(TerminalError::Refused { code, detail }),
@@ -254,10 +264,15 @@ impl Terminal {
 
     /// Login with the first password; checks the broker's key confirmation.
     pub fn login(&mut self, user: &str, password: &[u8]) -> Result<(), TerminalError> {
-        match self.call(Message::Login {
+        let answer = self.call(Message::Login {
             user: user.into(),
             password: Password::new(password.to_vec()),
-        })? {
+        })?;
+        self.logged_in(answer)
+    }
+
+    fn logged_in(&self, answer: Message) -> Result<(), TerminalError> {
+        match answer {
             Message::LoginOk { confirm } => {
                 if crate::crypto::ct_eq(&confirm, &crate::crypto::confirm(&*self.xprime)) {
                     Ok(())
@@ -267,6 +282,56 @@ impl Terminal {
                     ))
                 }
             }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Opens a session and releases it in one flight: the TLS Finished,
+    /// Login and Release leave together and the broker answers both at
+    /// once, one round trip fewer than [`Terminal::connect_and_login`] then
+    /// [`Terminal::release`]. The second password travels before the
+    /// broker's key confirmation arrives, inside the same server-authenticated
+    /// TLS session as the first; the confirmation is still checked before
+    /// this returns. A refused login refuses the release too
+    /// (`not_logged_in`), without checking its password.
+    pub fn connect_and_release(
+        addr: SocketAddr,
+        cfg: &TerminalConfig,
+        timeout: Duration,
+        user: &str,
+        first: &[u8],
+        second: &[u8],
+    ) -> Result<Self, TerminalError> {
+        let mut t = Self::open(addr, cfg, timeout)?;
+        let login = t.take_id();
+        let release = t.take_id();
+        let mut out = zeroize::Zeroizing::new(Vec::new());
+        let login_msg = Message::Login {
+            user: user.into(),
+            password: Password::new(first.to_vec()),
+        };
+        access::encode(
+            &Frame {
+                id: login,
+                msg: login_msg,
+            },
+            &mut out,
+        );
+        let release_msg = Message::Release {
+            password: Password::new(second.to_vec()),
+        };
+        access::encode(
+            &Frame {
+                id: release,
+                msg: release_msg,
+            },
+            &mut out,
+        );
+        t.send_raw(&out)?;
+        let answer = t.answer(login)?;
+        t.logged_in(answer)?;
+        match t.answer(release)? {
+            Message::ReleaseOk => Ok(t),
             other => Err(unexpected(other)),
         }
     }
