@@ -1,36 +1,35 @@
-//! What a released home-card key is in the HSM (real SoftHSM token): it
-//! signs, and nothing can read or export it.
+//! What a released home-card key and an exchange's ephemeral key are in the
+//! HSM (real SoftHSM token): each does its one job, and nothing can read or
+//! export it.
 
 mod common;
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType};
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki::session::Session;
+use keybroker::exchange::{Ephemeral, Group, Point};
 use keybroker::hsm::ops;
 
-#[test]
-fn a_released_key_signs_and_cannot_be_read_or_exported() {
-    let hsm = common::shared_hsm();
-    let keys = hsm.key_handles().unwrap();
-    let s = hsm.session().unwrap();
-    let (point, wrapped) = ops::generate_wrapped_user_key(&s, keys.master_wrap).unwrap();
-    let key = ops::unwrap_user_key(&s, keys.master_wrap, &wrapped).unwrap();
+const FLAGS: [AttributeType; 8] = [
+    AttributeType::Token,
+    AttributeType::Sensitive,
+    AttributeType::Extractable,
+    AttributeType::Sign,
+    AttributeType::Derive,
+    AttributeType::Decrypt,
+    AttributeType::Unwrap,
+    AttributeType::Value,
+];
 
-    let attrs = s
-        .get_attributes(
-            key,
-            &[
-                AttributeType::Token,
-                AttributeType::Sensitive,
-                AttributeType::Extractable,
-                AttributeType::Sign,
-                AttributeType::Derive,
-                AttributeType::Decrypt,
-                AttributeType::Unwrap,
-                AttributeType::Value,
-            ],
-        )
-        .unwrap();
-    let flag = |want: AttributeType| {
+/// The key's boolean attributes among [`FLAGS`]; panics if its value is
+/// readable.
+fn flags(s: &Session, key: ObjectHandle) -> impl Fn(AttributeType) -> Option<bool> {
+    let attrs = s.get_attributes(key, &FLAGS).unwrap();
+    assert!(
+        !attrs.iter().any(|a| matches!(a, Attribute::Value(_))),
+        "the private value is never returned"
+    );
+    move |want| {
         attrs.iter().find_map(|a| match (a, want) {
             (Attribute::Token(v), AttributeType::Token)
             | (Attribute::Sensitive(v), AttributeType::Sensitive)
@@ -41,22 +40,37 @@ fn a_released_key_signs_and_cannot_be_read_or_exported() {
             | (Attribute::Unwrap(v), AttributeType::Unwrap) => Some(*v),
             _ => None,
         })
-    };
+    }
+}
+
+/// Asserts a sensitive, non-extractable session key whose only use is `only`.
+fn assert_only(s: &Session, key: ObjectHandle, only: AttributeType) {
+    let flag = flags(s, key);
     assert_eq!(flag(AttributeType::Token), Some(false), "a session object");
     assert_eq!(flag(AttributeType::Sensitive), Some(true));
     assert_eq!(flag(AttributeType::Extractable), Some(false));
-    assert_eq!(flag(AttributeType::Sign), Some(true));
+    assert_eq!(flag(only), Some(true));
     for other in [
+        AttributeType::Sign,
         AttributeType::Derive,
         AttributeType::Decrypt,
         AttributeType::Unwrap,
     ] {
-        assert_ne!(flag(other), Some(true), "{other:?}: it may only sign");
+        if other != only {
+            assert_ne!(flag(other), Some(true), "{other:?}: it may only {only:?}");
+        }
     }
-    assert!(
-        !attrs.iter().any(|a| matches!(a, Attribute::Value(_))),
-        "the private value is never returned"
-    );
+}
+
+#[test]
+fn a_released_key_signs_and_cannot_be_read_or_exported() {
+    let hsm = common::shared_hsm();
+    let keys = hsm.key_handles().unwrap();
+    let s = hsm.session().unwrap();
+    let (point, wrapped) = ops::generate_wrapped_user_key(&s, keys.master_wrap).unwrap();
+    let key = ops::unwrap_user_key(&s, keys.master_wrap, &wrapped).unwrap();
+
+    assert_only(&s, key, AttributeType::Sign);
     assert!(
         s.wrap_key(&Mechanism::AesKeyWrapPad, keys.master_wrap, key)
             .is_err(),
@@ -67,4 +81,31 @@ fn a_released_key_signs_and_cannot_be_read_or_exported() {
     let sig = ops::sign_p256(&s, key, msg).unwrap();
     assert!(keybroker::exchange::verify_signature(&point, msg, &sig));
     ops::destroy(&s, key).unwrap();
+}
+
+#[test]
+fn an_ephemeral_exchange_key_only_derives_and_agrees_with_software() {
+    let hsm = common::shared_hsm();
+    let keys = hsm.key_handles().unwrap();
+    let s = hsm.session().unwrap();
+    let (point, private) = ops::generate_ephemeral(&s).unwrap();
+    assert_only(&s, private, AttributeType::Derive);
+    assert!(
+        s.wrap_key(&Mechanism::AesKeyWrapPad, keys.master_wrap, private)
+            .is_err(),
+        "not even wrapped under the master key"
+    );
+    assert!(
+        ops::sign_digest_p256(&s, private, &[1; 32]).is_err(),
+        "it cannot sign"
+    );
+
+    // X from the HSM's ECDH equals X from the market's side in software.
+    let mine = Point::new(Group::P256, &point).unwrap();
+    let market = Ephemeral::generate(Group::P256);
+    let t = [3u8; 32];
+    let input = keybroker::exchange::x_input(&t, &market.public);
+    let x = ops::derive_x(&s, private, market.public.as_bytes(), &input).unwrap();
+    let theirs = market.x(&mine, &t, &market.public).unwrap();
+    assert_eq!(x.as_slice(), &theirs[..]);
 }

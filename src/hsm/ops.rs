@@ -218,7 +218,8 @@ pub fn unwrap_user_key(
 }
 
 /// An ephemeral P-256 key pair for ECDH, as session objects. Returns the
-/// public point and the private handle; the public object is gone already.
+/// public point and the private handle, which may only derive; the public
+/// object is gone already.
 /// `CKA_PRIVATE = false` keeps SoftHSM off its global lock.
 pub fn generate_ephemeral(s: &Session) -> HsmResult<(Vec<u8>, ObjectHandle)> {
     let (public, private) = ec_pair(
@@ -234,6 +235,10 @@ pub fn generate_ephemeral(s: &Session) -> HsmResult<(Vec<u8>, ObjectHandle)> {
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Derive(true),
+            // SoftHSM turns these on unless told: the key only derives.
+            Attribute::Sign(false),
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
         ],
     )?;
     let point = point_of(s, public);
