@@ -212,6 +212,36 @@ fn direct_channel_refuses_bad_sessions_and_records() {
         Some(ErrorCode::BadRecord)
     );
 
+    // Hello and a first record in one flight: refused sessions and bad
+    // records are typed the same way, and the market's held HelloOk comes
+    // before its alert.
+    match Direct::open(&wrong, TIMEOUT, b"pay 10") {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::UnknownSession)),
+        Ok(_) => panic!("unknown session accepted"),
+    }
+    let other_key = Brokered {
+        session_id: good.session_id,
+        x: other.x.clone(),
+        endpoint: good.endpoint.clone(),
+        expiry_ms: good.expiry_ms,
+    };
+    match Direct::open(&other_key, TIMEOUT, b"pay 10") {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::BadRecord)),
+        Ok(_) => panic!("a record under another X accepted"),
+    }
+    let (mut d, answer) = Direct::open(&good, TIMEOUT, b"order 0").unwrap();
+    assert!(
+        String::from_utf8(answer)
+            .unwrap()
+            .contains("to alice: order 0")
+    );
+    let answer = d.request(b"order 1").unwrap();
+    assert!(
+        String::from_utf8(answer)
+            .unwrap()
+            .contains("to alice: order 1")
+    );
+
     // The good session still works.
     direct_round_trip(&good, "alice");
 }

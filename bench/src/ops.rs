@@ -153,8 +153,7 @@ impl Session {
                 return Err(format!("exchange: {err}"));
             }
         };
-        let mut d = Direct::connect(&b, TIMEOUT).map_err(e("direct connect"))?;
-        let reply = d.request(b"bench quote").map_err(e("direct request"))?;
+        let (_, reply) = Direct::open(&b, TIMEOUT, b"bench quote").map_err(e("direct request"))?;
         if reply.is_empty() {
             return Err("empty direct reply".into());
         }

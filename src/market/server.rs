@@ -210,12 +210,15 @@ async fn write(sock: &mut TcpStream, out: Vec<u8>) -> Option<Vec<u8>> {
     r.ok().map(|()| out)
 }
 
-async fn alert(sock: &mut TcpStream, code: ErrorCode) {
-    let mut out = Vec::new();
+/// Sends `out` (answers held so far) with an alert after it; the channel
+/// then ends.
+async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, code: ErrorCode) {
     direct::frame(direct::ALERT, &(code as u16).to_be_bytes(), &mut out);
     let _ = write(sock, out).await;
 }
 
+/// The answers to frames that arrived together (a terminal may send its
+/// first record right behind Hello) leave together, in one write.
 async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
     let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
     let mut dec = Decoder::default();
@@ -227,40 +230,44 @@ async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
             let (ty, payload) = match dec.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return alert(&mut sock, e.code()).await,
+                Err(e) => return alert(&mut sock, out, e.code()).await,
             };
-            out.clear();
             match (ty, &mut channel) {
                 (direct::HELLO, None) => {
                     let Ok(sid) = <[u8; 16]>::try_from(&payload[..]) else {
-                        return alert(&mut sock, ErrorCode::Malformed).await;
+                        return alert(&mut sock, out, ErrorCode::Malformed).await;
                     };
                     match state.session(&sid, now_ms()) {
                         Ok((x, user, expiry)) => {
                             channel = Some((Channel::new(&x, sid, Role::Market), user, expiry));
                             direct::frame(direct::HELLO_OK, &[], &mut out);
                         }
-                        Err(code) => return alert(&mut sock, code).await,
+                        Err(code) => return alert(&mut sock, out, code).await,
                     }
                 }
                 (direct::RECORD, Some((ch, user, expiry))) => {
                     if now_ms() >= *expiry {
-                        return alert(&mut sock, ErrorCode::SessionExpired).await;
+                        return alert(&mut sock, out, ErrorCode::SessionExpired).await;
                     }
                     let request = match ch.open(&payload) {
                         Ok(p) => p,
                         Err(e) => {
                             tracing::info!(user = %user, error = %e, "direct record refused");
-                            return alert(&mut sock, e.code()).await;
+                            return alert(&mut sock, out, e.code()).await;
                         }
                     };
                     let answer = answer(state, user, &request);
                     ch.seal(&answer, &mut out);
                 }
-                _ => return alert(&mut sock, ErrorCode::Unexpected).await,
+                _ => return alert(&mut sock, out, ErrorCode::Unexpected).await,
             }
+        }
+        if !out.is_empty() {
             match write(&mut sock, std::mem::take(&mut out)).await {
-                Some(o) => out = o,
+                Some(mut o) => {
+                    o.clear();
+                    out = o;
+                }
                 None => return,
             }
         }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! Brokered{session id, X, endpoint} ─► TCP ─► Hello ─► HelloOk ─► Record ⇄ Record
+//!                                     (or Hello ‖ Record ─► HelloOk ‖ Record, one flight)
 //! ```
 
 use super::TerminalError;
@@ -53,6 +54,36 @@ fn refused(payload: &[u8]) -> TerminalError {
 impl Direct {
     /// Connects to the market and names the session.
     pub fn connect(b: &Brokered, timeout: Duration) -> Result<Self, TerminalError> {
+        let mut d = Self::dial(b, timeout)?;
+        let mut hello = Vec::new();
+        direct::frame(direct::HELLO, &b.session_id, &mut hello);
+        d.sock.write_all(&hello)?;
+        d.hello_answer()?;
+        Ok(d)
+    }
+
+    /// Connects, names the session and sends the first request in the same
+    /// flight; returns the channel and the market's answer. One round trip
+    /// fewer than [`Direct::connect`] then [`Direct::request`]: the market
+    /// answers Hello and the request in one write. The request is sealed
+    /// under X before the market has accepted the session; if it refuses,
+    /// the record is dropped unread.
+    pub fn open(
+        b: &Brokered,
+        timeout: Duration,
+        request: &[u8],
+    ) -> Result<(Self, Vec<u8>), TerminalError> {
+        let mut d = Self::dial(b, timeout)?;
+        let mut flight = Vec::with_capacity(64 + request.len());
+        direct::frame(direct::HELLO, &b.session_id, &mut flight);
+        d.channel.seal(request, &mut flight);
+        d.sock.write_all(&flight)?;
+        d.hello_answer()?;
+        let answer = d.receive()?;
+        Ok((d, answer))
+    }
+
+    fn dial(b: &Brokered, timeout: Duration) -> Result<Self, TerminalError> {
         let addr = b
             .endpoint
             .to_socket_addrs()?
@@ -62,16 +93,16 @@ impl Direct {
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
         sock.set_nodelay(true)?;
-        let mut d = Self {
+        Ok(Self {
             sock,
             channel: Channel::new(&b.x, b.session_id, Role::Terminal),
             decoder: Decoder::default(),
-        };
-        let mut hello = Vec::new();
-        direct::frame(direct::HELLO, &b.session_id, &mut hello);
-        d.sock.write_all(&hello)?;
-        match d.next()? {
-            (direct::HELLO_OK, _) => Ok(d),
+        })
+    }
+
+    fn hello_answer(&mut self) -> Result<(), TerminalError> {
+        match self.next()? {
+            (direct::HELLO_OK, _) => Ok(()),
             (direct::ALERT, p) => Err(refused(&p)),
             _ => Err(TerminalError::Protocol("unexpected answer to hello".into())),
         }
