@@ -448,8 +448,8 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
                 hex::encode(b.session_id),
                 b.endpoint
             );
-            let mut d = Direct::connect(&b, Duration::from_secs(10)).context("direct channel")?;
-            let answer = d.request(request.as_bytes()).context("direct request")?;
+            let (_, answer) = Direct::open(&b, Duration::from_secs(10), request.as_bytes())
+                .context("direct request")?;
             println!("market answered: {}", String::from_utf8_lossy(&answer));
             t.logout()?;
         }
