@@ -189,17 +189,20 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
         .expect("32 bytes")
 }
 
-/// The HMAC input that turns Z into X.
+/// The parts of the HMAC input that turns Z into X, one list for the HSM's
+/// input and the software HMAC so both give the same X.
+fn x_parts<'a>(t: &'a [u8; 32], market_ephemeral: &'a Point) -> [&'a [u8]; 3] {
+    [X_LABEL, t, market_ephemeral.as_bytes()]
+}
+
+/// The HMAC input that turns Z into X, for the HSM's `SHA256_HMAC`.
 pub fn x_input(t: &[u8; 32], market_ephemeral: &Point) -> Vec<u8> {
-    [X_LABEL, t, market_ephemeral.as_bytes()].concat()
+    x_parts(t, market_ephemeral).concat()
 }
 
 /// X from a shared secret Z computed in software.
 pub fn derive_x(z: &[u8], t: &[u8; 32], market_ephemeral: &Point) -> Zeroizing<[u8; 32]> {
-    Zeroizing::new(crate::crypto::hmac_sha256(
-        z,
-        &[X_LABEL, t, market_ephemeral.as_bytes()],
-    ))
+    Zeroizing::new(crate::crypto::hmac_sha256(z, &x_parts(t, market_ephemeral)))
 }
 
 /// An ephemeral key in process (aws-lc-rs).

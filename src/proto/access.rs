@@ -418,25 +418,26 @@ impl FrameDecoder {
         self.buf.len() - self.start
     }
 
+    /// The next frame's length field, once its 4 bytes have arrived.
+    fn next_len(&self) -> Option<usize> {
+        let head = self.buf.get(self.start..self.start + 4)?;
+        Some(u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize)
+    }
+
     /// Whether [`FrameDecoder::next_frame`] would return something now: a
     /// complete frame, or an error.
     pub fn ready(&self) -> bool {
-        let avail = &self.buf[self.start..];
-        if avail.len() < 4 {
-            return false;
-        }
-        let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
-        len > self.max_frame || len < HEADER - 4 || avail.len() >= 4 + len
+        self.next_len().is_some_and(|len| {
+            len > self.max_frame || len < HEADER - 4 || self.pending() >= 4 + len
+        })
     }
 
     /// The next complete frame, `None` if more bytes are needed. A
     /// [`FrameError`] is final: the stream cannot be resynchronised.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        let avail = &self.buf[self.start..];
-        if avail.len() < 4 {
+        let Some(len) = self.next_len() else {
             return Ok(None);
-        }
-        let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        };
         if len > self.max_frame {
             return Err(FrameError::TooLarge {
                 len,
@@ -446,9 +447,10 @@ impl FrameDecoder {
         if len < HEADER - 4 {
             return Err(WireError::Truncated("header").into());
         }
-        if avail.len() < 4 + len {
+        if self.pending() < 4 + len {
             return Ok(None);
         }
+        let avail = &self.buf[self.start..];
         let frame = decode_body(&avail[4..4 + len]);
         // The frame may carry a password: its bytes do not outlive it.
         self.buf[self.start..self.start + 4 + len].zeroize();
