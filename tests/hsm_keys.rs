@@ -109,3 +109,35 @@ fn an_ephemeral_exchange_key_only_derives_and_agrees_with_software() {
     let theirs = market.x(&mine, &t, &market.public).unwrap();
     assert_eq!(x.as_slice(), &theirs[..]);
 }
+
+#[test]
+fn the_module_locks_with_our_mutexes_under_concurrent_signing() {
+    let hsm = common::shared_hsm();
+    assert!(
+        keybroker::hsm::locks::made() > 0,
+        "SoftHSM made its mutexes through our callbacks"
+    );
+    let keys = hsm.key_handles().unwrap();
+    let s = hsm.session().unwrap();
+    let (point, wrapped) = ops::generate_wrapped_user_key(&s, keys.master_wrap).unwrap();
+    let key = ops::unwrap_user_key(&s, keys.master_wrap, &wrapped).unwrap();
+    // Four threads, each in its own session, sign with the one shared key
+    // and make and destroy session objects: SoftHSM's session table and
+    // the key's object are contended on our mutexes.
+    std::thread::scope(|scope| {
+        for i in 0..4u8 {
+            let (hsm, point) = (&hsm, &point);
+            scope.spawn(move || {
+                let s = hsm.session().unwrap();
+                for n in 0..150u8 {
+                    let msg = [i, n];
+                    let sig = ops::sign_p256(&s, key, &msg).unwrap();
+                    assert!(keybroker::exchange::verify_signature(point, &msg, &sig));
+                    let (_, private) = ops::generate_ephemeral(&s).unwrap();
+                    ops::destroy(&s, private).unwrap();
+                }
+            });
+        }
+    });
+    ops::destroy(&s, key).unwrap();
+}

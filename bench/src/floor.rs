@@ -6,7 +6,7 @@
 //! middle five batches relative to it.
 
 use anyhow::{Context, Result};
-use cpu_time::ThreadTime;
+use cpu_time::{ProcessTime, ThreadTime};
 use keybroker::broker::tls::{RotatingCert, provider, server_config};
 use keybroker::exchange::{self, Ephemeral, Group};
 use keybroker::hsm::{Hsm, ops};
@@ -15,6 +15,7 @@ use keybroker::terminal::TerminalConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::{ClientConnection, RootCertStore, ServerConnection};
 use serde_json::{Value, json};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,6 +134,35 @@ fn handshake(
     s.export_keying_material(&mut xp, keybroker::proto::XPRIME_LABEL, None)?;
     cpu += t.elapsed();
     Ok(cpu)
+}
+
+/// What one thread waking another costs here, in CPU per wake-up: two
+/// threads pass a byte back and forth over two pipes, wherever the
+/// scheduler puts them. No floor counts it, but every hop between the
+/// terminal, the broker and the market pays one or two wake-ups when the
+/// other side sleeps, and on a VM whose idle CPUs halt each is dear
+/// (docs/BENCH.md, "Wake-ups").
+fn wakeup(batch_ms: u64) -> Result<Item> {
+    let (mut ping_r, mut ping_w) = std::io::pipe()?;
+    let (mut pong_r, mut pong_w) = std::io::pipe()?;
+    let peer = std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        while matches!(ping_r.read(&mut b), Ok(1)) {
+            if pong_w.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut b = [0u8; 1];
+    let item = measure(batch_ms, || {
+        let t = ProcessTime::now();
+        ping_w.write_all(b"x").expect("ping");
+        pong_r.read_exact(&mut b).expect("pong");
+        Some(t.elapsed() / 2)
+    });
+    drop(ping_w);
+    let _ = peer.join();
+    Ok(item)
 }
 
 /// Runs every floor item against the bench's data dir and returns JSON.
@@ -256,6 +286,8 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
         Some(handshake(&resume_client, &server, true).expect("resumed handshake"))
     });
 
+    let wake = wakeup(batch_ms)?;
+
     let sw = sign.us + ecdh_sw.us + wrap.us;
     let hw = sign.us + ecdh_hsm.us + wrap.us;
     // The user's key is unwrapped once per user, not per session (a user's
@@ -277,6 +309,7 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
             "market_verify_ecdh_x25519_hmac": item_json(&market),
             "terminal_unwrap_hkdf_seal": item_json(&terminal),
             "argon2id_password_check": item_json(&argon),
+            "thread_wakeup_process_cpu": item_json(&wake),
         },
         "floors": {
             "exchange_software": per(sw, "hsm_sign_user_key + ecdh_software_x25519_keygen_agree_hmac + wrap_x_aes_kwp"),

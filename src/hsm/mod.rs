@@ -11,6 +11,7 @@
 //! session objects it owns) alive; it is never used for work after start.
 //! Every error names the PKCS#11 function that failed.
 
+pub mod locks;
 pub mod ops;
 pub mod signer;
 
@@ -175,6 +176,7 @@ fn login(s: &Session, pin: &AuthPin) -> HsmResult<()> {
 }
 
 fn load_module(path: &Path) -> HsmResult<Pkcs11> {
+    locks::initialize(path)?;
     let ctx = Pkcs11::new(path).op("C_GetFunctionList (load module)")?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         // A second Hsm in the same process (the demo runs two brokers).
