@@ -187,6 +187,10 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Core threads, each with its own io_uring and listener. 0 = one per CPU.
     pub cores: usize,
+    /// Pin core i to CPU i and steer each connection to the core of the CPU
+    /// that took its SYN, when the process may run on exactly CPUs
+    /// 0..cores-1 (`net::cores`). Default true.
+    pub pin_cores: bool,
     /// Connections held per core before new ones are closed. Default 20000.
     pub max_connections_per_core: usize,
     /// Largest access-channel frame, bytes. 64..=1 MiB; default 16 KiB.
@@ -259,6 +263,7 @@ impl Default for BrokerConfig {
         Self {
             listen: "127.0.0.1:7443".parse().expect("valid default"),
             cores: 0,
+            pin_cores: true,
             max_connections_per_core: 20_000,
             max_frame: crate::proto::access::DEFAULT_MAX_FRAME,
             handshake_timeout_ms: 5_000,

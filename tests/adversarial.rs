@@ -124,9 +124,12 @@ fn connection_flood_is_refused_and_memory_stays_bounded() {
         after < before + 32 * 1024,
         "RSS grew from {before} to {after} KiB"
     );
-    // Once the flood is gone, sessions up to the limit are served.
+    // Once the flood is gone, sessions up to the limit are served. The
+    // kernel steers a connection to the core of the CPU it came from
+    // (`net::cores`), so one client thread may fill a single core: 7 held
+    // and the release below stay within one core's 8.
     std::thread::sleep(Duration::from_millis(2500));
-    let mut held: Vec<_> = (0..8).map(|_| b.connect(&alice)).collect();
+    let mut held: Vec<_> = (0..7).map(|_| b.connect(&alice)).collect();
     for t in held.iter_mut() {
         t.ping().unwrap();
     }

@@ -33,10 +33,11 @@ pub(super) struct Core {
 
 pub(super) fn run_core(
     index: usize,
+    cpus: std::collections::HashSet<usize>,
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
-    let rt = super::core_runtime()?;
+    let rt = super::core_runtime(cpus)?;
     rt.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
         let hsm_inline = match shared.cfg.hsm.dispatch {

@@ -155,8 +155,10 @@ impl Broker {
         crate::metrics::init();
         let admin_addr = start_admin(&cfg, hsm.clone())?;
         let cores = cfg.cores();
-        let (listeners, addr) = crate::net::listen::reuseport_group(cfg.broker.listen, cores, 1024)
-            .context("binding the access channel")?;
+        let place = crate::net::cores::Placement::for_cores(cores, cfg.broker.pin_cores);
+        let (listeners, addr) =
+            crate::net::listen::reuseport_group(cfg.broker.listen, cores, 1024, place.steered())
+                .context("binding the access channel")?;
         let released = released::Keys::new(Duration::from_secs(cfg.hsm.key_linger_s));
         let shared = Arc::new(Shared {
             cfg,
@@ -173,17 +175,18 @@ impl Broker {
         let mut threads = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
+            let cpus = place.cpus_of(i);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("core-{i}"))
                     .spawn(move || {
-                        if let Err(e) = conn::run_core(i, l, shared) {
+                        if let Err(e) = conn::run_core(i, cpus, l, shared) {
                             tracing::error!(core = i, error = %e, "core thread stopped");
                         }
                     })?,
             );
         }
-        tracing::info!(%addr, cores, "access channel listening");
+        tracing::info!(%addr, cores, pinned = place.steered(), "access channel listening");
         Ok(Self {
             addr,
             admin_addr,
@@ -340,7 +343,10 @@ fn start_admin(cfg: &Config, hsm: Arc<Hsm>) -> Result<SocketAddr> {
 
 /// A compio runtime tuned for one core: single issuer, deferred and
 /// cooperative task running (docs/DECISIONS.md, "runtime").
-pub fn core_runtime() -> std::io::Result<compio::runtime::Runtime> {
+/// `cpus`: where to pin the thread (`net::cores`); empty: anywhere.
+pub fn core_runtime(
+    cpus: std::collections::HashSet<usize>,
+) -> std::io::Result<compio::runtime::Runtime> {
     let mut proactor = compio::driver::ProactorBuilder::new();
     proactor
         .capacity(4096)
@@ -350,6 +356,7 @@ pub fn core_runtime() -> std::io::Result<compio::runtime::Runtime> {
         .taskrun_flag(true);
     compio::runtime::RuntimeBuilder::new()
         .with_proactor(proactor)
+        .thread_affinity(cpus)
         .build()
 }
 

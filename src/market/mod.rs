@@ -56,9 +56,16 @@ pub struct MarketConfig {
     /// Core threads; 0 = one per CPU.
     #[serde(default)]
     pub cores: usize,
+    /// As the broker's `pin_cores` (`net::cores`). Default true.
+    #[serde(default = "yes")]
+    pub pin_cores: bool,
     /// A connection silent this long is closed, ms. Default 60000.
     #[serde(default = "idle")]
     pub idle_timeout_ms: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn all_users() -> Vec<String> {

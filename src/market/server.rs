@@ -75,10 +75,13 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
     } else {
         cfg.cores
     };
-    let (chan, addr) =
-        crate::net::listen::reuseport_group(cfg.listen, cores, 1024).context("market listener")?;
-    let (dir, direct_addr) = crate::net::listen::reuseport_group(cfg.direct_listen, cores, 1024)
-        .context("direct listener")?;
+    let place = crate::net::cores::Placement::for_cores(cores, cfg.pin_cores);
+    let steer = place.steered();
+    let (chan, addr) = crate::net::listen::reuseport_group(cfg.listen, cores, 1024, steer)
+        .context("market listener")?;
+    let (dir, direct_addr) =
+        crate::net::listen::reuseport_group(cfg.direct_listen, cores, 1024, steer)
+            .context("direct listener")?;
     let endpoint = cfg
         .direct_endpoint
         .clone()
@@ -92,11 +95,12 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
     for (i, (c, d)) in chan.into_iter().zip(dir).enumerate() {
         let state = state.clone();
         let tls = tls.clone();
+        let cpus = place.cpus_of(i);
         threads.push(
             std::thread::Builder::new()
                 .name(format!("market-{i}"))
                 .spawn(move || {
-                    if let Err(e) = run_core(c, d, state, tls) {
+                    if let Err(e) = run_core(cpus, c, d, state, tls) {
                         tracing::error!(error = %e, "market core stopped");
                     }
                 })?,
@@ -112,12 +116,13 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
 }
 
 fn run_core(
+    cpus: std::collections::HashSet<usize>,
     chan: std::net::TcpListener,
     dir: std::net::TcpListener,
     state: Arc<MarketState>,
     tls: Arc<ServerConfig>,
 ) -> Result<()> {
-    let rt = crate::broker::core_runtime()?;
+    let rt = crate::broker::core_runtime(cpus)?;
     rt.block_on(async move {
         let chan = TcpListener::from_std(chan)?;
         let dir = TcpListener::from_std(dir)?;

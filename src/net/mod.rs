@@ -1,6 +1,7 @@
 //! Networking helpers shared by the broker and the market: rustls over
 //! compio, and listeners.
 
+pub mod cores;
 pub mod listen;
 pub mod proxy;
 pub mod tls_io;
