@@ -6,36 +6,6 @@ use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use std::time::{Duration, Instant};
 
-/// Whether workers are pinned (`--no-pin` turns it off).
-pub static PIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// The CPUs this process may run on.
-pub fn cpus() -> Vec<usize> {
-    rustix::thread::sched_getaffinity(None).map_or_else(
-        |_| vec![0],
-        |set| {
-            (0..rustix::thread::CpuSet::MAX_CPU)
-                .filter(|&c| set.is_set(c))
-                .collect()
-        },
-    )
-}
-
-/// Pins the calling thread, the bench's terminal number `i`, to the i-th
-/// allowed CPU round robin. The broker and the market steer a connection
-/// to their core on the CPU it came from (keybroker's `net::cores`), so a
-/// pinned terminal is served on its own CPU throughout, and the terminals
-/// are spread evenly over the cores. Unpinned, the scheduler decides both.
-pub fn pin(i: usize) {
-    if !PIN.load(std::sync::atomic::Ordering::Relaxed) {
-        return;
-    }
-    let cpus = cpus();
-    let mut one = rustix::thread::CpuSet::new();
-    one.set(cpus[i % cpus.len()]);
-    let _ = rustix::thread::sched_setaffinity(None, &one);
-}
-
 /// One kind of operation, driven by one worker thread.
 pub trait Op: Send {
     /// Runs one operation; `Err` is counted as an error, its text sampled.
@@ -165,7 +135,6 @@ where
             .map(|(i, op)| {
                 let (ready, go, start, work) = (&ready, &go, &start, &work);
                 s.spawn(move || {
-                    pin(i);
                     let _ = op.run();
                     if ready.wait().is_leader() {
                         at_start();

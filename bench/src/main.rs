@@ -60,10 +60,6 @@ struct Cli {
     /// A short run (CI smoke test).
     #[arg(long)]
     quick: bool,
-    /// Leave the terminal threads to the scheduler instead of pinning
-    /// terminal i to CPU i mod n (docs/BENCH.md, "Stop 16").
-    #[arg(long)]
-    no_pin: bool,
     /// JSON report; the SVG chart goes beside it as latency.svg
     /// (report-X.json: latency-X.svg).
     #[arg(long)]
@@ -331,23 +327,11 @@ fn build_ops(
     make: impl Fn(usize) -> Result<Box<dyn Op>, String> + Sync,
 ) -> Result<Vec<Box<dyn Op>>> {
     let make = &make;
-    // Thread j makes ops j, j + t, …, pinned where their workers will be
-    // (`load::pin`), so each session connects from its worker's CPU; t is a
-    // multiple of the CPU count.
-    let k = load::cpus().len();
-    let t = k * 8usize.div_ceil(k);
-    type Made = Result<Vec<(usize, Box<dyn Op>)>, String>;
-    let chunks: Vec<Made> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..t.min(n))
-            .map(|j| {
-                s.spawn(move || {
-                    load::pin(j);
-                    (j..n)
-                        .step_by(t)
-                        .map(|i| make(i).map(|op| (i, op)))
-                        .collect()
-                })
-            })
+    let per = n.div_ceil(8).max(1);
+    let chunks: Vec<Result<Vec<Box<dyn Op>>, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| s.spawn(move || (start..(start + per).min(n)).map(make).collect()))
             .collect();
         hs.into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
@@ -357,8 +341,7 @@ fn build_ops(
     for c in chunks {
         out.extend(c.map_err(|e| anyhow::anyhow!("setting up sessions: {e}"))?);
     }
-    out.sort_by_key(|(i, _)| *i);
-    Ok(out.into_iter().map(|(_, op)| op).collect())
+    Ok(out)
 }
 
 /// Worker counts of the closed-loop peak search (those up to the number of
@@ -827,7 +810,6 @@ fn idle(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    load::PIN.store(!cli.no_pin, Ordering::Relaxed);
     let exe = std::env::current_exe()?;
     let bindir = exe.parent().context("exe dir")?.to_path_buf();
     let target = bindir.parent().context("target dir")?.to_path_buf();
@@ -961,7 +943,6 @@ fn run(cli: &Cli) -> Result<()> {
             "argon2_m_kib": cli.argon2_m_kib,
             "argon2_t": cli.argon2_t,
             "hsm_dispatch": cli.hsm_dispatch,
-            "terminals_pinned": !cli.no_pin,
             "broker_cores": 2,
             "quick": cli.quick,
             "closed": cli.closed,
