@@ -27,7 +27,7 @@ use cryptoki_sys::{
 };
 use parking_lot::lock_api::RawMutex as _;
 use std::ffi::c_void;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -97,35 +97,47 @@ unsafe extern "C" fn unlock(m: *mut c_void) -> CK_RV {
     CKR_OK
 }
 
-/// Modules initialised here, kept loaded: unloading one would discard the
-/// state cryptoki goes on to use.
-static LOADED: OnceLock<Mutex<Vec<cryptoki_sys::Pkcs11>>> = OnceLock::new();
+/// The raw function table of each module loaded here, one per path, kept
+/// loaded for the process's life: unloading one would discard the state
+/// cryptoki goes on to use.
+static LOADED: OnceLock<Mutex<Vec<(PathBuf, &'static cryptoki_sys::Pkcs11)>>> = OnceLock::new();
 
-/// Initialises the module at `path` with our mutexes, unless this process
-/// already did (then cryptoki's own `C_Initialize` is refused as already
-/// done, and accepted).
-pub fn initialize(path: &Path) -> HsmResult<()> {
+/// The raw function table of the module at `path`, loaded on first use.
+/// For the calls cryptoki does not wrap (`C_CloseAllSessions`).
+pub fn module(path: &Path) -> HsmResult<&'static cryptoki_sys::Pkcs11> {
     let mut loaded = LOADED
         .get_or_init(|| Mutex::new(Vec::new()))
         .lock()
         .unwrap_or_else(|p| p.into_inner());
+    if let Some((_, lib)) = loaded.iter().find(|(p, _)| p == path) {
+        return Ok(lib);
+    }
     // SAFETY: loading a PKCS#11 module runs its constructors, as cryptoki's
-    // own load does; the callbacks above stay valid for the process's life.
-    let rv = unsafe {
-        let lib = cryptoki_sys::Pkcs11::new(path)
-            .map_err(|_| HsmError::Format("a module that cannot be loaded"))?;
-        let mut args = CK_C_INITIALIZE_ARGS {
-            CreateMutex: Some(create),
-            DestroyMutex: Some(destroy),
-            LockMutex: Some(lock),
-            UnlockMutex: Some(unlock),
-            flags: CKF_OS_LOCKING_OK,
-            pReserved: std::ptr::null_mut(),
-        };
-        let rv = lib.C_Initialize(std::ptr::addr_of_mut!(args).cast());
-        loaded.push(lib);
-        rv
+    // own load does.
+    let lib = unsafe { cryptoki_sys::Pkcs11::new(path) }
+        .map_err(|_| HsmError::Format("a module that cannot be loaded"))?;
+    let lib: &'static _ = Box::leak(Box::new(lib));
+    loaded.push((path.to_owned(), lib));
+    Ok(lib)
+}
+
+/// Initialises the module at `path` with our mutexes, unless it already is
+/// (then cryptoki's own `C_Initialize` is refused as already done, and
+/// accepted). Called on every load, so a module finalised since is
+/// initialised with our mutexes again.
+pub fn initialize(path: &Path) -> HsmResult<()> {
+    let lib = module(path)?;
+    let mut args = CK_C_INITIALIZE_ARGS {
+        CreateMutex: Some(create),
+        DestroyMutex: Some(destroy),
+        LockMutex: Some(lock),
+        UnlockMutex: Some(unlock),
+        flags: CKF_OS_LOCKING_OK,
+        pReserved: std::ptr::null_mut(),
     };
+    // SAFETY: the args outlive the call; the callbacks above stay valid for
+    // the process's life.
+    let rv = unsafe { lib.C_Initialize(std::ptr::addr_of_mut!(args).cast()) };
     match rv {
         CKR_OK | CKR_CRYPTOKI_ALREADY_INITIALIZED => Ok(()),
         _ => Err(HsmError::Format(

@@ -266,18 +266,15 @@ impl Hsm {
 
     /// Fault injection (`admin.fault_injection`): closes every session this
     /// process has on the token, as an HSM restart or a dropped network
-    /// HSM link does. cryptoki does not wrap `C_CloseAllSessions`; the
-    /// module is already loaded and initialised, so opening it again only
-    /// takes another reference to the same instance.
+    /// HSM link does. cryptoki does not wrap `C_CloseAllSessions`; it is
+    /// called through the raw table `locks` loaded the module with, the
+    /// same instance cryptoki uses.
     pub fn close_all_sessions(&self) -> HsmResult<()> {
+        let lib = locks::module(&self.module)?;
         #[allow(unsafe_code)]
         // SAFETY: the same module cryptoki loaded and initialised;
         // C_CloseAllSessions takes a slot id and touches nothing of ours.
-        let rv = unsafe {
-            let lib = cryptoki_sys::Pkcs11::new(&self.module)
-                .map_err(|_| HsmError::Format("a module that cannot be loaded again"))?;
-            lib.C_CloseAllSessions(self.slot.id())
-        };
+        let rv = unsafe { lib.C_CloseAllSessions(self.slot.id()) };
         if rv == cryptoki_sys::CKR_OK {
             Ok(())
         } else {

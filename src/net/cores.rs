@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 
 /// Where each core runs and whether connections are steered.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Placement {
     pinned: bool,
 }
