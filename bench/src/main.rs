@@ -214,6 +214,11 @@ struct Cpu {
     broker: procs::CpuDelta,
     market: procs::CpuDelta,
     ledger_s: Option<f64>,
+    /// The bench process: its terminals and the harness (process total,
+    /// so threads that ended during the run count).
+    bench_s: Option<f64>,
+    /// Busy CPU-seconds of the whole machine, and its busy share.
+    machine: Option<(f64, f64)>,
 }
 
 /// Runs `ops` under `plan` and measures the broker and market CPU around it.
@@ -244,6 +249,8 @@ fn measured(
                 procs::cpu_snap(pid),
                 procs::cpu_snap(mpid),
                 ctx.ledger_pid.map(procs::tree_snap),
+                procs::cpu_snap(std::process::id()),
+                procs::machine_snap(),
             )
         });
     };
@@ -267,8 +274,9 @@ fn measured(
             )
         }
     };
-    let (b0, m0, l0) = before.into_inner().expect("set before the run");
+    let (b0, m0, l0, s0, k0) = before.into_inner().expect("set before the run");
     let (b1, m1) = (procs::cpu_snap(pid), procs::cpu_snap(mpid));
+    let (s1, k1) = (procs::cpu_snap(std::process::id()), procs::machine_snap());
     let ledger_s = l0
         .zip(ctx.ledger_pid)
         .map(|(l0, lp)| procs::tree_delta_s(&l0, &procs::tree_snap(lp)));
@@ -280,6 +288,8 @@ fn measured(
         broker: procs::cpu_delta(&b0, &b1),
         market: procs::cpu_delta(&m0, &m1),
         ledger_s,
+        bench_s: Some(procs::cpu_delta(&s0, &s1).stat_s),
+        machine: Some(procs::machine_delta(&k0, &k1)),
     };
     (r, cpu)
 }
@@ -292,6 +302,14 @@ fn entry(name: &str, plan: &Plan, r: RunResult, c: &Cpu, floor_us: f64) -> Entry
         Plan::Closed { .. } => ("closed", None),
     };
     let mut extra = Map::new();
+    let per_op = |s: f64| s * 1e6 / (r.ok.max(1) as f64);
+    if let (Some(bench), Some((busy, share))) = (c.bench_s, c.machine) {
+        extra.insert("bench_cpu_s".into(), json!(bench));
+        extra.insert("bench_cpu_us_per_op".into(), json!(per_op(bench)));
+        extra.insert("machine_busy_cpu_s".into(), json!(busy));
+        extra.insert("machine_cpu_us_per_op".into(), json!(per_op(busy)));
+        extra.insert("machine_busy_pct".into(), json!(share * 100.0));
+    }
     if let Some(s) = c.ledger_s {
         extra.insert("ledger_server_cpu_s".into(), json!(s));
         extra.insert(
@@ -783,6 +801,8 @@ fn idle(ctx: &mut Ctx) -> Result<()> {
         broker: cpu,
         market: procs::CpuDelta::default(),
         ledger_s: None,
+        bench_s: None,
+        machine: None,
     };
     let mut e = entry(
         "idle",

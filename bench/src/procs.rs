@@ -173,6 +173,41 @@ pub fn tree_delta_s(a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>) -> f64 {
 }
 
 /// VmRSS of a process, bytes.
+/// The whole machine's CPU clock ticks from the `cpu` line of /proc/stat.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MachineSnap {
+    /// user, nice, system, irq, softirq and steal.
+    busy: u64,
+    /// busy plus idle and iowait.
+    total: u64,
+}
+
+pub fn machine_snap() -> MachineSnap {
+    let line = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = line
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    MachineSnap {
+        busy,
+        total: busy + get(3) + get(4),
+    }
+}
+
+/// Busy CPU-seconds of the machine between two snapshots, and the busy
+/// share of all its CPUs (0..1).
+pub fn machine_delta(a: &MachineSnap, b: &MachineSnap) -> (f64, f64) {
+    let busy = b.busy.saturating_sub(a.busy);
+    let total = b.total.saturating_sub(a.total).max(1);
+    (busy as f64 / 100.0, busy as f64 / total as f64)
+}
+
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -194,6 +229,20 @@ mod tests {
         assert_eq!(group_of("auth-12"), "auth");
         assert_eq!(group_of("hsm-monitor"), "hsm-monitor");
         assert_eq!(group_of("admin"), "admin");
+    }
+
+    #[test]
+    fn the_machine_counts_a_busy_loop() {
+        let a = machine_snap();
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        let mut x = 0u64;
+        while std::time::Instant::now() < until {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        let (busy_s, share) = machine_delta(&a, &machine_snap());
+        assert!(x > 0);
+        assert!(busy_s >= 0.2, "busy {busy_s} s");
+        assert!(share > 0.0 && share <= 1.0, "share {share}");
     }
 
     #[test]

@@ -128,6 +128,18 @@ pub fn table(ledger: &str, entries: &[Entry], unavailable: &[(&str, &str)]) -> S
                 e.auth_cpu_s * 1e3 / (e.ops.max(1) as f64)
             );
         }
+        let x = |k: &str| e.extra.get(k).and_then(Value::as_f64);
+        if let (Some(busy), Some(all), Some(bench)) = (
+            x("machine_busy_pct"),
+            x("machine_cpu_us_per_op"),
+            x("bench_cpu_us_per_op"),
+        ) {
+            s += &format!(
+                "{:<28}   + machine {busy:.0}% busy, {all:.0} µs CPU per op: market {:.0}, terminals and harness {bench:.0}\n",
+                "",
+                e.market_cpu_s * 1e6 / (e.ops.max(1) as f64)
+            );
+        }
         if let Some(us) = e
             .extra
             .get("ledger_server_cpu_us_per_op")
