@@ -395,7 +395,7 @@ fn peak(ctx: &Ctx, name: &str, pid: u32, ops: &mut [Box<dyn Op>], floor_us: f64)
             best = Some(e);
         }
         flat = if grew { 0 } else { flat + 1 };
-        if flat >= 2 {
+        if flat >= 3 {
             break;
         }
     }
