@@ -407,10 +407,11 @@ fn peak(ctx: &Ctx, name: &str, pid: u32, ops: &mut [Box<dyn Op>], floor_us: f64)
 }
 
 /// Workers of the session scenarios (connect, resume): `--workers`
-/// (default 16) in open loop, 32 for the closed-loop peak search.
+/// (default 16) in open loop; the closed-loop peak search goes up to 64 (one per
+/// terminal, as for the exchanges).
 fn session_workers(ctx: &Ctx, terminals: usize) -> usize {
     if ctx.cli.closed {
-        32.min(terminals)
+        64.min(terminals)
     } else {
         workers(ctx, 16, terminals)
     }
