@@ -172,7 +172,6 @@ pub fn tree_delta_s(a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>) -> f64 {
         / 1e9
 }
 
-/// VmRSS of a process, bytes.
 /// The whole machine's CPU clock ticks from the `cpu` line of /proc/stat.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MachineSnap {
@@ -208,6 +207,7 @@ pub fn machine_delta(a: &MachineSnap, b: &MachineSnap) -> (f64, f64) {
     (busy as f64 / 100.0, busy as f64 / total as f64)
 }
 
+/// VmRSS of a process, bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
