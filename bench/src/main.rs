@@ -249,7 +249,7 @@ fn measured(
                 procs::cpu_snap(pid),
                 procs::cpu_snap(mpid),
                 ctx.ledger_pid.map(procs::tree_snap),
-                procs::cpu_snap(std::process::id()),
+                procs::stat_ticks(std::process::id()),
                 procs::machine_snap(),
             )
         });
@@ -276,7 +276,7 @@ fn measured(
     };
     let (b0, m0, l0, s0, k0) = before.into_inner().expect("set before the run");
     let (b1, m1) = (procs::cpu_snap(pid), procs::cpu_snap(mpid));
-    let (s1, k1) = (procs::cpu_snap(std::process::id()), procs::machine_snap());
+    let (s1, k1) = (procs::stat_ticks(std::process::id()), procs::machine_snap());
     let ledger_s = l0
         .zip(ctx.ledger_pid)
         .map(|(l0, lp)| procs::tree_delta_s(&l0, &procs::tree_snap(lp)));
@@ -288,7 +288,7 @@ fn measured(
         broker: procs::cpu_delta(&b0, &b1),
         market: procs::cpu_delta(&m0, &m1),
         ledger_s,
-        bench_s: Some(procs::cpu_delta(&s0, &s1).stat_s),
+        bench_s: Some(s1.saturating_sub(s0) as f64 / 100.0),
         machine: Some(procs::machine_delta(&k0, &k1)),
     };
     (r, cpu)
@@ -302,7 +302,7 @@ fn entry(name: &str, plan: &Plan, r: RunResult, c: &Cpu, floor_us: f64) -> Entry
         Plan::Closed { .. } => ("closed", None),
     };
     let mut extra = Map::new();
-    let per_op = |s: f64| s * 1e6 / (r.ok.max(1) as f64);
+    let per_op = |s: f64| report::us_per_op(s, r.ok);
     if let (Some(bench), Some((busy, share))) = (c.bench_s, c.machine) {
         extra.insert("bench_cpu_s".into(), json!(bench));
         extra.insert("bench_cpu_us_per_op".into(), json!(per_op(bench)));
@@ -312,10 +312,7 @@ fn entry(name: &str, plan: &Plan, r: RunResult, c: &Cpu, floor_us: f64) -> Entry
     }
     if let Some(s) = c.ledger_s {
         extra.insert("ledger_server_cpu_s".into(), json!(s));
-        extra.insert(
-            "ledger_server_cpu_us_per_op".into(),
-            json!(s * 1e6 / (r.ok.max(1) as f64)),
-        );
+        extra.insert("ledger_server_cpu_us_per_op".into(), json!(per_op(s)));
     }
     Entry {
         name: name.to_owned(),

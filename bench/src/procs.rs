@@ -76,16 +76,26 @@ impl CpuDelta {
     }
 }
 
+/// utime + stime of a whole process, clock ticks (1/100 s), from
+/// /proc/<pid>/stat; threads that have ended are included.
+pub fn stat_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    // After ")": state(3) ppid(4) ... utime(14) stime(15): indexes 11, 12.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
 pub fn cpu_snap(pid: u32) -> CpuSnap {
-    let mut s = CpuSnap::default();
-    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        && let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
-    {
-        // After ")": state(3) ppid(4) ... utime(14) stime(15): indexes 11, 12.
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        s.stat_ticks = get(11) + get(12);
-    }
+    let mut s = CpuSnap {
+        stat_ticks: stat_ticks(pid),
+        ..Default::default()
+    };
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for e in dir.flatten() {
             let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else {

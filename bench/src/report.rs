@@ -5,6 +5,11 @@ use hdrhistogram::Histogram;
 use serde_json::{Map, Value, json};
 use std::path::Path;
 
+/// `cpu_s` CPU-seconds spread over `ops` operations, in µs per operation.
+pub fn us_per_op(cpu_s: f64, ops: u64) -> f64 {
+    cpu_s * 1e6 / (ops.max(1) as f64)
+}
+
 pub struct Entry {
     pub name: String,
     pub mode: String,
@@ -30,7 +35,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn cpu_us_per_op(&self) -> f64 {
-        self.broker_cpu_s * 1e6 / (self.ops.max(1) as f64)
+        us_per_op(self.broker_cpu_s, self.ops)
     }
     pub fn ops_per_broker_cpu_s(&self) -> f64 {
         self.ops as f64 / self.broker_cpu_s.max(1e-9)
@@ -67,12 +72,12 @@ impl Entry {
             "errors": self.errors,
             "missed": self.missed,
             "password_check_cpu_s": self.auth_cpu_s,
-            "password_check_cpu_ms_per_op": self.auth_cpu_s * 1e3 / (self.ops.max(1) as f64),
+            "password_check_cpu_ms_per_op": us_per_op(self.auth_cpu_s, self.ops) / 1e3,
             "broker_cpu_total_s": self.broker_cpu_total_s,
             "broker_cpu_stat_s": self.broker_cpu_stat_s,
             "broker_cpu_by_thread_s": self.broker_cpu_by_thread,
             "market_cpu_s": self.market_cpu_s,
-            "market_cpu_us_per_op": self.market_cpu_s * 1e6 / (self.ops.max(1) as f64),
+            "market_cpu_us_per_op": us_per_op(self.market_cpu_s, self.ops),
             "notes": self.notes,
         });
         let obj = m.as_object_mut().expect("object");
@@ -125,7 +130,7 @@ pub fn table(ledger: &str, entries: &[Entry], unavailable: &[(&str, &str)]) -> S
             s += &format!(
                 "{:<28}   + password checks (argon2id, auth-* threads, not in cpu µs/op): {:.2} ms CPU per op\n",
                 "",
-                e.auth_cpu_s * 1e3 / (e.ops.max(1) as f64)
+                us_per_op(e.auth_cpu_s, e.ops) / 1e3
             );
         }
         let x = |k: &str| e.extra.get(k).and_then(Value::as_f64);
@@ -137,7 +142,7 @@ pub fn table(ledger: &str, entries: &[Entry], unavailable: &[(&str, &str)]) -> S
             s += &format!(
                 "{:<28}   + machine {busy:.0}% busy, {all:.0} µs CPU per op: market {:.0}, terminals and harness {bench:.0}\n",
                 "",
-                e.market_cpu_s * 1e6 / (e.ops.max(1) as f64)
+                us_per_op(e.market_cpu_s, e.ops)
             );
         }
         if let Some(us) = e
