@@ -5,6 +5,7 @@
 //! is the median batch's CPU per op, `spread_pct` the half range of the
 //! middle five batches relative to it.
 
+use crate::transport::Shape;
 use anyhow::{Context, Result};
 use cpu_time::{ProcessTime, ThreadTime};
 use keybroker::broker::tls::{RotatingCert, provider, server_config};
@@ -59,6 +60,17 @@ fn measure(batch_ms: u64, mut f: impl FnMut() -> Option<Duration>) -> Item {
         spread_pct: (batches[5] - batches[1]) / 2.0 / med * 100.0,
         iterations: n * 7,
     }
+}
+
+/// A transport item: server CPU per op, the median of its windows.
+fn transport_json(m: &crate::transport::Measured) -> Value {
+    json!({
+        "cpu_us_per_op": m.us,
+        "ops_per_cpu_s": 1e6 / m.us,
+        "spread_pct": m.spread_pct,
+        "clients": 32,
+        "server_threads": 2,
+    })
 }
 
 fn item_json(i: &Item) -> Value {
@@ -287,6 +299,16 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
     });
 
     let wake = wakeup(batch_ms)?;
+    // The loopback transport, beside the crypto (transport.rs): 32
+    // clients, like the session scenarios' peak.
+    let ms = Duration::from_millis;
+    let (warm, window, windows) = if quick {
+        (ms(200), ms(250), 3)
+    } else {
+        (ms(300), ms(600), 5)
+    };
+    let tcp_session = crate::transport::measure(Shape::Session, 32, warm, window, windows)?;
+    let tcp_round_trip = crate::transport::measure(Shape::RoundTrip, 32, warm, window, windows)?;
 
     let sw = sign.us + ecdh_sw.us + wrap.us;
     let hw = sign.us + ecdh_hsm.us + wrap.us;
@@ -310,6 +332,8 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
             "terminal_unwrap_hkdf_seal": item_json(&terminal),
             "argon2id_password_check": item_json(&argon),
             "thread_wakeup_process_cpu": item_json(&wake),
+            "loopback_tcp_session_server_side": transport_json(&tcp_session),
+            "loopback_tcp_round_trip_server_side": transport_json(&tcp_round_trip),
         },
         "floors": {
             "exchange_software": per(sw, "hsm_sign_user_key + ecdh_software_x25519_keygen_agree_hmac + wrap_x_aes_kwp"),
@@ -319,6 +343,14 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
             "resume": per(tls_resumed.us, "tls13_resumed_handshake_server_side (argon2id excluded, reported apart)"),
             "market_share": per(market.us, "market_verify_ecdh_x25519_hmac"),
             "terminal_share": per(terminal.us, "terminal_unwrap_hkdf_seal"),
+        },
+        // Not the floor_ratio's denominator: what the broker could reach
+        // on this machine's loopback with no code of its own at all.
+        "with_transport": {
+            "connect": per(connect + tcp_session.us, "floors.connect + loopback_tcp_session_server_side"),
+            "resume": per(tls_resumed.us + tcp_session.us, "floors.resume + loopback_tcp_session_server_side"),
+            "exchange_software": per(sw + tcp_round_trip.us, "floors.exchange_software + loopback_tcp_round_trip_server_side (the market link's batched share not counted)"),
+            "exchange_hsm": per(hw + tcp_round_trip.us, "floors.exchange_hsm + loopback_tcp_round_trip_server_side (the market link's batched share not counted)"),
         }
     }))
 }

@@ -13,6 +13,7 @@ mod load;
 mod ops;
 mod procs;
 mod report;
+mod transport;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -944,6 +945,18 @@ fn run(cli: &Cli) -> Result<()> {
         ),
         (Ledger::Postgres, None) => "postgres (--postgres-url)".to_owned(),
     };
+    for e in &mut ctx.entries {
+        let wt = &ctx.floors["with_transport"][e.name.as_str()];
+        if let Some(us) = wt["cpu_us_per_op"].as_f64() {
+            let ratio = e.cpu_us_per_op() / us;
+            e.extra
+                .insert("floor_with_transport_cpu_us_per_op".into(), json!(us));
+            e.extra
+                .insert("floor_with_transport_ops_per_cpu_s".into(), json!(1e6 / us));
+            e.extra
+                .insert("floor_with_transport_ratio".into(), json!(ratio));
+        }
+    }
     let table = report::table(&ledger, &ctx.entries, &unavailable);
     let mut scenarios = Map::new();
     for e in &ctx.entries {
@@ -1035,10 +1048,10 @@ fn print_floor(f: &Value) {
             );
         }
     }
-    if let Some(fl) = f["floors"].as_object() {
-        for (k, v) in fl {
+    for (group, label) in [("floors", "floor"), ("with_transport", "+ tcp")] {
+        for (k, v) in f[group].as_object().into_iter().flatten() {
             println!(
-                "  floor {k:<42} {:>9.2} µs/op  {:>8.0} ops/cpu-s",
+                "  {label:<5} {k:<42} {:>9.2} µs/op  {:>8.0} ops/cpu-s",
                 v["cpu_us_per_op"].as_f64().unwrap_or(0.0),
                 v["ops_per_cpu_s"].as_f64().unwrap_or(0.0)
             );
