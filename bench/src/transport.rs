@@ -34,6 +34,8 @@ pub enum Shape {
 const SESSION: [(usize, usize); 3] = [(520, 250), (160, 300), (60, 60)];
 const ROUND_TRIP: (usize, usize) = (120, 250);
 const LISTENER: u64 = u64::MAX;
+/// How long a client waits on the server before it gives up with an error.
+const PATIENCE: Duration = Duration::from_secs(2);
 
 impl Shape {
     /// (request, answer) bytes of step `i`.
@@ -149,8 +151,11 @@ fn client(addr: SocketAddr, shape: Shape, stop: &AtomicBool) -> Result<()> {
         Ok(())
     };
     let open = || -> Result<TcpStream> {
-        let s = TcpStream::connect(addr)?;
+        let s = TcpStream::connect_timeout(&addr, PATIENCE)?;
         s.set_nodelay(true)?;
+        // A server thread that failed must not leave the floor hanging.
+        s.set_read_timeout(Some(PATIENCE))?;
+        s.set_write_timeout(Some(PATIENCE))?;
         Ok(s)
     };
     match shape {
