@@ -62,14 +62,18 @@ fn measure(batch_ms: u64, mut f: impl FnMut() -> Option<Duration>) -> Item {
     }
 }
 
+/// Blocking clients of the transport floor: the session scenarios' peak
+/// is at 16 to 32 workers.
+const TRANSPORT_CLIENTS: usize = 32;
+
 /// A transport item: server CPU per op, the median of its windows.
 fn transport_json(m: &crate::transport::Measured) -> Value {
     json!({
         "cpu_us_per_op": m.us,
         "ops_per_cpu_s": 1e6 / m.us,
         "spread_pct": m.spread_pct,
-        "clients": 32,
-        "server_threads": 2,
+        "clients": TRANSPORT_CLIENTS,
+        "server_threads": crate::transport::SERVER_THREADS,
     })
 }
 
@@ -299,16 +303,17 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
     });
 
     let wake = wakeup(batch_ms)?;
-    // The loopback transport, beside the crypto (transport.rs): 32
-    // clients, like the session scenarios' peak.
+    // The loopback transport, beside the crypto (transport.rs).
     let ms = Duration::from_millis;
     let (warm, window, windows) = if quick {
         (ms(200), ms(250), 3)
     } else {
         (ms(300), ms(600), 5)
     };
-    let tcp_session = crate::transport::measure(Shape::Session, 32, warm, window, windows)?;
-    let tcp_round_trip = crate::transport::measure(Shape::RoundTrip, 32, warm, window, windows)?;
+    let tcp_session =
+        crate::transport::measure(Shape::Session, TRANSPORT_CLIENTS, warm, window, windows)?;
+    let tcp_round_trip =
+        crate::transport::measure(Shape::RoundTrip, TRANSPORT_CLIENTS, warm, window, windows)?;
 
     let sw = sign.us + ecdh_sw.us + wrap.us;
     let hw = sign.us + ecdh_hsm.us + wrap.us;

@@ -34,6 +34,8 @@ pub enum Shape {
 const SESSION: [(usize, usize); 3] = [(520, 250), (160, 300), (60, 60)];
 const ROUND_TRIP: (usize, usize) = (120, 250);
 const LISTENER: u64 = u64::MAX;
+/// Server threads, one pinned to each CPU, as the broker's cores here.
+pub const SERVER_THREADS: usize = 2;
 /// How long a client waits on the server before it gives up with an error.
 const PATIENCE: Duration = Duration::from_secs(2);
 
@@ -217,7 +219,7 @@ pub fn measure(
     let pid = std::process::id();
     std::thread::scope(|sc| -> Result<Measured> {
         let mut servers = Vec::new();
-        for cpu in 0..2 {
+        for cpu in 0..SERVER_THREADS {
             let (l, stop, done) = (&listener, &stop_servers, &done);
             servers.push(
                 std::thread::Builder::new()
