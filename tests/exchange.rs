@@ -53,6 +53,20 @@ fn brokered_in_mode(config: &str) {
         6,
         "an exchange's audit line is missing from the log:\n{text}"
     );
+    // Each session line names the terminal's address, plain, as an
+    // operator greps for it.
+    let session_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            ["audit: login", "audit: released", "audit: exchange"]
+                .iter()
+                .any(|k| l.contains(k))
+        })
+        .collect();
+    assert!(session_lines.len() > 6, "{text}");
+    for l in session_lines {
+        assert!(l.contains(" peer=127.0.0.1:"), "no plain peer address: {l}");
+    }
     assert!(text.contains("stopping"), "the stop is not logged");
     for k in &keys {
         assert!(

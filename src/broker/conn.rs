@@ -107,8 +107,9 @@ struct Conn {
     fingerprint: [u8; 32],
     xprime: Zeroizing<[u8; XPRIME_LEN]>,
     released: Option<Released>,
-    /// The terminal's address (from the PROXY header behind HAProxy).
-    peer: Option<std::net::SocketAddr>,
+    /// The terminal's address (from the PROXY header behind HAProxy),
+    /// formatted once for the connection's audit lines.
+    peer: Box<str>,
     /// More frames of a pipelined burst wait behind the one being handled:
     /// its answer is held and leaves with the burst's last one.
     hold: bool,
@@ -214,7 +215,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         out: Vec::with_capacity(256),
         fingerprint,
         xprime,
-        peer,
+        peer: peer.map_or_else(|| "unknown".into(), |a| a.to_string().into()),
         released: None,
         hold: false,
         held: false,
@@ -317,14 +318,14 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                     .await
                     .unwrap_or_else(|e| Err(pool_code(e)));
                 if r.is_ok() {
-                    tracing::info!(target: "audit", user, peer = ?c.peer, "login");
+                    tracing::info!(target: "audit", user, peer = %c.peer, "login");
                 }
                 next = Some(session.login_done(id, user, r));
             }
             Action::CheckRelease { id, user, password } => {
                 let r = release(core, c, &user, password).await;
                 if r.is_ok() {
-                    tracing::info!(target: "audit", user, peer = ?c.peer, "released");
+                    tracing::info!(target: "audit", user, peer = %c.peer, "released");
                 }
                 next = Some(session.release_done(id, r));
             }
@@ -347,10 +348,10 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 };
                 match &r {
                     Ok(_) => {
-                        tracing::info!(target: "audit", user, peer = ?c.peer, market, mode, result = "ok", "exchange")
+                        tracing::info!(target: "audit", user, peer = %c.peer, market, mode, result = "ok", "exchange")
                     }
                     Err(code) => {
-                        tracing::info!(target: "audit", user, peer = ?c.peer, market, mode, result = code.name(), "exchange")
+                        tracing::info!(target: "audit", user, peer = %c.peer, market, mode, result = code.name(), "exchange")
                     }
                 }
                 next = Some(done(c, session, id, r));
