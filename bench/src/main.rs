@@ -289,7 +289,7 @@ fn measured(
         broker: procs::cpu_delta(&b0, &b1),
         market: procs::cpu_delta(&m0, &m1),
         ledger_s,
-        bench_s: Some(s1.saturating_sub(s0) as f64 / 100.0),
+        bench_s: Some(procs::ticks_s(s0, s1)),
         machine: Some(procs::machine_delta(&k0, &k1)),
     };
     (r, cpu)

@@ -76,6 +76,12 @@ impl CpuDelta {
     }
 }
 
+/// Seconds between two readings of a clock-tick counter (1/100 s, as
+/// /proc/<pid>/stat and /proc/stat count).
+pub fn ticks_s(before: u64, after: u64) -> f64 {
+    after.saturating_sub(before) as f64 / 100.0
+}
+
 /// utime + stime of a whole process, clock ticks (1/100 s), from
 /// /proc/<pid>/stat; threads that have ended are included.
 pub fn stat_ticks(pid: u32) -> u64 {
@@ -125,7 +131,7 @@ fn group_of(comm: &str) -> String {
 
 pub fn cpu_delta(a: &CpuSnap, b: &CpuSnap) -> CpuDelta {
     let mut d = CpuDelta {
-        stat_s: b.stat_ticks.saturating_sub(a.stat_ticks) as f64 / 100.0,
+        stat_s: ticks_s(a.stat_ticks, b.stat_ticks),
         ..Default::default()
     };
     for (tid, (comm, ns)) in &b.threads {
@@ -214,7 +220,7 @@ pub fn machine_snap() -> MachineSnap {
 pub fn machine_delta(a: &MachineSnap, b: &MachineSnap) -> (f64, f64) {
     let busy = b.busy.saturating_sub(a.busy);
     let total = b.total.saturating_sub(a.total).max(1);
-    (busy as f64 / 100.0, busy as f64 / total as f64)
+    (ticks_s(a.busy, b.busy), busy as f64 / total as f64)
 }
 
 /// VmRSS of a process, bytes.

@@ -145,14 +145,14 @@ pub fn table(ledger: &str, entries: &[Entry], unavailable: &[(&str, &str)]) -> S
                 us_per_op(e.market_cpu_s, e.ops)
             );
         }
-        if let (Some(us), Some(ratio)) = (
+        if let (Some(us), Some(per_s), Some(ratio)) = (
             x("floor_with_transport_cpu_us_per_op"),
+            x("floor_with_transport_ops_per_cpu_s"),
             x("floor_with_transport_ratio"),
         ) {
             s += &format!(
-                "{:<28}   + floor with loopback TCP {us:.1} µs ({:.0} ops/cpu-s): ratio {ratio:.2}\n",
-                "",
-                1e6 / us
+                "{:<28}   + floor with loopback TCP {us:.1} µs ({per_s:.0} ops/cpu-s): ratio {ratio:.2}\n",
+                ""
             );
         }
         if let Some(us) = e
