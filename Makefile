@@ -19,8 +19,10 @@ deps:
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
-	@# aiosmtpd for whichever python3 is first on PATH (it may not be Debian's).
-	@python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd || python3 -m pip install -q --break-system-packages aiosmtpd
+	@# For whichever python3 is first on PATH (it may not be Debian's): aiosmtpd,
+	@# a real SMTP relay; noiseprotocol, an independent Noise implementation
+	@# that checks the direct channel's test vectors (docs/vectors/).
+	@python3 -c 'import aiosmtpd, noise' 2>/dev/null || python3 -m pip install -q aiosmtpd noiseprotocol || python3 -m pip install -q --break-system-packages aiosmtpd noiseprotocol
 
 build:
 	$(CARGO) build --release --workspace
@@ -67,7 +69,7 @@ bench-ledgers:
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them (only this one is installable here).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := access_frames market_frames direct_records access_session wallet_blobs
+FUZZ_TARGETS := access_frames market_frames direct_records direct_handshake access_session wallet_blobs
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

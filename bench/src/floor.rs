@@ -11,7 +11,7 @@ use cpu_time::{ProcessTime, ThreadTime};
 use keybroker::broker::tls::{RotatingCert, provider, server_config};
 use keybroker::exchange::{self, Ephemeral, Group};
 use keybroker::hsm::{Hsm, ops};
-use keybroker::proto::direct::{Channel, Role};
+use keybroker::proto::direct;
 use keybroker::terminal::TerminalConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::{ClientConnection, RootCertStore, ServerConnection};
@@ -240,16 +240,34 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
         std::hint::black_box(e.x(&peer.public, &t, &e.public).expect("ECDH"));
         None
     });
-    // Terminal share: unwrap X, derive the direct keys, seal one record.
+    // Terminal share: unwrap X, the direct channel's handshake (the
+    // initiator's half) and one sealed record. The market's half of the
+    // handshake runs in between, uncounted here, counted in `direct_market`.
     let wrapped = exchange::wrap(&xprime, &x);
+    let sid = [1u8; 16];
     let terminal = measure(batch_ms, || {
+        let t0 = ThreadTime::now();
         let x = exchange::unwrap(&xprime, &wrapped).expect("unwrap");
-        let mut ch = Channel::new(&x, [1u8; 16], Role::Terminal);
+        let mut hello = Vec::with_capacity(80);
+        let init = direct::Initiator::start(&x, sid, &mut hello);
+        let mut counted = t0.elapsed();
+        let mut ok = Vec::with_capacity(64);
+        let _m = direct::Hello::parse(&hello[5..])
+            .and_then(|h| h.accept(&x, &mut ok))
+            .expect("market half");
+        let t1 = ThreadTime::now();
+        let mut ch = init.finish(&ok[5..]).expect("handshake");
         let mut out = Vec::with_capacity(128);
         ch.seal(b"bench quote", &mut out);
         std::hint::black_box(out);
-        None
+        counted += t1.elapsed();
+        Some(counted)
     });
+    // The market's half of one direct connection, before and after the
+    // per-connection handshake (issue 20), in this same run: v1 derived two
+    // AES-GCM keys from X by HKDF (no per-connection randomness); v2 is the
+    // Noise NNpsk0 responder. Each then opens one request and seals one answer.
+    let (direct_v1, direct_market) = direct_market_floor(batch_ms, &x);
     ops::destroy(&s, user_key)?;
     // The password check (reported apart from the session figures): one
     // argon2id verification with the user's stored hash and parameters.
@@ -334,7 +352,9 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
             "tls13_full_handshake_client_auth_server_side": item_json(&tls_full),
             "tls13_resumed_handshake_server_side": item_json(&tls_resumed),
             "market_verify_ecdh_x25519_hmac": item_json(&market),
-            "terminal_unwrap_hkdf_seal": item_json(&terminal),
+            "terminal_unwrap_handshake_seal": item_json(&terminal),
+            "direct_market_side_v1_hkdf_keys": item_json(&direct_v1),
+            "direct_market_side_noise_nnpsk0": item_json(&direct_market),
             "argon2id_password_check": item_json(&argon),
             "thread_wakeup_process_cpu": item_json(&wake),
             "loopback_tcp_session_server_side": transport_json(&tcp_session),
@@ -347,7 +367,8 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
             "connect": per(connect, "tls13_full_handshake_client_auth_server_side (a returning terminal: chain remembered, CertificateVerify checked; argon2id excluded, reported apart; hsm_unwrap_user_key_and_destroy once per user)"),
             "resume": per(tls_resumed.us, "tls13_resumed_handshake_server_side (argon2id excluded, reported apart)"),
             "market_share": per(market.us, "market_verify_ecdh_x25519_hmac"),
-            "terminal_share": per(terminal.us, "terminal_unwrap_hkdf_seal"),
+            "terminal_share": per(terminal.us, "terminal_unwrap_handshake_seal"),
+            "direct_market": per(direct_market.us, "direct_market_side_noise_nnpsk0"),
         },
         // Not the floor_ratio's denominator: what the broker could reach
         // on this machine's loopback with no code of its own at all.
@@ -358,4 +379,77 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
             "exchange_hsm": per(hw + tcp_round_trip.us, "floors.exchange_hsm + loopback_tcp_round_trip_server_side (the market link's batched share not counted)"),
         }
     }))
+}
+
+/// The market's CPU for one direct connection with one request: the v1
+/// key schedule (kept here only as the "before" of the measurement) and the
+/// Noise handshake that replaced it.
+fn direct_market_floor(batch_ms: u64, x: &[u8; 32]) -> (Item, Item) {
+    use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    use aws_lc_rs::hkdf::{HKDF_SHA256, Salt};
+    let sid = [1u8; 16];
+    let v1_key = |info: &[u8]| {
+        let prk = Salt::new(HKDF_SHA256, &sid).extract(x);
+        let info = [info];
+        let okm = prk.expand(&info, &AES_256_GCM).expect("HKDF");
+        LessSafeKey::new(UnboundKey::from(okm))
+    };
+    let request = b"bench quote";
+    // v1 had no per-connection state, so one sealed request served every
+    // connection (the replay issue 20 closed): seal it once, outside.
+    let mut sealed = request.to_vec();
+    let tag = v1_key(b"keybroker direct c2s v1")
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(&sid),
+            &mut sealed,
+        )
+        .expect("seal");
+    sealed.extend_from_slice(tag.as_ref());
+    let v1 = measure(batch_ms, || {
+        let (c2s, s2c) = (
+            v1_key(b"keybroker direct c2s v1"),
+            v1_key(b"keybroker direct s2c v1"),
+        );
+        let mut rec = sealed.clone();
+        let mut answer = c2s
+            .open_in_place(
+                Nonce::assume_unique_for_key([0; 12]),
+                Aad::from(&sid),
+                &mut rec,
+            )
+            .expect("open")
+            .to_vec();
+        let tag = s2c
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key([0; 12]),
+                Aad::from(&sid),
+                &mut answer,
+            )
+            .expect("seal");
+        answer.extend_from_slice(tag.as_ref());
+        std::hint::black_box(answer);
+        None
+    });
+    let v2 = measure(batch_ms, || {
+        let mut hello = Vec::with_capacity(80);
+        let init = direct::Initiator::start(x, sid, &mut hello);
+        let t = ThreadTime::now();
+        let mut ok = Vec::with_capacity(64);
+        let mut m = direct::Hello::parse(&hello[5..])
+            .and_then(|h| h.accept(x, &mut ok))
+            .expect("market half");
+        let mut counted = t.elapsed();
+        let mut t_side = init.finish(&ok[5..]).expect("handshake");
+        let mut rec = Vec::with_capacity(64);
+        t_side.seal(request, &mut rec);
+        let t = ThreadTime::now();
+        let plain = m.open(&rec[5..]).expect("open");
+        let mut answer = Vec::with_capacity(64);
+        m.seal(&plain, &mut answer);
+        std::hint::black_box(answer);
+        counted += t.elapsed();
+        Some(counted)
+    });
+    (v1, v2)
 }

@@ -495,7 +495,7 @@ fn exchange(ctx: &mut Ctx, kx: &str) -> Result<()> {
         ops::Session::new(addr, terms[i % terms.len()].clone())
             .map(|s| Box::new(ops::Exchange(s)) as Box<dyn Op>)
     })?;
-    let note = "op = Exchange (full proxy) on a released session + Direct::open: Hello and one request with X in one flight";
+    let note = "op = Exchange (full proxy) on a released session + Direct::open: the Noise handshake, then one request with X";
     if ctx.cli.rate.is_some() && !ctx.cli.closed {
         let mut e = run_plan(
             ctx,

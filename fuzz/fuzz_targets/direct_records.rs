@@ -1,12 +1,24 @@
 //! Direct-channel frames and records: arbitrary bytes never panic and never
-//! open as a record without the key; a sealed record opens exactly once.
+//! open as a record without the connection's keys; a sealed record opens
+//! exactly once.
 #![no_main]
 
-use keybroker::proto::direct::{Channel, Decoder, RECORD, Role};
+use keybroker::proto::direct::{Channel, Decoder, Hello, Initiator, RECORD};
 use libfuzzer_sys::fuzz_target;
 
+const X: [u8; 32] = [7; 32];
+const SID: [u8; 16] = [1; 16];
+
+fn pair() -> (Channel, Channel) {
+    let mut hello = Vec::new();
+    let init = Initiator::start(&X, SID, &mut hello);
+    let mut ok = Vec::new();
+    let market = Hello::parse(&hello[5..]).unwrap().accept(&X, &mut ok).unwrap();
+    (init.finish(&ok[5..]).unwrap(), market)
+}
+
 fuzz_target!(|data: &[u8]| {
-    let mut market = Channel::new(&[7; 32], [1; 16], Role::Market);
+    let (_, mut market) = pair();
     let mut dec = Decoder::default();
     dec.push(data);
     while let Ok(Some((ty, payload))) = dec.next_frame() {
@@ -14,9 +26,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(market.open(&payload).is_err(), "a forged record opened");
         }
     }
-    // Round trip with the real key, payload taken from the input.
-    let mut terminal = Channel::new(&[7; 32], [1; 16], Role::Terminal);
-    let mut market = Channel::new(&[7; 32], [1; 16], Role::Market);
+    // Round trip with the real keys, payload taken from the input.
+    let (mut terminal, mut market) = pair();
     let mut wire = Vec::new();
     let body = &data[..data.len().min(1024)];
     terminal.seal(body, &mut wire);

@@ -69,11 +69,16 @@ impl<K: Hash + Eq + Copy, V> Expiring<K, V> {
     /// The live value of `key` and its expiry, `Err(())` when it has expired
     /// (it is dropped then), `Ok(None)` when unknown.
     pub fn get(&mut self, key: &K, now: u64) -> Result<Option<(&V, u64)>, ()> {
+        self.get_mut(key, now).map(|o| o.map(|(v, e)| (&*v, e)))
+    }
+
+    /// As [`Expiring::get`], for a value to change in place.
+    pub fn get_mut(&mut self, key: &K, now: u64) -> Result<Option<(&mut V, u64)>, ()> {
         if self.map.get(key).is_some_and(|(e, _)| *e <= now) {
             self.map.remove(key);
             return Err(());
         }
-        Ok(self.map.get(key).map(|(e, v)| (v, *e)))
+        Ok(self.map.get_mut(key).map(|(e, v)| (v, *e)))
     }
 
     pub fn len(&self) -> usize {

@@ -8,6 +8,7 @@
 //! terminal ──direct channel (AEAD records keyed from X)──► look up session ─► answer
 //! ```
 
+mod direct;
 mod expiring;
 pub mod server;
 pub mod setup;
@@ -62,6 +63,28 @@ pub struct MarketConfig {
     /// A connection silent this long is closed, ms. Default 60000.
     #[serde(default = "idle")]
     pub idle_timeout_ms: u64,
+    /// A direct connection must complete its Hello within this, ms, counted
+    /// from accept (a byte at a time does not extend it). Default 5000.
+    #[serde(default = "hello_timeout")]
+    pub hello_timeout_ms: u64,
+    /// Direct connections one session may open over its life. Bounds what
+    /// a replayed Hello can make the market do. Default 16.
+    #[serde(default = "connections_per_session")]
+    pub max_connections_per_session: u32,
+    /// Open direct connections per core; apart from the market channel's
+    /// cap, so terminals cannot crowd out the broker. Default 10000.
+    #[serde(default = "direct_per_core")]
+    pub max_direct_connections_per_core: usize,
+}
+
+fn hello_timeout() -> u64 {
+    5_000
+}
+fn connections_per_session() -> u32 {
+    16
+}
+fn direct_per_core() -> usize {
+    10_000
 }
 
 fn yes() -> bool {
@@ -100,6 +123,8 @@ impl MarketConfig {
 pub struct Session {
     pub x: Zeroizing<[u8; 32]>,
     pub user: String,
+    /// Direct connections whose handshake completed.
+    pub connections: u32,
 }
 
 /// A verified user certificate: its user id and public key.
@@ -120,6 +145,15 @@ pub struct MarketState {
     certs: Mutex<HashMap<[u8; 32], UserKey>>,
     replay: Mutex<Expiring<[u8; 16], ()>>,
     sessions: Mutex<Expiring<[u8; 16], Session>>,
+}
+
+/// A session lookup's answer as the direct channel's typed errors.
+fn live<V>(found: Result<Option<(V, u64)>, ()>) -> Result<(V, u64), ErrorCode> {
+    match found {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(ErrorCode::UnknownSession),
+        Err(()) => Err(ErrorCode::SessionExpired),
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -233,6 +267,7 @@ impl MarketState {
             Session {
                 x,
                 user: req.user.clone(),
+                connections: 0,
             },
             expiry_ms,
             now,
@@ -277,11 +312,20 @@ impl MarketState {
         now: u64,
     ) -> Result<(Zeroizing<[u8; 32]>, String, u64), ErrorCode> {
         let mut sessions = self.sessions.lock().expect("sessions");
-        match sessions.get(id, now) {
-            Ok(None) => Err(ErrorCode::UnknownSession),
-            Err(()) => Err(ErrorCode::SessionExpired),
-            Ok(Some((s, expiry))) => Ok((s.x.clone(), s.user.clone(), expiry)),
+        let (s, expiry) = live(sessions.get(id, now))?;
+        Ok((s.x.clone(), s.user.clone(), expiry))
+    }
+
+    /// Counts a direct connection whose handshake completed; refused once
+    /// the session has opened `max_connections_per_session`.
+    pub fn count_connection(&self, id: &[u8; 16], now: u64) -> Result<(), ErrorCode> {
+        let mut sessions = self.sessions.lock().expect("sessions");
+        let (s, _) = live(sessions.get_mut(id, now))?;
+        if s.connections >= self.cfg.max_connections_per_session {
+            return Err(ErrorCode::TooManyConnections);
         }
+        s.connections += 1;
+        Ok(())
     }
 
     /// Gives the market its signing key (PKCS#8 DER) and certificate (DER).

@@ -5,11 +5,12 @@
 //! direct channel: Hello{session} ─► HelloOk ─► Record ⇄ Record (answers each request)
 //! ```
 
+use super::direct::{DirectConn, Refusal};
 use super::{MarketConfig, MarketState, now_ms};
 use crate::exchange::BINDING_LABEL;
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
-use crate::proto::direct::{self, Channel, Decoder, Role};
+use crate::proto::direct::{self, Decoder};
 use crate::proto::market::{self, ExchangeReply, Splitter};
 use anyhow::{Context, Result};
 use compio::BufResult;
@@ -23,9 +24,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-const MAX_CONNECTIONS_PER_CORE: usize = 20_000;
+/// Market-channel connections per core: one per broker core per market.
+const MAX_CHANNELS_PER_CORE: usize = 1024;
 
 pub struct MarketServer {
     pub addr: SocketAddr,
@@ -126,19 +128,19 @@ fn run_core(
     rt.block_on(async move {
         let chan = TcpListener::from_std(chan)?;
         let dir = TcpListener::from_std(dir)?;
-        let live = Rc::new(Cell::new(0));
         let s = state.clone();
         compio::runtime::spawn(crate::net::accept_loop(
             dir,
-            live.clone(),
-            MAX_CONNECTIONS_PER_CORE,
+            Rc::new(Cell::new(0)),
+            state.cfg.max_direct_connections_per_core,
             move |stream| {
                 let s = s.clone();
                 async move { serve_direct(&s, stream).await }
             },
         ))
         .detach();
-        crate::net::accept_loop(chan, live, MAX_CONNECTIONS_PER_CORE, move |stream| {
+        let live = Rc::new(Cell::new(0));
+        crate::net::accept_loop(chan, live, MAX_CHANNELS_PER_CORE, move |stream| {
             let s = state.clone();
             let tls = tls.clone();
             async move { serve_channel(&s, tls, stream).await }
@@ -216,18 +218,28 @@ async fn write(sock: &mut TcpStream, out: Vec<u8>) -> Option<Vec<u8>> {
 }
 
 /// Sends `out` (answers held so far) with an alert after it; the channel
-/// then ends.
-async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, code: ErrorCode) {
-    direct::frame(direct::ALERT, &(code as u16).to_be_bytes(), &mut out);
+/// then ends. Every refusal is an audit line with the peer.
+async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, peer: &str, why: Refusal) {
+    tracing::info!(
+        peer = %peer,
+        user = %why.user.as_deref().unwrap_or("-"),
+        code = %why.code.name(),
+        "direct channel refused"
+    );
+    direct::frame(direct::ALERT, &(why.code as u16).to_be_bytes(), &mut out);
     let _ = write(sock, out).await;
 }
 
-/// The answers to frames that arrived together (a terminal may send its
-/// first record right behind Hello) leave together, in one write.
+/// One direct connection: `DirectConn` decides, this moves the bytes. The
+/// answers to frames that arrived together leave together, in one write.
 async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
+    let peer = sock
+        .peer_addr()
+        .map_or_else(|_| "-".to_owned(), |a| a.to_string());
     let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
+    let hello_by = Instant::now() + Duration::from_millis(state.cfg.hello_timeout_ms);
     let mut dec = Decoder::default();
-    let mut channel: Option<(Channel, String, u64)> = None;
+    let mut conn = DirectConn::default();
     let mut rbuf = Vec::with_capacity(16 * 1024);
     let mut out = Vec::with_capacity(1024);
     loop {
@@ -235,36 +247,10 @@ async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
             let (ty, payload) = match dec.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return alert(&mut sock, out, e.code()).await,
+                Err(e) => return alert(&mut sock, out, &peer, e.code().into()).await,
             };
-            match (ty, &mut channel) {
-                (direct::HELLO, None) => {
-                    let Ok(sid) = <[u8; 16]>::try_from(&payload[..]) else {
-                        return alert(&mut sock, out, ErrorCode::Malformed).await;
-                    };
-                    match state.session(&sid, now_ms()) {
-                        Ok((x, user, expiry)) => {
-                            channel = Some((Channel::new(&x, sid, Role::Market), user, expiry));
-                            direct::frame(direct::HELLO_OK, &[], &mut out);
-                        }
-                        Err(code) => return alert(&mut sock, out, code).await,
-                    }
-                }
-                (direct::RECORD, Some((ch, user, expiry))) => {
-                    if now_ms() >= *expiry {
-                        return alert(&mut sock, out, ErrorCode::SessionExpired).await;
-                    }
-                    let request = match ch.open(&payload) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::info!(user = %user, error = %e, "direct record refused");
-                            return alert(&mut sock, out, e.code()).await;
-                        }
-                    };
-                    let answer = answer(state, user, &request);
-                    ch.seal(&answer, &mut out);
-                }
-                _ => return alert(&mut sock, out, ErrorCode::Unexpected).await,
+            if let Err(why) = conn.handle(state, ty, &payload, now_ms(), &mut out) {
+                return alert(&mut sock, out, &peer, why).await;
             }
         }
         if !out.is_empty() {
@@ -276,10 +262,16 @@ async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
                 None => return,
             }
         }
+        let wait = if conn.established() {
+            idle
+        } else {
+            hello_by.saturating_duration_since(Instant::now())
+        };
         rbuf.clear();
-        let BufResult(r, b) = match compio::time::timeout(idle, sock.read(rbuf)).await {
+        let BufResult(r, b) = match compio::time::timeout(wait, sock.read(rbuf)).await {
             Ok(r) => r,
-            Err(_) => return,
+            Err(_) if conn.established() => return,
+            Err(_) => return alert(&mut sock, out, &peer, ErrorCode::Timeout.into()).await,
         };
         rbuf = b;
         match r {

@@ -80,10 +80,16 @@ pub enum ErrorCode {
     SessionExpired = 41,
     /// Direct channel: a record failed authentication or was out of order. Closes.
     BadRecord = 42,
+    /// Direct channel: the Hello's handshake did not verify under the
+    /// session's X. Closes.
+    BadHandshake = 43,
+    /// Direct channel: the session opened as many connections as the market
+    /// allows. Closes.
+    TooManyConnections = 44,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 36] = [
+    pub const ALL: [ErrorCode; 38] = [
         Self::Malformed,
         Self::TooLarge,
         Self::Unexpected,
@@ -110,6 +116,8 @@ impl ErrorCode {
         Self::UnknownSession,
         Self::SessionExpired,
         Self::BadRecord,
+        Self::BadHandshake,
+        Self::TooManyConnections,
         Self::InsufficientFunds,
         Self::UnknownCurrency,
         Self::InvalidAmount,
@@ -138,6 +146,8 @@ impl ErrorCode {
                 | Self::TerminalRevoked
                 | Self::SessionExpired
                 | Self::BadRecord
+                | Self::BadHandshake
+                | Self::TooManyConnections
         )
     }
 
@@ -180,6 +190,8 @@ impl ErrorCode {
             Self::UnknownSession => "unknown_session",
             Self::SessionExpired => "session_expired",
             Self::BadRecord => "bad_record",
+            Self::BadHandshake => "bad_handshake",
+            Self::TooManyConnections => "too_many_connections",
         }
     }
 }

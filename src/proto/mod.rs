@@ -12,6 +12,7 @@ pub mod access;
 pub mod code;
 pub mod direct;
 pub mod market;
+mod noise;
 pub mod session;
 pub mod wire;
 

@@ -1,13 +1,12 @@
 //! The terminal's side of the direct channel and of a brokered exchange.
 //!
 //! ```text
-//! Brokered{session id, X, endpoint} ─► TCP ─► Hello ─► HelloOk ─► Record ⇄ Record
-//!                                     (or Hello ‖ Record ─► HelloOk ‖ Record, one flight)
+//! Brokered{session id, X, endpoint} ─► TCP ─► Hello{noise e} ─► HelloOk{noise e, ee} ─► Record ⇄ Record
 //! ```
 
 use super::TerminalError;
 use crate::proto::ErrorCode;
-use crate::proto::direct::{self, Channel, Decoder, Role};
+use crate::proto::direct::{self, Channel, Decoder, Initiator};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -33,9 +32,8 @@ impl std::fmt::Debug for Brokered {
 
 /// An open direct channel to a market.
 pub struct Direct {
-    sock: TcpStream,
+    link: Link,
     channel: Channel,
-    decoder: Decoder,
 }
 
 fn refused(payload: &[u8]) -> TerminalError {
@@ -51,61 +49,26 @@ fn refused(payload: &[u8]) -> TerminalError {
     }
 }
 
-impl Direct {
-    /// Connects to the market and names the session.
-    pub fn connect(b: &Brokered, timeout: Duration) -> Result<Self, TerminalError> {
-        let mut d = Self::dial(b, timeout)?;
-        let mut hello = Vec::new();
-        direct::frame(direct::HELLO, &b.session_id, &mut hello);
-        d.sock.write_all(&hello)?;
-        d.hello_answer()?;
-        Ok(d)
-    }
+/// A connected socket and its frame decoder, before the handshake.
+struct Link {
+    sock: TcpStream,
+    decoder: Decoder,
+}
 
-    /// Connects, names the session and sends the first request in the same
-    /// flight; returns the channel and the market's answer. One round trip
-    /// fewer than [`Direct::connect`] then [`Direct::request`]: the market
-    /// answers Hello and the request in one write. The request is sealed
-    /// under X before the market has accepted the session; if it refuses,
-    /// the record is dropped unread.
-    pub fn open(
-        b: &Brokered,
-        timeout: Duration,
-        request: &[u8],
-    ) -> Result<(Self, Vec<u8>), TerminalError> {
-        let mut d = Self::dial(b, timeout)?;
-        let mut flight = Vec::with_capacity(64 + request.len());
-        direct::frame(direct::HELLO, &b.session_id, &mut flight);
-        d.channel.seal(request, &mut flight);
-        d.sock.write_all(&flight)?;
-        d.hello_answer()?;
-        let answer = d.receive()?;
-        Ok((d, answer))
-    }
-
-    fn dial(b: &Brokered, timeout: Duration) -> Result<Self, TerminalError> {
-        let addr = b
-            .endpoint
+impl Link {
+    fn dial(endpoint: &str, timeout: Duration) -> Result<Self, TerminalError> {
+        let addr = endpoint
             .to_socket_addrs()?
             .next()
-            .ok_or_else(|| TerminalError::Protocol(format!("bad endpoint {}", b.endpoint)))?;
+            .ok_or_else(|| TerminalError::Protocol(format!("bad endpoint {endpoint}")))?;
         let sock = TcpStream::connect_timeout(&addr, timeout)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
         sock.set_nodelay(true)?;
         Ok(Self {
             sock,
-            channel: Channel::new(&b.x, b.session_id, Role::Terminal),
             decoder: Decoder::default(),
         })
-    }
-
-    fn hello_answer(&mut self) -> Result<(), TerminalError> {
-        match self.next()? {
-            (direct::HELLO_OK, _) => Ok(()),
-            (direct::ALERT, p) => Err(refused(&p)),
-            _ => Err(TerminalError::Protocol("unexpected answer to hello".into())),
-        }
     }
 
     fn next(&mut self) -> Result<(u8, Vec<u8>), TerminalError> {
@@ -125,10 +88,42 @@ impl Direct {
             self.decoder.push(&buf[..n]);
         }
     }
+}
+
+impl Direct {
+    /// Connects to the market and runs the handshake (Hello, HelloOk): one
+    /// round trip. Requests go only after it, so none can be replayed on
+    /// another connection (docs/PROTOCOL.md §3.2).
+    pub fn connect(b: &Brokered, timeout: Duration) -> Result<Self, TerminalError> {
+        let mut link = Link::dial(&b.endpoint, timeout)?;
+        let mut hello = Vec::with_capacity(direct::HELLO_LEN + 5);
+        let initiator = Initiator::start(&b.x, b.session_id, &mut hello);
+        link.sock.write_all(&hello)?;
+        let channel = match link.next()? {
+            (direct::HELLO_OK, p) => initiator
+                .finish(&p)
+                .map_err(|e| TerminalError::Protocol(format!("market handshake: {e}")))?,
+            (direct::ALERT, p) => return Err(refused(&p)),
+            _ => return Err(TerminalError::Protocol("unexpected answer to hello".into())),
+        };
+        Ok(Self { link, channel })
+    }
+
+    /// Connects and sends the first request once the handshake is done;
+    /// returns the channel and the market's answer (two round trips).
+    pub fn open(
+        b: &Brokered,
+        timeout: Duration,
+        request: &[u8],
+    ) -> Result<(Self, Vec<u8>), TerminalError> {
+        let mut d = Self::connect(b, timeout)?;
+        let answer = d.request(request)?;
+        Ok((d, answer))
+    }
 
     /// Sends raw bytes (tests use this to send tampered records).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), TerminalError> {
-        self.sock.write_all(bytes)?;
+        self.link.sock.write_all(bytes)?;
         Ok(())
     }
 
@@ -141,7 +136,7 @@ impl Direct {
 
     /// Reads and opens the market's next answer.
     pub fn receive(&mut self) -> Result<Vec<u8>, TerminalError> {
-        match self.next()? {
+        match self.link.next()? {
             (direct::RECORD, p) => self
                 .channel
                 .open(&p)

@@ -200,6 +200,12 @@ impl Env {
     /// Creates market `id` (allowing `allow`), starts it on free ports and
     /// registers it with the broker's registry.
     pub fn market(&self, id: &str, allow: &str) -> Market {
+        self.market_with(id, allow, "", None)
+    }
+
+    /// As [`Env::market`], with `extra` lines appended to its market.toml
+    /// and its log (stderr) written to `log`.
+    pub fn market_with(&self, id: &str, allow: &str, extra: &str, log: Option<&Path>) -> Market {
         let dir = self.dir.path().join("markets").join(id);
         self.kb(&[
             "market",
@@ -216,7 +222,10 @@ impl Env {
             allow,
         ])
         .success();
-        let m = self.start_market(&dir.join("market.toml"));
+        let config = dir.join("market.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}\n{extra}\n")).unwrap();
+        let m = self.start_market_logging(&config, log);
         self.kb(&[
             "market",
             "add",
@@ -245,10 +254,17 @@ impl Env {
     }
 
     pub fn start_market(&self, config: &Path) -> Market {
+        self.start_market_logging(config, None)
+    }
+
+    pub fn start_market_logging(&self, config: &Path, log: Option<&Path>) -> Market {
+        let stderr = log.map_or_else(Stdio::inherit, |p| {
+            Stdio::from(std::fs::File::create(p).expect("market log"))
+        });
         let mut child = Command::new(BIN)
             .args(["market", "serve", "--market-config", path_str(config)])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn market");
         let (addr, direct) = listening(&mut child, "market");
