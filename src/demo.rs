@@ -88,11 +88,21 @@ fn wallet_flow(
     let b = t.exchange(MARKET)?;
     let mut d = Direct::connect(&b, TIMEOUT)?;
     let decision = d.present_receipt(&receipt)?;
-    let (cert, sig) = d.cancel_authorisation(&decision)?;
-    if t.cancel(&decision, cert, sig)? != topped {
+    let auth = d.cancel_authorisation(&decision)?;
+    if t.cancel(&decision, auth)? != topped {
         bail!("the cancel did not refund the purchase");
     }
     tally.cancels += 1;
+    // Money moves once: the refunded decision's receipt is refused by the
+    // market, and a retried purchase gets no fresh receipt.
+    if d.present_receipt(&receipt).is_ok() {
+        bail!("the market accepted a refunded decision's receipt");
+    }
+    tally.refusals_checked += 1;
+    match t.purchase(MARKET, 1_200, "EUR", "demo order", &idem) {
+        Err(e) if e.code() == Some(ErrorCode::AlreadyCancelled) => tally.refusals_checked += 1,
+        other => bail!("a refunded purchase was answered again: {other:?}"),
+    }
     Ok(())
 }
 

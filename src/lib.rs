@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cancel_auth;
 pub mod config;
 pub mod crypto;
 pub mod demo;

@@ -479,10 +479,10 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
             decision,
         } => {
             let (mut t, _) = session.open(stdin)?;
-            let (cert, sig) = direct_to(&mut t, &market)?
+            let auth = direct_to(&mut t, &market)?
                 .cancel_authorisation(&decision)
                 .context("authorisation")?;
-            let balance = t.cancel(&decision, cert, sig).context("cancel")?;
+            let balance = t.cancel(&decision, auth).context("cancel")?;
             println!("cancelled {decision}; balance {balance}");
             t.logout()?;
         }

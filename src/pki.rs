@@ -23,6 +23,9 @@ pub enum Usage {
     TlsServerAndClient,
     /// Signs exchange transcripts and receipts (user certificates).
     Signing,
+    /// Signs documents only, with EKU id-kp-documentSigning (RFC 9336): a
+    /// market's cancellation authorisations (`cancel_auth`).
+    DocumentSigning,
 }
 
 fn dn(cn: &str) -> DistinguishedName {
@@ -94,6 +97,9 @@ pub fn issue(
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
         Usage::Signing => vec![],
+        Usage::DocumentSigning => vec![ExtendedKeyUsagePurpose::Other(
+            crate::cancel_auth::EKU_DOCUMENT_SIGNING_ARCS.to_vec(),
+        )],
     };
     for san in sans {
         p.subject_alt_names.push(match san.parse() {

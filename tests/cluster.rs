@@ -104,11 +104,10 @@ fn purchase_on_one_node_cancel_on_the_other() {
     let mut b = Terminal::connect(front, &alice, TIMEOUT).unwrap();
     login(&mut b);
     let bx = b.exchange("m1").unwrap();
-    let (cert, sig) = Direct::connect(&bx, TIMEOUT)
-        .unwrap()
-        .cancel_authorisation(&decision)
-        .unwrap();
-    assert_eq!(b.cancel(&decision, cert, sig).unwrap(), 5_000);
+    let mut d = Direct::connect(&bx, TIMEOUT).unwrap();
+    d.present_receipt(&receipt).unwrap();
+    let auth = d.cancel_authorisation(&decision).unwrap();
+    assert_eq!(b.cancel(&decision, auth).unwrap(), 5_000);
     let after = (handshakes(n1.admin), handshakes(n2.admin));
     // Round robin: the two sessions were served by different nodes.
     let first = (mid.0 - before.0, mid.1 - before.1);

@@ -7,6 +7,7 @@ mod common;
 
 use common::relay::{Relay, free_port};
 use common::*;
+use keybroker::cancel_auth::SignedCancel;
 use keybroker::proto::ErrorCode;
 use keybroker::terminal::{Direct, Terminal, TerminalConfig};
 use std::collections::{BTreeMap, BTreeSet};
@@ -103,36 +104,52 @@ fn purchase_cancel_and_top_up_rules() {
     bad[40] ^= 1;
     assert!(d.present_receipt(&bad).is_err());
 
-    // Bob cannot cancel alice's decision, even with an authorisation made out to him.
+    // The market authorises no cancel for a decision it has not seen, nor
+    // for another user's: bob gets nothing to show the broker.
     let mut tb = released(&b, &bob, "bob");
-    let (cert, sig) = direct(&mut tb).cancel_authorisation(&decision).unwrap();
-    assert_eq!(
-        refused(tb.cancel(&decision, cert, sig)),
-        ErrorCode::NotYourDecision
+    let refusal = direct(&mut tb).cancel_authorisation(&decision).unwrap_err();
+    assert!(
+        refusal
+            .to_string()
+            .contains("CANCEL REFUSED unknown decision"),
+        "{refusal}"
     );
-    // An authorisation for another decision does not cancel this one.
-    let (cert, sig) = d.cancel_authorisation("other-decision").unwrap();
+    let refusal = d.cancel_authorisation("other-decision").unwrap_err();
+    assert!(
+        refusal
+            .to_string()
+            .contains("CANCEL REFUSED unknown decision"),
+        "{refusal}"
+    );
+    // Alice's authorisation does not cancel for bob, nor for another id.
+    let auth = d.cancel_authorisation(&decision).unwrap();
     assert_eq!(
-        refused(t.cancel(&decision, cert.clone(), sig)),
+        refused(tb.cancel(&decision, auth.clone())),
+        ErrorCode::BadAuthorisation
+    );
+    assert_eq!(
+        refused(t.cancel("other-decision", auth)),
         ErrorCode::BadAuthorisation
     );
     // A forged signature neither.
-    let (cert, mut sig) = d.cancel_authorisation(&decision).unwrap();
-    let last = sig.len() - 1;
-    sig[last] ^= 1;
+    let mut forged = SignedCancel::decode(&d.cancel_authorisation(&decision).unwrap()).unwrap();
+    let last = forged.signature.len() - 1;
+    forged.signature[last] ^= 1;
     assert_eq!(
-        refused(t.cancel(&decision, cert, sig)),
+        refused(t.cancel(&decision, forged.encode())),
         ErrorCode::BadAuthorisation
     );
 
     // The market's authorisation refunds exactly once.
-    let (cert, sig) = d.cancel_authorisation(&decision).unwrap();
+    let auth = d.cancel_authorisation(&decision).unwrap();
+    assert_eq!(t.cancel(&decision, auth.clone()).unwrap(), 10_000);
     assert_eq!(
-        t.cancel(&decision, cert.clone(), sig.clone()).unwrap(),
-        10_000
+        refused(t.cancel(&decision, auth)),
+        ErrorCode::AlreadyCancelled
     );
+    // A retry of the refunded purchase gets no receipt.
     assert_eq!(
-        refused(t.cancel(&decision, cert, sig)),
+        refused(t.purchase("m1", 2_500, "EUR", "order 1", "k7")),
         ErrorCode::AlreadyCancelled
     );
     assert_eq!(t.balance().unwrap(), vec![("EUR".to_owned(), 10_000)]);
@@ -251,8 +268,9 @@ fn mixed_worker(
                             .insert(key, decision.clone());
                         match d.as_mut() {
                             Some(d) if j % 2 == 0 => {
-                                let (cert, sig) = d.cancel_authorisation(&decision).unwrap();
-                                let cancelled = t.cancel(&decision, cert, sig).is_ok();
+                                d.present_receipt(&r).unwrap();
+                                let auth = d.cancel_authorisation(&decision).unwrap();
+                                let cancelled = t.cancel(&decision, auth).is_ok();
                                 if cancelled {
                                     acked.lock().unwrap().cancels.insert(decision);
                                 }
@@ -379,8 +397,8 @@ fn sigkill_under_mixed_load_loses_nothing_acknowledged() {
     let mut dm = direct(&mut t);
     for d in &acked.cancels {
         assert_eq!(count(&db, refunds, d), 1, "cancel of {d} lost or doubled");
-        let (cert, sig) = dm.cancel_authorisation(d).unwrap();
-        assert_eq!(refused(t.cancel(d, cert, sig)), ErrorCode::AlreadyCancelled);
+        let auth = dm.cancel_authorisation(d).unwrap();
+        assert_eq!(refused(t.cancel(d, auth)), ErrorCode::AlreadyCancelled);
     }
     let doubled: i64 = db
         .query_row(
@@ -400,7 +418,17 @@ fn sigkill_under_mixed_load_loses_nothing_acknowledged() {
     let before = t.balance().unwrap()[0].1;
     let mut retried_new = 0;
     for key in &acked.tried {
-        let (_, r) = t.purchase("m1", 7, "EUR", "mixed", key).unwrap();
+        let r = match t.purchase("m1", 7, "EUR", "mixed", key) {
+            Ok((_, r)) => r,
+            // A refunded decision's retry gets no receipt and debits nothing.
+            Err(e) if e.code() == Some(ErrorCode::AlreadyCancelled) => {
+                if let Some(d) = acked.purchases.get(key) {
+                    assert_eq!(count(&db, refunds, d), 1, "{key}: refused as cancelled");
+                }
+                continue;
+            }
+            Err(e) => panic!("retry of {key}: {e}"),
+        };
         if let Some(d) = acked.purchases.get(key) {
             assert_eq!(&decision_of(&r), d, "a retry of {key} made a new decision");
         }

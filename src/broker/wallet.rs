@@ -10,6 +10,7 @@
 use super::conn::Core;
 use super::exchange::{Released, hsm, pool_code};
 use super::{Shared, auth::Which};
+use crate::cancel_auth::SignedCancel;
 use crate::metrics::{WalletOp, wallet_op};
 use crate::proto::ErrorCode;
 use crate::proto::access::Message;
@@ -99,19 +100,10 @@ pub async fn handle(
         }
         Message::Cancel {
             decision_id,
-            market_cert,
-            market_signature,
+            authorisation,
         } => {
             let rel = rel.ok_or(ErrorCode::NotReleased)?;
-            let r = cancel(
-                shared,
-                rel,
-                user,
-                decision_id,
-                &market_cert,
-                &market_signature,
-            )
-            .await;
+            let r = cancel(shared, rel, user, decision_id, &authorisation).await;
             wallet_op(
                 WalletOp::Cancel,
                 r.as_ref().map_or_else(|c| c.name(), |_| "ok"),
@@ -187,7 +179,9 @@ async fn purchase(
 }
 
 /// The market a cancellation authorisation comes from: its certificate
-/// must chain to that market's registered CA and name it.
+/// must chain to that market's registered CA, name it, and carry the
+/// document-signing EKU (so the market's TLS key cannot authorise a
+/// refund). Returns the market id and its public key.
 fn authorising_market(shared: &Shared, cert_der: &[u8]) -> Result<(String, Vec<u8>), ErrorCode> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(cert_der).map_err(|_| ErrorCode::BadAuthorisation)?;
@@ -207,20 +201,40 @@ fn authorising_market(shared: &Shared, cert_der: &[u8]) -> Result<(String, Vec<u
     if !cert.validity().is_valid() {
         return Err(ErrorCode::BadAuthorisation);
     }
+    let document_signing = cert.extended_key_usage().ok().flatten().is_some_and(|e| {
+        e.value
+            .other
+            .iter()
+            .any(|oid| oid.as_bytes() == crate::cancel_auth::EKU_DOCUMENT_SIGNING)
+    });
+    if !document_signing {
+        return Err(ErrorCode::BadAuthorisation);
+    }
     Ok((id, cert.public_key().subject_public_key.data.to_vec()))
 }
 
+/// Checks the market's authorisation (docs/PROTOCOL.md §1.8: certificate,
+/// then the fields, then the signature) and refunds once.
 async fn cancel(
     shared: &Arc<Shared>,
     rel: &Released,
     user: &str,
     decision_id: String,
-    cert: &[u8],
-    signature: &[u8],
+    authorisation: &[u8],
 ) -> Result<Message, ErrorCode> {
-    let (market, point) = authorising_market(shared, cert)?;
-    wallet::cancel::verify_cancel(&point, &decision_id, &market, user, signature)
-        .map_err(|e| code(&e))?;
+    let signed = SignedCancel::decode(authorisation).map_err(|_| ErrorCode::BadAuthorisation)?;
+    let (market, point) = authorising_market(shared, &signed.cert)?;
+    let a = &signed.auth;
+    let now = crate::wallet::now_ms().max(0) as u64;
+    if a.decision_id != decision_id
+        || a.market != market
+        || a.user != user
+        || a.expiry_ms <= now
+        || a.expiry_ms > now + crate::cancel_auth::MAX_LIFETIME_MS
+        || !signed.verify(&point)
+    {
+        return Err(ErrorCode::BadAuthorisation);
+    }
     let entry = settle(shared.ledger.cancel_async(CancelRequest {
         user: user.to_owned(),
         decision_id: decision_id.clone(),

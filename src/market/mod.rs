@@ -10,6 +10,7 @@
 
 mod direct;
 mod expiring;
+pub mod orders;
 pub mod server;
 pub mod setup;
 
@@ -42,6 +43,27 @@ pub struct MarketConfig {
     pub cert: PathBuf,
     pub broker_ca: PathBuf,
     pub user_ca: PathBuf,
+    /// The cancel-signing key and certificate (EKU documentSigning), apart
+    /// from the TLS key. Default `cancel.key`, `cancel.crt`.
+    #[serde(default = "cancel_key")]
+    pub cancel_key: PathBuf,
+    #[serde(default = "cancel_cert")]
+    pub cancel_cert: PathBuf,
+    /// The order book (SQLite): receipts accepted, cancellations. Default
+    /// `orders.db`.
+    #[serde(default = "orders_db")]
+    pub orders_db: PathBuf,
+    /// Time from accepting a receipt to delivering the goods, s: the window
+    /// in which a cancel is authorised. Default 300.
+    #[serde(default = "delivery_delay")]
+    pub delivery_delay_s: u64,
+    /// Oldest receipt accepted, by its `created_ms`, s. Default 600.
+    #[serde(default = "receipt_max_age")]
+    pub receipt_max_age_s: u64,
+    /// Lifetime of a cancellation authorisation, s (at most 900, what the
+    /// broker accepts). Default 300.
+    #[serde(default = "cancel_auth_ttl")]
+    pub cancel_auth_ttl_s: u64,
     /// Users allowed to trade here; `"*"` allows every certified user.
     #[serde(default = "all_users")]
     pub allowed_users: Vec<String>,
@@ -77,6 +99,24 @@ pub struct MarketConfig {
     pub max_direct_connections_per_core: usize,
 }
 
+fn cancel_key() -> PathBuf {
+    "cancel.key".into()
+}
+fn cancel_cert() -> PathBuf {
+    "cancel.crt".into()
+}
+fn orders_db() -> PathBuf {
+    "orders.db".into()
+}
+fn delivery_delay() -> u64 {
+    300
+}
+fn receipt_max_age() -> u64 {
+    600
+}
+fn cancel_auth_ttl() -> u64 {
+    300
+}
 fn hello_timeout() -> u64 {
     5_000
 }
@@ -113,6 +153,12 @@ impl MarketConfig {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let cfg: Self =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        anyhow::ensure!(
+            cfg.cancel_auth_ttl_s * 1000 <= crate::cancel_auth::MAX_LIFETIME_MS,
+            "cancel_auth_ttl_s = {} is above what the broker accepts ({} s)",
+            cfg.cancel_auth_ttl_s,
+            crate::cancel_auth::MAX_LIFETIME_MS / 1000
+        );
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok((cfg, base))
     }
@@ -138,8 +184,9 @@ struct UserKey {
 /// Everything the market's cores share.
 pub struct MarketState {
     pub cfg: MarketConfig,
-    /// The market's own key and certificate, for cancellation authorisations.
+    /// The cancel-signing key and its certificate.
     signer: Option<(aws_lc_rs::signature::EcdsaKeyPair, Vec<u8>)>,
+    orders: Mutex<orders::Orders>,
     pub endpoint: String,
     user_ca_spki: Vec<u8>,
     certs: Mutex<HashMap<[u8; 32], UserKey>>,
@@ -173,6 +220,7 @@ impl MarketState {
             sessions: Mutex::new(Expiring::new(cfg.max_sessions)),
             cfg,
             signer: None,
+            orders: Mutex::new(orders::Orders::in_memory()?),
             endpoint,
             user_ca_spki: ca.public_key().raw.to_vec(),
             certs: Mutex::new(HashMap::new()),
@@ -328,7 +376,14 @@ impl MarketState {
         Ok(())
     }
 
-    /// Gives the market its signing key (PKCS#8 DER) and certificate (DER).
+    /// Keeps the order book in `orders` instead of in memory.
+    pub fn with_orders(mut self, orders: orders::Orders) -> Self {
+        self.orders = Mutex::new(orders);
+        self
+    }
+
+    /// Gives the market its cancel-signing key (PKCS#8 DER) and certificate
+    /// (DER).
     pub fn with_signer(mut self, pkcs8: &[u8], cert_der: Vec<u8>) -> Result<Self> {
         let key = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
             &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
@@ -340,7 +395,8 @@ impl MarketState {
     }
 
     /// Checks a purchase receipt a terminal presents: for this market, for
-    /// the session's user, signed by that user's certified home-card key.
+    /// the session's user, recent, signed by that user's certified
+    /// home-card key; then records it, once per decision id.
     pub fn verify_receipt(
         &self,
         bytes: &[u8],
@@ -348,11 +404,18 @@ impl MarketState {
         now: u64,
     ) -> Result<String, &'static str> {
         let r = crate::receipt::SignedReceipt::decode(bytes).map_err(|_| "malformed")?;
-        if r.receipt.market != self.cfg.id {
+        let receipt = &r.receipt;
+        if receipt.market != self.cfg.id {
             return Err("for another market");
         }
-        if r.receipt.user != session_user {
+        if receipt.user != session_user {
             return Err("for another user");
+        }
+        let created = u64::try_from(receipt.created_ms).unwrap_or(0);
+        if created > now + self.cfg.freshness_ms
+            || now.saturating_sub(created) > self.cfg.receipt_max_age_s * 1000
+        {
+            return Err("expired");
         }
         let fp = crate::pki::fingerprint(&r.user_cert);
         let key = self
@@ -361,16 +424,57 @@ impl MarketState {
         if key.user != session_user || !r.verify(&key.point) {
             return Err("bad signature");
         }
-        Ok(r.receipt.decision_id)
+        let order = orders::NewOrder {
+            decision_id: &receipt.decision_id,
+            user: &receipt.user,
+            amount_minor: receipt.amount_minor,
+            currency: std::str::from_utf8(&receipt.currency).unwrap_or("???"),
+            order_ref: &receipt.order_ref,
+            created_ms: receipt.created_ms,
+        };
+        let deliver_at = now + self.cfg.delivery_delay_s * 1000;
+        self.orders
+            .lock()
+            .expect("orders")
+            .accept(&order, now, deliver_at)?;
+        Ok(receipt.decision_id.clone())
     }
 
-    /// The market's authorisation to cancel `decision_id` of `user`:
-    /// (certificate DER, signature DER).
-    pub fn authorise_cancel(&self, decision_id: &str, user: &str) -> Option<(Vec<u8>, Vec<u8>)> {
-        let (key, cert) = self.signer.as_ref()?;
-        let msg = crate::wallet::cancel::cancel_message(decision_id, &self.cfg.id, user);
-        let sig = key.sign(&aws_lc_rs::rand::SystemRandom::new(), &msg).ok()?;
-        Some((cert.clone(), sig.as_ref().to_vec()))
+    /// The market's authorisation to cancel `decision_id` of `user`, if it
+    /// accepted that decision's receipt and has not delivered it: the
+    /// encoded [`crate::cancel_auth::SignedCancel`].
+    pub fn authorise_cancel(
+        &self,
+        decision_id: &str,
+        user: &str,
+        now: u64,
+    ) -> Result<Vec<u8>, &'static str> {
+        let (key, cert) = self.signer.as_ref().ok_or("no cancel-signing key")?;
+        let mut nonce = [0u8; 16];
+        rand::fill(&mut nonce);
+        let auth = crate::cancel_auth::CancelAuth {
+            decision_id: decision_id.to_owned(),
+            market: self.cfg.id.clone(),
+            user: user.to_owned(),
+            nonce,
+            expiry_ms: now + self.cfg.cancel_auth_ttl_s * 1000,
+        };
+        self.orders.lock().expect("orders").cancel(
+            decision_id,
+            user,
+            now,
+            &nonce,
+            auth.expiry_ms,
+        )?;
+        let sig = key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), &auth.body())
+            .map_err(|_| "signing failed")?;
+        Ok(crate::cancel_auth::SignedCancel {
+            auth,
+            signature: sig.as_ref().to_vec(),
+            cert: cert.clone(),
+        }
+        .encode())
     }
 
     /// The number of live sessions (for tests and metrics).

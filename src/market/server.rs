@@ -10,6 +10,7 @@ use super::{MarketConfig, MarketState, now_ms};
 use crate::exchange::BINDING_LABEL;
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
+use crate::proto::access::MAX_USER;
 use crate::proto::direct::{self, Decoder};
 use crate::proto::market::{self, ExchangeReply, Splitter};
 use anyhow::{Context, Result};
@@ -88,11 +89,26 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
         .direct_endpoint
         .clone()
         .unwrap_or_else(|| direct_addr.to_string());
-    let key_pem = std::fs::read_to_string(base.join(&cfg.key))?;
-    let key_der = crate::wallet::voucher::pem_der(&key_pem, "PRIVATE KEY").context("market key")?;
-    let cert_der = crate::pki::read_cert_pem(&std::fs::read_to_string(base.join(&cfg.cert))?)?;
-    let state =
-        Arc::new(MarketState::new(cfg, &user_ca, endpoint)?.with_signer(&key_der, cert_der)?);
+    let read = |p: &Path| {
+        std::fs::read_to_string(base.join(p)).with_context(|| {
+            format!(
+                "reading {} (`keybroker market init` makes it)",
+                base.join(p).display()
+            )
+        })
+    };
+    let cancel_key = pem::parse(read(&cfg.cancel_key)?).context("cancel-signing key")?;
+    anyhow::ensure!(
+        cancel_key.tag() == "PRIVATE KEY",
+        "the cancel-signing key is not PKCS#8"
+    );
+    let cancel_cert = crate::pki::read_cert_pem(&read(&cfg.cancel_cert)?)?;
+    let orders = super::orders::Orders::open(&base.join(&cfg.orders_db))?;
+    let state = Arc::new(
+        MarketState::new(cfg, &user_ca, endpoint)?
+            .with_orders(orders)
+            .with_signer(cancel_key.contents(), cancel_cert)?,
+    );
     let mut threads = Vec::new();
     for (i, (c, d)) in chan.into_iter().zip(dir).enumerate() {
         let state = state.clone();
@@ -296,20 +312,26 @@ pub fn answer(state: &MarketState, user: &str, request: &[u8]) -> Vec<u8> {
                 tracing::info!(user, decision, "receipt accepted");
                 format!("RECEIPT OK {decision}").into_bytes()
             }
-            Err(why) => format!("RECEIPT REFUSED {why}").into_bytes(),
+            Err(why) => {
+                tracing::info!(user, why, "receipt refused");
+                format!("RECEIPT REFUSED {why}").into_bytes()
+            }
         };
     }
     if let Some(decision) = request.strip_prefix(CANCEL) {
-        let decision = String::from_utf8_lossy(decision);
-        return match state.authorise_cancel(&decision, user) {
-            Some((cert, sig)) => {
+        let decision = String::from_utf8_lossy(&decision[..decision.len().min(MAX_USER)]);
+        return match state.authorise_cancel(&decision, user, now_ms()) {
+            Ok(auth) => {
+                tracing::info!(user, decision = %decision, "cancel authorised");
                 use crate::proto::wire::Put;
                 let mut a = CANCEL_AUTH.to_vec();
-                a.put_bytes(&cert);
-                a.put_bytes(&sig);
+                a.put_bytes(&auth);
                 a
             }
-            None => b"CANCEL REFUSED".to_vec(),
+            Err(why) => {
+                tracing::info!(user, decision = %decision, why, "cancel refused");
+                format!("CANCEL REFUSED {why}").into_bytes()
+            }
         };
     }
     let mut a = format!("market {} to {user}: ", state.cfg.id).into_bytes();

@@ -26,24 +26,18 @@ pub fn init(a: &InitArgs) -> Result<PathBuf> {
     if !cert_path.exists() {
         let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let ca = pki::self_signed_ca(&format!("market {} CA", a.id), &ca_key)?;
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let sans = vec![a.id.to_owned(), "localhost".into(), "127.0.0.1".into()];
-        let cert = pki::issue(
-            &ca,
-            &ca_key,
-            &format!("market {}", a.id),
-            &sans,
-            Usage::TlsServer,
-            Duration::from_secs(365 * 86400),
-            &key,
-        )?;
-        crate::enroll::write_private(&a.dir.join("market.key"), key.serialize_pem().as_bytes())?;
         crate::enroll::write_private(
             &a.dir.join("market-ca.key"),
             ca_key.serialize_pem().as_bytes(),
         )?;
         std::fs::write(a.dir.join("market-ca.crt"), pki::pem("CERTIFICATE", &ca))?;
-        std::fs::write(&cert_path, pki::pem("CERTIFICATE", &cert))?;
+        let sans = vec![a.id.to_owned(), "localhost".into(), "127.0.0.1".into()];
+        leaf(a, "market", &sans, Usage::TlsServer)?;
+    }
+    // The cancel-signing key is separate from the TLS key (docs/PROTOCOL.md
+    // §1.8); a market made before it existed gets one on the next init.
+    if !a.dir.join("cancel.crt").exists() {
+        leaf(a, "cancel", &[], Usage::DocumentSigning)?;
     }
     for f in ["broker-ca.pem", "user-ca.pem"] {
         std::fs::copy(a.broker_pki.join(f), a.dir.join(f)).with_context(|| {
@@ -60,6 +54,7 @@ pub fn init(a: &InitArgs) -> Result<PathBuf> {
         format!(
             "id = {id:?}\nlisten = {listen:?}\ndirect_listen = {direct:?}\n\
              key = \"market.key\"\ncert = \"market.crt\"\nbroker_ca = \"broker-ca.pem\"\nuser_ca = \"user-ca.pem\"\n\
+             cancel_key = \"cancel.key\"\ncancel_cert = \"cancel.crt\"\norders_db = \"orders.db\"\n\
              allowed_users = [{users}]\n",
             id = a.id,
             listen = a.listen,
@@ -68,4 +63,32 @@ pub fn init(a: &InitArgs) -> Result<PathBuf> {
         ),
     )?;
     Ok(config)
+}
+
+/// Issues `NAME.key` and `NAME.crt` (CN `market <id>`) under the market CA
+/// kept in `dir`.
+fn leaf(a: &InitArgs, name: &str, sans: &[String], usage: Usage) -> Result<()> {
+    let read =
+        |f: &str| std::fs::read_to_string(a.dir.join(f)).with_context(|| format!("reading {f}"));
+    let ca = pki::read_cert_pem(&read("market-ca.crt")?)?;
+    let ca_key = rcgen::KeyPair::from_pem(&read("market-ca.key")?).context("market CA key")?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = pki::issue(
+        &ca,
+        &ca_key,
+        &format!("market {}", a.id),
+        sans,
+        usage,
+        Duration::from_secs(365 * 86400),
+        &key,
+    )?;
+    crate::enroll::write_private(
+        &a.dir.join(format!("{name}.key")),
+        key.serialize_pem().as_bytes(),
+    )?;
+    std::fs::write(
+        a.dir.join(format!("{name}.crt")),
+        pki::pem("CERTIFICATE", &cert),
+    )?;
+    Ok(())
 }

@@ -80,8 +80,8 @@ pub enum Message {
     /// (type 0x08).
     Cancel {
         decision_id: String,
-        market_cert: Vec<u8>,
-        market_signature: Vec<u8>,
+        /// The market's encoded `cancel_auth::SignedCancel`.
+        authorisation: Vec<u8>,
     },
     /// Terminal → broker: top up with a voucher and the second password (type 0x09).
     TopUp {
@@ -253,12 +253,10 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         }
         Message::Cancel {
             decision_id,
-            market_cert,
-            market_signature,
+            authorisation,
         } => {
             out.put_bytes(decision_id.as_bytes());
-            out.put_bytes(market_cert);
-            out.put_bytes(market_signature);
+            out.put_bytes(authorisation);
         }
         Message::TopUp { voucher, password } => {
             out.put_bytes(voucher);
@@ -341,8 +339,9 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         },
         0x08 => Message::Cancel {
             decision_id: id_str(&mut r, "decision_id")?,
-            market_cert: r.bytes(MAX_BLOB, "market_cert")?.to_vec(),
-            market_signature: r.bytes(MAX_SIGNATURE, "market_signature")?.to_vec(),
+            authorisation: r
+                .bytes(crate::cancel_auth::MAX_ENCODED, "authorisation")?
+                .to_vec(),
         },
         0x09 => Message::TopUp {
             voucher: r.bytes(MAX_BLOB, "voucher")?.to_vec(),
@@ -504,8 +503,7 @@ mod tests {
             },
             Message::Cancel {
                 decision_id: "d1".into(),
-                market_cert: vec![1, 2],
-                market_signature: vec![3],
+                authorisation: vec![1, 2, 3],
             },
             Message::TopUp {
                 voucher: vec![9; 10],

@@ -156,28 +156,20 @@ impl Direct {
             .ok_or_else(|| TerminalError::Protocol(format!("market: {text}")))
     }
 
-    /// Asks the market to authorise cancelling `decision_id`: returns its
-    /// certificate and signature, for `Terminal::cancel`.
-    pub fn cancel_authorisation(
-        &mut self,
-        decision_id: &str,
-    ) -> Result<(Vec<u8>, Vec<u8>), TerminalError> {
+    /// Asks the market to authorise cancelling `decision_id`: returns the
+    /// encoded authorisation (docs/PROTOCOL.md §1.8), for `Terminal::cancel`.
+    pub fn cancel_authorisation(&mut self, decision_id: &str) -> Result<Vec<u8>, TerminalError> {
         let req = [crate::market::server::CANCEL, decision_id.as_bytes()].concat();
         let answer = self.request(&req)?;
-        let bad = || TerminalError::Protocol("malformed cancellation authorisation".into());
-        let body = answer
-            .strip_prefix(crate::market::server::CANCEL_AUTH)
-            .ok_or_else(bad)?;
+        let Some(body) = answer.strip_prefix(crate::market::server::CANCEL_AUTH) else {
+            let text = String::from_utf8_lossy(&answer);
+            return Err(TerminalError::Protocol(format!("market: {text}")));
+        };
         let mut r = crate::proto::wire::Reader::new(body);
-        let cert = r
-            .bytes(crate::proto::access::MAX_BLOB, "cert")
-            .map_err(|_| bad())?
-            .to_vec();
-        let sig = r
-            .bytes(crate::proto::access::MAX_SIGNATURE, "sig")
-            .map_err(|_| bad())?
-            .to_vec();
-        Ok((cert, sig))
+        let auth = r
+            .bytes(crate::cancel_auth::MAX_ENCODED, "authorisation")
+            .map_err(|_| TerminalError::Protocol("malformed cancellation authorisation".into()))?;
+        Ok(auth.to_vec())
     }
 
     /// One encrypted request and its encrypted answer.

@@ -434,13 +434,11 @@ impl Terminal {
     pub fn cancel(
         &mut self,
         decision_id: &str,
-        market_cert: Vec<u8>,
-        market_signature: Vec<u8>,
+        authorisation: Vec<u8>,
     ) -> Result<i64, TerminalError> {
         match self.call(Message::Cancel {
             decision_id: decision_id.into(),
-            market_cert,
-            market_signature,
+            authorisation,
         })? {
             Message::WalletOk { balance_after } => Ok(balance_after),
             other => Err(unexpected(other)),

@@ -24,7 +24,6 @@
 //! cancellation authorisations), [`mailer`] (the outbox drain).
 
 mod apply;
-pub mod cancel;
 pub mod chain;
 pub mod ledger;
 pub mod mailer;

@@ -234,7 +234,7 @@ impl PgStore {
                    VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6)"#,
             )?,
             decision_by_key: c.prepare(
-                r#"SELECT id, seq, market, amount, currency, order_ref, balance_after, created_ms
+                r#"SELECT id, seq, market, amount, currency, order_ref, balance_after, created_ms, state
                    FROM decisions WHERE "user" = $1 AND idempotency_key = $2"#,
             )?,
             decision_by_id: c.prepare(
@@ -340,6 +340,7 @@ impl Store for PgStore {
             order_ref: r.try_get(5)?,
             balance_after: r.try_get(6)?,
             created_ms: r.try_get(7)?,
+            cancelled: r.try_get::<_, String>(8)? == "cancelled",
         }))
     }
 

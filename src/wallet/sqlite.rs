@@ -153,7 +153,7 @@ impl Store for SqliteStore {
         Ok(self
             .0
             .prepare_cached(
-                "SELECT id, seq, market, amount, currency, order_ref, balance_after, created_ms
+                "SELECT id, seq, market, amount, currency, order_ref, balance_after, created_ms, state
                  FROM decisions WHERE user = ?1 AND idempotency_key = ?2",
             )?
             .query_row(params![user, key], |r| {
@@ -166,6 +166,7 @@ impl Store for SqliteStore {
                     order_ref: r.get(5)?,
                     balance_after: r.get(6)?,
                     created_ms: r.get(7)?,
+                    cancelled: r.get::<_, String>(8)? == "cancelled",
                 })
             })
             .optional()?)

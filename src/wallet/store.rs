@@ -89,10 +89,17 @@ pub struct KeyedDecision {
     pub order_ref: String,
     pub balance_after: i64,
     pub created_ms: i64,
+    pub cancelled: bool,
 }
 
 impl KeyedDecision {
+    /// The first result of a retried purchase. A cancelled decision has no
+    /// result to repeat: answering it would have the broker sign a fresh
+    /// receipt for money already refunded.
     pub fn into_decision(self, user: &str) -> WalletResult<Decision> {
+        if self.cancelled {
+            return Err(WalletError::AlreadyCancelled);
+        }
         let currency = Currency::new(&self.currency)
             .map_err(|_| WalletError::Storage(format!("decision {}: bad currency", self.id)))?;
         Ok(Decision {
