@@ -3,10 +3,17 @@
 //! ```text
 //! enrolment CLI ──► Store (write) ──► keybroker.db (WAL, synchronous=FULL)
 //! auth workers ───► Store (read, failure counters)
+//! revocations ────► Store (read the revocation log, every 250 ms)
 //! ```
 //!
 //! Each thread opens its own connection; SQLite serialises writers. The
 //! failure counter lives here so a lockout survives restarts.
+//!
+//! Triggers append to `revocations` whenever a terminal is revoked or
+//! deleted, or its user is (removing a user deletes its terminals by
+//! cascade), whoever does it: the CLI, another node, or `sqlite3` by hand. Every running broker
+//! polls that log and ends the sessions of those terminals
+//! (`broker::revoke`), so a revocation needs no message to the brokers.
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -38,6 +45,28 @@ CREATE TABLE IF NOT EXISTS terminals (
     revoked     INTEGER NOT NULL DEFAULT 0,
     created     INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revocations (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    fingerprint BLOB NOT NULL,
+    at          INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS log_terminal_revoked AFTER UPDATE OF revoked ON terminals
+    WHEN NEW.revoked AND NOT OLD.revoked
+BEGIN
+    INSERT INTO revocations (fingerprint, at) VALUES (NEW.fingerprint, unixepoch());
+END;
+CREATE TRIGGER IF NOT EXISTS log_terminal_deleted AFTER DELETE ON terminals
+    WHEN NOT OLD.revoked
+BEGIN
+    INSERT INTO revocations (fingerprint, at) VALUES (OLD.fingerprint, unixepoch());
+END;
+-- A user deleted without foreign keys on (sqlite3 by hand) keeps its
+-- terminal rows; with them on, the cascade has removed and logged them.
+CREATE TRIGGER IF NOT EXISTS log_user_deleted AFTER DELETE ON users
+BEGIN
+    INSERT INTO revocations (fingerprint, at)
+        SELECT fingerprint, unixepoch() FROM terminals WHERE user_id = OLD.id AND NOT revoked;
+END;
 CREATE TABLE IF NOT EXISTS markets (
     id       TEXT PRIMARY KEY,
     endpoint TEXT NOT NULL,
@@ -239,6 +268,37 @@ impl Store {
         )? > 0)
     }
 
+    /// The newest entry of the revocation log (0: none yet). A broker
+    /// starts watching from here: terminals revoked before it started are
+    /// refused at login.
+    pub fn revocations_head(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// Terminals revoked or deleted after log entry `after`: (entry,
+    /// fingerprint), oldest first. One index seek when there are none.
+    pub fn revocations_since(&self, after: i64) -> Result<Vec<(i64, [u8; 32])>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, fingerprint FROM revocations WHERE seq > ?1 ORDER BY seq",
+        )?;
+        let rows = st.query_map([after], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, fp) = row?;
+            // Fingerprints are SHA-256; anything else was never a terminal.
+            if let Ok(fp) = <[u8; 32]>::try_from(fp) {
+                out.push((seq, fp));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn market_add(&self, m: &MarketRecord) -> Result<()> {
         self.conn
             .execute(
@@ -320,5 +380,32 @@ mod tests {
         assert!(s.terminal_revoke("t1").unwrap());
         assert!(s.terminal_get(&[9; 32]).unwrap().unwrap().revoked);
         assert!(s.user_add(&user("bob")).is_err());
+    }
+
+    #[test]
+    fn revoking_or_removing_logs_each_terminal_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.db")).unwrap();
+        s.user_add(&user("bob")).unwrap();
+        s.user_add(&user("eve")).unwrap();
+        s.terminal_add(&[1; 32], "t1", "bob", &[0]).unwrap();
+        s.terminal_add(&[2; 32], "t2", "bob", &[0]).unwrap();
+        s.terminal_add(&[3; 32], "t3", "eve", &[0]).unwrap();
+        assert_eq!(s.revocations_head().unwrap(), 0);
+        assert!(s.terminal_revoke("t1").unwrap());
+        // Revoking again, or deleting a revoked terminal, adds nothing.
+        assert!(s.terminal_revoke("t1").unwrap());
+        let head = s.revocations_head().unwrap();
+        assert_eq!(s.revocations_since(0).unwrap(), vec![(head, [1; 32])]);
+        // Removing a user logs its terminals that were still live, once.
+        assert!(s.user_remove("bob").unwrap());
+        let after: Vec<_> = s.revocations_since(head).unwrap();
+        assert_eq!(after.iter().map(|e| e.1).collect::<Vec<_>>(), vec![[2; 32]]);
+        assert!(
+            s.revocations_since(s.revocations_head().unwrap())
+                .unwrap()
+                .is_empty()
+        );
+        assert!(s.terminal_get(&[3; 32]).unwrap().is_some());
     }
 }

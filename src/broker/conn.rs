@@ -4,10 +4,14 @@
 //! accept ─► TLS handshake (timeout) ─► X' = exporter ─► read frames (idle timeout)
 //!        ─► AccessSession::handle ─► Action ─► auth pool / HSM pool ─► reply
 //! ```
+//!
+//! A terminal revoked while connected is cut off (`revoke.rs`): before each
+//! frame, and while the connection waits for one.
 
 use super::auth::Which;
 use super::exchange::{self, Released, pool_code};
 use super::link::Link;
+use super::revoke::{Batch, Live};
 use super::{Shared, ms};
 use crate::net::tls_io::TlsIo;
 use crate::proto::access::{Frame, FrameDecoder, Message, encode};
@@ -29,6 +33,8 @@ pub(super) struct Core {
     /// This core's connection to each market, made on first use.
     pub links: RefCell<HashMap<String, Link>>,
     pub next_request: Cell<u64>,
+    /// This core's connections, to wake when their terminal is revoked.
+    pub live: Rc<Live>,
 }
 
 pub(super) fn run_core(
@@ -36,6 +42,7 @@ pub(super) fn run_core(
     cpus: std::collections::HashSet<usize>,
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
+    revocations: futures_channel::mpsc::UnboundedReceiver<Batch>,
 ) -> anyhow::Result<()> {
     let rt = super::core_runtime(cpus)?;
     rt.block_on(async move {
@@ -53,7 +60,9 @@ pub(super) fn run_core(
             index,
             links: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
+            live: Rc::new(Live::default()),
         });
+        compio::runtime::spawn(core.live.clone().listen(revocations)).detach();
         let metrics = crate::metrics::attach_core(index);
         // Dial every market now, so the first exchanges find the link up
         // and `keybroker_market_up` tells the truth from the start.
@@ -115,6 +124,8 @@ struct Conn {
     hold: bool,
     /// Answers held and not yet sent.
     held: bool,
+    /// The revocation epoch this connection last checked its terminal at.
+    revocations_seen: u64,
 }
 
 impl Conn {
@@ -132,6 +143,26 @@ impl Conn {
     async fn flush(&mut self) -> bool {
         self.held = false;
         self.io.flush().await.is_ok()
+    }
+
+    /// Whether this connection's terminal was revoked (or its user removed)
+    /// since the session began: one atomic load while nothing was.
+    fn revoked(&mut self, core: &Core) -> bool {
+        core.shared
+            .revoked
+            .check(&mut self.revocations_seen, &self.fingerprint)
+    }
+
+    /// Ends a session whose terminal was revoked while it was open; `id` is
+    /// the frame refused, 0 when the broker cuts an idle session.
+    async fn cut(mut self, session: &AccessSession, id: u32) {
+        tracing::warn!(target: "audit", user = session.user(), peer = %self.peer,
+            terminal = %hex::encode(self.fingerprint), "session ended: terminal revoked");
+        self.queue(&Frame {
+            id,
+            msg: Message::error(ErrorCode::TerminalRevoked, "terminal revoked"),
+        });
+        self.io.close().await;
     }
 
     /// Encrypts `frame` without sending it yet: a last frame leaves with
@@ -219,7 +250,9 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         released: None,
         hold: false,
         held: false,
+        revocations_seen: 0,
     };
+    let (_registered, mut revoked) = core.live.register(fingerprint);
     let mut buf = vec![0u8; 4096];
     // When the first byte of a still-incomplete frame arrived: a frame must
     // complete within frame_timeout_ms, so a peer that trickles bytes
@@ -229,6 +262,10 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
+                    if c.revoked(core) {
+                        c.cut(&session, frame.id).await;
+                        return;
+                    }
                     c.hold = decoder.ready();
                     let action = session.handle(frame);
                     if !perform(core, &mut session, &mut c, action).await {
@@ -262,10 +299,27 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                 .saturating_sub(since.elapsed())
                 .min(ms(cfg.idle_timeout_ms))
         };
-        let read = compio::time::timeout(wait, c.io.read_some(&mut buf)).await;
+        // Registered before this first check: a revocation the core saw
+        // earlier is in the set, a later one wakes the read below.
+        if c.revoked(core) {
+            c.cut(&session, 0).await;
+            return;
+        }
+        let read = compio::time::timeout(wait, async {
+            let read = std::pin::pin!(c.io.read_some(&mut buf));
+            match futures_util::future::select(read, &mut revoked).await {
+                futures_util::future::Either::Left((r, _)) => Some(r),
+                futures_util::future::Either::Right(_) => None,
+            }
+        })
+        .await;
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(n)) => {
+            Ok(None) => {
+                c.cut(&session, 0).await;
+                return;
+            }
+            Ok(Some(Ok(0))) | Ok(Some(Err(_))) => return,
+            Ok(Some(Ok(n))) => {
                 decoder.push(&buf[..n]);
                 // Plaintext may hold a password; keep one copy, not two.
                 zeroize::Zeroize::zeroize(&mut buf[..n]);

@@ -12,6 +12,7 @@ mod conn;
 mod exchange;
 pub mod link;
 mod released;
+mod revoke;
 mod tickets;
 pub mod tls;
 mod verify_cache;
@@ -72,6 +73,8 @@ pub struct Shared {
     pub voucher_issuer: Option<Vec<u8>>,
     /// Released home-card keys, one per user.
     pub released: released::Keys,
+    /// Terminals revoked since start, which open sessions must not outlive.
+    pub revoked: Arc<revoke::Revoked>,
 }
 
 /// A running broker.
@@ -160,6 +163,12 @@ impl Broker {
             crate::net::listen::reuseport_group(cfg.broker.listen, cores, 1024, place.steered())
                 .context("binding the access channel")?;
         let released = released::Keys::new(Duration::from_secs(cfg.hsm.key_linger_s));
+        let revoked = Arc::new(revoke::Revoked::default());
+        let (to_cores, from_watcher): (Vec<_>, Vec<_>) = (0..listeners.len())
+            .map(|_| futures_channel::mpsc::unbounded())
+            .unzip();
+        revoke::spawn_watcher(cfg.db_path(), revoked.clone(), to_cores)
+            .context("watching the registry for revocations")?;
         let shared = Arc::new(Shared {
             cfg,
             tls,
@@ -170,17 +179,18 @@ impl Broker {
             ledger: ledger.clone(),
             voucher_issuer,
             released,
+            revoked,
         });
         released::spawn_sweeper(&shared)?;
         let mut threads = Vec::new();
-        for (i, l) in listeners.into_iter().enumerate() {
+        for (i, (l, revocations)) in listeners.into_iter().zip(from_watcher).enumerate() {
             let shared = shared.clone();
             let cpus = place.cpus_of(i);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("core-{i}"))
                     .spawn(move || {
-                        if let Err(e) = conn::run_core(i, cpus, l, shared) {
+                        if let Err(e) = conn::run_core(i, cpus, l, shared, revocations) {
                             tracing::error!(core = i, error = %e, "core thread stopped");
                         }
                     })?,
