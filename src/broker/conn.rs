@@ -207,6 +207,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
     {
         return;
     }
+    let expired = super::tickets::resumed_past_validity(&io.conn);
     let confirm = crate::crypto::confirm(&*xprime);
     let mut session = AccessSession::new(confirm);
     let mut decoder = FrameDecoder::new(cfg.max_frame);
@@ -220,6 +221,14 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         hold: false,
         held: false,
     };
+    if expired {
+        c.queue(&Frame {
+            id: 0,
+            msg: Message::error(ErrorCode::TerminalRevoked, "terminal certificate expired"),
+        });
+        c.io.close().await;
+        return;
+    }
     let mut buf = vec![0u8; 4096];
     // When the first byte of a still-incomplete frame arrived: a frame must
     // complete within frame_timeout_ms, so a peer that trickles bytes
