@@ -289,7 +289,7 @@ pub fn market_add(store: &Store, id: &str, endpoint: &str, ca_file: &Path) -> Re
     let ca_pem = std::fs::read_to_string(ca_file)
         .with_context(|| format!("reading {}", ca_file.display()))?;
     let der = pki::read_cert_pem(&ca_pem)?;
-    x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("market CA: {e}"))?;
+    pki::check_ca(&der, rustls::pki_types::UnixTime::now()).context("market CA")?;
     store.market_add(&MarketRecord {
         id: id.into(),
         endpoint: endpoint.into(),

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! Purchase ─► ledger (group commit: debit + decision + mail, one transaction) ─► HSM signs receipt
-//! Cancel   ─► market's authorisation verified (cert → market CA, signature) ─► ledger refund
+//! Cancel   ─► market's authorisation verified (cert → market CA by webpki, signature) ─► ledger refund
 //! TopUp    ─► second password (auth pool) ─► voucher verified (issuer key) ─► ledger credit
 //! ```
 
@@ -186,8 +186,14 @@ async fn purchase(
     })
 }
 
+/// What a market certificate that signs cancellations must be good for:
+/// the market's TLS certificate (`keybroker market init`) has serverAuth,
+/// and one without an extended key usage passes too.
+const CANCEL_CERT_USAGE: webpki::KeyUsage = webpki::KeyUsage::server_auth();
+
 /// The market a cancellation authorisation comes from: its certificate
-/// must chain to that market's registered CA and name it.
+/// must chain to that market's registered CA (webpki, `pki::verify_issued`)
+/// and name it.
 fn authorising_market(shared: &Shared, cert_der: &[u8]) -> Result<(String, Vec<u8>), ErrorCode> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(cert_der).map_err(|_| ErrorCode::BadAuthorisation)?;
@@ -201,12 +207,15 @@ fn authorising_market(shared: &Shared, cert_der: &[u8]) -> Result<(String, Vec<u
         .to_owned();
     let info = shared.markets.get(&id).ok_or(ErrorCode::BadAuthorisation)?;
     let ca_der = crate::pki::read_cert_pem(&info.ca_pem).map_err(|_| ErrorCode::Internal)?;
-    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(|_| ErrorCode::Internal)?;
-    cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| ErrorCode::BadAuthorisation)?;
-    if !cert.validity().is_valid() {
-        return Err(ErrorCode::BadAuthorisation);
-    }
+    let now = rustls::pki_types::UnixTime::now();
+    crate::pki::verify_issued(cert_der, &ca_der, CANCEL_CERT_USAGE, now).map_err(|e| {
+        tracing::info!(
+            market = id,
+            error = format!("{e:#}"),
+            "cancel certificate refused"
+        );
+        ErrorCode::BadAuthorisation
+    })?;
     Ok((id, cert.public_key().subject_public_key.data.to_vec()))
 }
 
