@@ -425,6 +425,15 @@ mod tests {
         let mut c = Config::default();
         c.broker.max_frame = 10;
         assert!(c.validate().is_err());
+        // A ticket may not outlive its key period (broker/tickets.rs).
+        let mut c = Config::default();
+        assert_eq!(c.broker.ticket_lifetime(), 12 * 3600);
+        c.broker.ticket_lifetime_s = Some(12 * 3600 + 1);
+        assert!(c.validate().is_err());
+        c.broker.ticket_lifetime_s = Some(2);
+        c.validate().unwrap();
+        c.broker.ticket_replay_entries = 0;
+        assert!(c.validate().is_err());
     }
 
     #[test]
