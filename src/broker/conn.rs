@@ -207,6 +207,8 @@ async fn serve(core: &Core, mut stream: TcpStream) {
     {
         return;
     }
+    // A resumption skips the client verifier: the restored certificate's
+    // dates are checked here (broker/tickets.rs).
     let expired = super::tickets::resumed_past_validity(&io.conn);
     let confirm = crate::crypto::confirm(&*xprime);
     let mut session = AccessSession::new(confirm);
