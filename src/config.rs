@@ -206,8 +206,17 @@ pub struct BrokerConfig {
     /// Lifetime of the in-memory TLS key's certificate, hours. Default 24.
     pub tls_cert_hours: u64,
     /// Session-ticket key period, hours (keys derive from the HSM's
-    /// kb-ticket-key, so every node sharing the HSM accepts the tickets). Default 12.
+    /// kb-ticket-key, so every node sharing the HSM accepts the tickets),
+    /// and the longest a ticket lives. Default 12.
     pub ticket_hours: u64,
+    /// How long a session ticket resumes, seconds: advertised to the
+    /// terminal and checked against the issue time sealed in the ticket.
+    /// 1..=ticket_hours × 3600; default the whole period.
+    pub ticket_lifetime_s: Option<u64>,
+    /// Tickets remembered as used, so each resumes once on this node
+    /// (broker/tickets.rs). Full, the oldest are refused early. Default 1048576
+    /// (about 20 MB).
+    pub ticket_replay_entries: usize,
     /// Expect a PROXY protocol v2 header (HAProxy `send-proxy-v2`) first
     /// on every connection. Default false.
     pub proxy_protocol: bool,
@@ -272,8 +281,17 @@ impl Default for BrokerConfig {
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             tls_cert_hours: 24,
             ticket_hours: 12,
+            ticket_lifetime_s: None,
+            ticket_replay_entries: 1 << 20,
             proxy_protocol: false,
         }
+    }
+}
+
+impl BrokerConfig {
+    /// Session-ticket lifetime, seconds.
+    pub fn ticket_lifetime(&self) -> u64 {
+        self.ticket_lifetime_s.unwrap_or(self.ticket_hours * 3600)
     }
 }
 
@@ -320,6 +338,14 @@ impl Config {
         }
         if !(1..=24 * 7).contains(&b.ticket_hours) {
             bail!("broker.ticket_hours must be 1..=168");
+        }
+        if b.ticket_lifetime_s
+            .is_some_and(|s| !(1..=b.ticket_hours * 3600).contains(&s))
+        {
+            bail!("broker.ticket_lifetime_s must be 1..=ticket_hours * 3600");
+        }
+        if !(1..=1 << 28).contains(&b.ticket_replay_entries) {
+            bail!("broker.ticket_replay_entries must be 1..=268435456");
         }
         if !(1..=24 * 30).contains(&b.tls_cert_hours) {
             bail!("broker.tls_cert_hours must be 1..=720");
@@ -398,6 +424,15 @@ mod tests {
         assert!(toml::from_str::<Config>("pin = \"1234\"").is_err());
         let mut c = Config::default();
         c.broker.max_frame = 10;
+        assert!(c.validate().is_err());
+        // A ticket may not outlive its key period (broker/tickets.rs).
+        let mut c = Config::default();
+        assert_eq!(c.broker.ticket_lifetime(), 12 * 3600);
+        c.broker.ticket_lifetime_s = Some(12 * 3600 + 1);
+        assert!(c.validate().is_err());
+        c.broker.ticket_lifetime_s = Some(2);
+        c.validate().unwrap();
+        c.broker.ticket_replay_entries = 0;
         assert!(c.validate().is_err());
     }
 

@@ -119,6 +119,9 @@ enum TerminalCmd {
         user: String,
         #[arg(long)]
         out: PathBuf,
+        /// Certificate lifetime, seconds (default one year).
+        #[arg(long, default_value_t = enroll::TERMINAL_LIFETIME.as_secs())]
+        valid_s: u64,
     },
     List {
         #[arg(long)]
@@ -396,8 +399,9 @@ fn user(cfg: &Config, c: UserCmd, stdin: &mut dyn BufRead) -> Result<()> {
 
 fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()> {
     match c {
-        TerminalCmd::Enroll { user, out } => {
-            let serial = enroll::terminal_enroll(&Admin::open(cfg)?, &user, &out)?;
+        TerminalCmd::Enroll { user, out, valid_s } => {
+            let lifetime = Duration::from_secs(valid_s.max(1));
+            let serial = enroll::terminal_enroll_for(&Admin::open(cfg)?, &user, &out, lifetime)?;
             println!(
                 "enrolled terminal {serial} for {user} into {}",
                 out.display()

@@ -59,6 +59,7 @@ pub struct CoreMetrics {
     exchange: HistogramVec,
     handshake: Histogram,
     errors: IntCounterVec,
+    tickets: IntCounterVec,
     pub connections: IntGauge,
     pub inflight: IntGauge,
 }
@@ -81,6 +82,11 @@ impl CoreMetrics {
             "Typed errors sent to terminals, by code",
             "code",
         );
+        let tickets = counter_vec(
+            "keybroker_session_tickets_total",
+            "TLS session tickets issued, and those offered by result (broker/tickets.rs)",
+            "result",
+        );
         let gauge = |name: &str, help: &str| {
             IntGauge::with_opts(Opts::new(name, help).const_label("core", core))
                 .expect("valid metric")
@@ -98,12 +104,17 @@ impl CoreMetrics {
         for code in crate::proto::ErrorCode::ALL {
             errors.with_label_values(&[code.name()]);
         }
+        tickets.with_label_values(&["issued"]);
+        for v in crate::broker::tickets::Verdict::ALL {
+            tickets.with_label_values(&[v.name()]);
+        }
         for kx in ["software", "hsm", "partial"] {
             exchange.with_label_values(&[kx]);
         }
         reg(Box::new(exchange.clone()));
         reg(Box::new(handshake.clone()));
         reg(Box::new(errors.clone()));
+        reg(Box::new(tickets.clone()));
         reg(Box::new(connections.clone()));
         reg(Box::new(inflight.clone()));
         Self {
@@ -111,6 +122,7 @@ impl CoreMetrics {
             exchange,
             handshake,
             errors,
+            tickets,
             connections,
             inflight,
         }
@@ -156,6 +168,11 @@ pub fn handshake_done(d: Duration) {
 
 pub fn error(code: crate::proto::ErrorCode) {
     local(|m| m.errors.with_label_values(&[code.name()]).inc());
+}
+
+/// A session ticket issued, or one offered and what became of it.
+pub fn ticket(result: &str) {
+    local(|m| m.tickets.with_label_values(&[result]).inc());
 }
 
 static POOL_WAIT: LazyLock<HistogramVec> = LazyLock::new(|| {

@@ -151,14 +151,26 @@ fn a_users_sessions_share_one_released_key_and_each_proves_the_password() {
 
 #[test]
 fn without_a_linger_the_key_goes_with_the_last_session() {
-    let env = Env::new("[hsm]\nkey_linger_s = 0");
+    assert_eq!(unwraps_across(0, Duration::from_millis(200)), 2.0);
+}
+
+#[test]
+fn a_lingering_key_goes_when_the_linger_has_passed() {
+    // The linger (1 s) plus a sweep (every second at the least).
+    assert_eq!(unwraps_across(1, Duration::from_millis(2500)), 2.0);
+}
+
+/// Unwraps for two sessions of one user, `pause` apart, on a broker with
+/// `hsm.key_linger_s = linger_s`.
+fn unwraps_across(linger_s: u64, pause: Duration) -> f64 {
+    let env = Env::new(&format!("[hsm]\nkey_linger_s = {linger_s}"));
     let alice = env.user("alice");
     let _m = env.market("m1", "alice");
     let b = env.broker();
     released(&b, &alice, "alice").exchange("m1").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(pause);
     released(&b, &alice, "alice").exchange("m1").unwrap();
-    assert_eq!(unwraps(&b), 2.0);
+    unwraps(&b)
 }
 
 /// Home-card keys the broker has unwrapped in the HSM, from `/metrics`.

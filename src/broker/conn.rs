@@ -238,6 +238,9 @@ async fn serve(core: &Core, mut stream: TcpStream) {
     {
         return;
     }
+    // A resumption skips the client verifier: the restored certificate's
+    // dates are checked here (broker/tickets.rs).
+    let expired = super::tickets::resumed_past_validity(&io.conn);
     let confirm = crate::crypto::confirm(&*xprime);
     let mut session = AccessSession::new(confirm);
     let mut decoder = FrameDecoder::new(cfg.max_frame);
@@ -252,6 +255,14 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         held: false,
         revocations_seen: 0,
     };
+    if expired {
+        c.queue(&Frame {
+            id: 0,
+            msg: Message::error(ErrorCode::TerminalRevoked, "terminal certificate expired"),
+        });
+        c.io.close().await;
+        return;
+    }
     let (_registered, mut revoked) = core.live.register(fingerprint);
     let mut buf = vec![0u8; 4096];
     // When the first byte of a still-incomplete frame arrived: a frame must

@@ -13,7 +13,7 @@ mod exchange;
 pub mod link;
 mod released;
 mod revoke;
-mod tickets;
+pub(crate) mod tickets;
 pub mod tls;
 mod verify_cache;
 mod wallet;
@@ -137,7 +137,12 @@ impl Broker {
         }
         drop(store);
         let period = Duration::from_secs(cfg.broker.ticket_hours * 3600);
-        let ticketer = tickets::HsmTicketer::new(&hsm, period)?;
+        let ticketer = tickets::HsmTicketer::new(
+            &hsm,
+            period,
+            cfg.broker.ticket_lifetime(),
+            cfg.broker.ticket_replay_entries,
+        )?;
         spawn_ticket_refresh(hsm.clone(), ticketer.clone(), period);
         let tls = tls::server_config(provider, &terminal_ca, resolver, ticketer)?;
 
