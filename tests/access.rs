@@ -221,11 +221,15 @@ fn a_right_password_clears_the_failures() {
     t.release(p2.as_bytes()).expect("not locked");
 }
 
-fn expect_error_then_close(t: &mut Terminal, code: ErrorCode) {
-    match t.recv().expect("an error frame").msg {
+/// The next frame is an error `code` answering request `id`; then the
+/// broker closes.
+fn expect_error_then_close(t: &mut Terminal, code: ErrorCode, id: u32) {
+    let f = t.recv().expect("an error frame");
+    match f.msg {
         Message::Error { code: c, .. } => assert_eq!(c, code),
         other => panic!("expected error, got {other:?}"),
     }
+    assert_eq!(f.id, id, "the error echoes the refused frame's id");
     assert!(matches!(
         t.recv(),
         Err(TerminalError::Closed | TerminalError::Io(_))
@@ -241,15 +245,20 @@ fn malformed_and_oversized_frames_close_only_that_connection() {
 
     let mut t = b.connect(&alice);
     t.send_raw(&[0, 0, 0, 5, 0x42, 0, 0, 0, 1]).unwrap(); // unknown type
-    expect_error_then_close(&mut t, ErrorCode::Malformed);
+    expect_error_then_close(&mut t, ErrorCode::Malformed, 1);
 
     let mut t = b.connect(&alice);
-    t.send_raw(&[0, 0, 0, 7, 0x01, 0, 0, 0, 1, 0, 99]).unwrap(); // truncated user
-    expect_error_then_close(&mut t, ErrorCode::Malformed);
+    t.send_raw(&[0, 0, 0, 7, 0x01, 0, 0, 0, 2, 0, 99]).unwrap(); // truncated user
+    expect_error_then_close(&mut t, ErrorCode::Malformed, 2);
 
     let mut t = b.connect(&alice);
-    t.send_raw(&(1u32 << 20).to_be_bytes()).unwrap(); // 1 MiB announced
-    expect_error_then_close(&mut t, ErrorCode::TooLarge);
+    t.send_raw(&[0, 0, 0, 3, 0x01, 0, 0]).unwrap(); // len too short for a header
+    expect_error_then_close(&mut t, ErrorCode::Malformed, 0);
+
+    // 1 MiB announced: refused once the header is in, the body unread.
+    let mut t = b.connect(&alice);
+    t.send_raw(&[0, 0x10, 0, 0, 0x01, 0, 0, 0, 4]).unwrap();
+    expect_error_then_close(&mut t, ErrorCode::TooLarge, 4);
 
     // A broker message sent by a terminal is a state error, not fatal.
     let mut t = b.connect(&alice);
@@ -320,7 +329,7 @@ fn silent_peer_hits_the_idle_timeout() {
     let b = env.broker();
     let mut t = b.connect(&alice);
     // idle_timeout_ms = 3000 in the test config.
-    expect_error_then_close(&mut t, ErrorCode::Timeout);
+    expect_error_then_close(&mut t, ErrorCode::Timeout, 0);
 }
 
 #[test]

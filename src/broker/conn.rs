@@ -280,11 +280,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                     break;
                 }
                 Err(e) => {
-                    let code = e.code();
-                    c.queue(&Frame {
-                        id: 0,
-                        msg: Message::error(code, e.to_string()),
-                    });
+                    c.queue(&e.answer());
                     c.io.close().await;
                     return;
                 }
@@ -325,6 +321,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                 zeroize::Zeroize::zeroize(&mut buf[..n]);
             }
             Err(_) => {
+                // Silence answers no frame: id 0 (docs/PROTOCOL.md §1.3).
                 c.queue(&Frame {
                     id: 0,
                     msg: Message::error(ErrorCode::Timeout, "idle"),
