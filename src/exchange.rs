@@ -7,7 +7,7 @@
 //! T = SHA-256(preimage)            signed by the user's home-card key (ECDSA P-256)
 //! Z = ECDH(requester ephemeral, market ephemeral), both in `group`
 //! X = HMAC-SHA256(key = Z, "keybroker X v1" ‖ T ‖ market ephemeral)
-//! wrapped X = AES-KWP(key = X', X)  (RFC 5649)
+//! wrapped X = AES-KWP(key = X'wrap, X)  (RFC 5649)
 //! ```
 //!
 //! SoftHSM can compute X with Z inside it (`ECDH1_DERIVE` to a generic
@@ -243,9 +243,9 @@ impl Ephemeral {
     }
 }
 
-/// Wraps X under X' (RFC 5649).
-pub fn wrap(xprime: &[u8; 32], x: &[u8; 32]) -> [u8; WRAPPED_LEN] {
-    let kek = KeyEncryptionKey::new(&AES_256, xprime).expect("AES-256 key");
+/// Wraps X under X'wrap, the connection's wrap key (RFC 5649).
+pub fn wrap(wrap_key: &[u8; 32], x: &[u8; 32]) -> [u8; WRAPPED_LEN] {
+    let kek = KeyEncryptionKey::new(&AES_256, wrap_key).expect("AES-256 key");
     let mut out = [0u8; WRAPPED_LEN + 8];
     let n = kek
         .wrap_with_padding(x, &mut out)
@@ -255,9 +255,9 @@ pub fn wrap(xprime: &[u8; 32], x: &[u8; 32]) -> [u8; WRAPPED_LEN] {
     out[..WRAPPED_LEN].try_into().expect("40 bytes")
 }
 
-/// Unwraps X; `None` if the integrity check fails (wrong X').
-pub fn unwrap(xprime: &[u8; 32], wrapped: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
-    let kek = KeyEncryptionKey::new(&AES_256, xprime).ok()?;
+/// Unwraps X; `None` if the integrity check fails (another wrap key).
+pub fn unwrap(wrap_key: &[u8; 32], wrapped: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+    let kek = KeyEncryptionKey::new(&AES_256, wrap_key).ok()?;
     let mut out = Zeroizing::new([0u8; WRAPPED_LEN]);
     let x = kek.unwrap_with_padding(wrapped, &mut out[..]).ok()?;
     Some(Zeroizing::new(x.try_into().ok()?))

@@ -15,14 +15,16 @@ fn login_release_and_xprime_agree() {
     let alice = env.user("alice");
     let b = env.broker();
     let mut t = released(&b, &alice, "alice");
-    // login() already checked the broker's HMAC(X') against our X'; a
-    // second session must derive a different X'.
-    let x1 = *t.xprime();
+    // login() already checked the broker's confirmation against our
+    // X'confirm; a second session must derive different keys.
+    let (c1, w1) = (t.keys().confirm(), *t.keys().wrap_key());
+    assert_ne!(w1, [0u8; 32]);
+    assert_ne!(c1, w1, "the two X' keys are apart");
     t.ping().unwrap();
     t.logout().unwrap();
     let t2 = released(&b, &alice, "alice");
-    assert_ne!(&x1, t2.xprime());
-    assert_ne!(x1, [0u8; 32]);
+    assert_ne!(c1, t2.keys().confirm());
+    assert_ne!(&w1, t2.keys().wrap_key());
 }
 
 #[test]
@@ -93,7 +95,7 @@ fn login_and_release_in_one_flight() {
     // Both answers arrive, in order, and the session is released.
     let mut t = one(&p1, &p2).unwrap();
     t.ping().unwrap();
-    assert_ne!(t.xprime(), &[0u8; 32]);
+    assert_ne!(t.keys().wrap_key(), &[0u8; 32]);
     t.logout().unwrap();
     // A refused login refuses the pipelined release without checking its
     // password: the first refusal is what the terminal sees.
