@@ -214,12 +214,40 @@ pub struct Ephemeral {
 impl Ephemeral {
     pub fn generate(group: Group) -> Self {
         let key = PrivateKey::generate(group.algorithm()).expect("ephemeral key generation");
+        Self::with_key(group, key)
+    }
+
+    /// A fixed key, for test vectors only: a real exchange's ephemeral key
+    /// must be fresh. `private` is the group's private key encoding (P-256:
+    /// the 32-byte big-endian scalar; X25519: the 32 bytes of RFC 7748).
+    /// `None` if it is not a valid key of the group.
+    pub fn from_private_bytes_for_vectors(group: Group, private: &[u8]) -> Option<Self> {
+        let key = PrivateKey::from_private_key(group.algorithm(), private).ok()?;
+        Some(Self::with_key(group, key))
+    }
+
+    fn with_key(group: Group, key: PrivateKey) -> Self {
         let public = Point::new(
             group,
             key.compute_public_key().expect("public key").as_ref(),
         )
         .expect("a public key of the group's length");
         Self { key, public }
+    }
+
+    /// Runs `f` on Z, the ECDH secret with the peer's key; `None` if the
+    /// peer's key is not a valid one of this key's group.
+    fn agree<R>(&self, peer: &Point, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        if peer.group() != self.public.group() {
+            return None;
+        }
+        agreement::agree(
+            &self.key,
+            UnparsedPublicKey::new(self.public.group().algorithm(), peer.as_bytes()),
+            (),
+            |z| Ok(f(z)),
+        )
+        .ok()
     }
 
     /// X with the peer's ephemeral key; `None` if the peer's key is not a
@@ -230,16 +258,13 @@ impl Ephemeral {
         t: &[u8; 32],
         market_ephemeral: &Point,
     ) -> Option<Zeroizing<[u8; 32]>> {
-        if peer.group() != self.public.group() {
-            return None;
-        }
-        agreement::agree(
-            &self.key,
-            UnparsedPublicKey::new(self.public.group().algorithm(), peer.as_bytes()),
-            (),
-            |z| Ok(derive_x(z, t, market_ephemeral)),
-        )
-        .ok()
+        self.agree(peer, |z| derive_x(z, t, market_ephemeral))
+    }
+
+    /// Z itself, for test vectors only: the exchange never needs it
+    /// outside [`Ephemeral::x`].
+    pub fn shared_secret_for_vectors(&self, peer: &Point) -> Option<Zeroizing<Vec<u8>>> {
+        self.agree(peer, |z| Zeroizing::new(z.to_vec()))
     }
 }
 
