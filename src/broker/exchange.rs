@@ -1,5 +1,5 @@
 //! One brokered exchange on a core: sign in the HSM, batch to the market,
-//! derive X, wrap it under X'.
+//! derive X, wrap it under X'wrap.
 //!
 //! ```text
 //! kx=software: aws-lc-rs ephemeral ─► HSM: sign T ─► market ─► aws-lc-rs ECDH+HMAC ─► wrap
