@@ -257,35 +257,36 @@ const EXCHANGE_NOTES: &[&str] = &[
     "access_request_frame and access_answer_frame travel on the access channel, market_request_frame and market_reply_frame on the market channel, each a whole frame with its length.",
 ];
 
-const EXCHANGE_FULL_X25519: Topic = Topic {
-    file: "exchange_full_x25519.json",
-    title: "A full-proxy exchange in X25519 (kx = \"software\"): the broker does the ECDH and wraps X",
-    spec: "docs/PROTOCOL.md §1.3, §1.7, §2.2, §2.3",
-    notes: EXCHANGE_NOTES,
-    inputs: || exchange_inputs(Group::X25519, Mode::Full),
-    outputs: exchange_outputs,
-    accept: exchange_accept,
-};
+/// An exchange's file: the same fields in each, for another group or mode.
+const fn exchange_topic(file: &'static str, title: &'static str, inputs: fn() -> Fields) -> Topic {
+    Topic {
+        file,
+        title,
+        spec: "docs/PROTOCOL.md §1.3, §1.7, §2.2, §2.3",
+        notes: EXCHANGE_NOTES,
+        inputs,
+        outputs: exchange_outputs,
+        accept: exchange_accept,
+    }
+}
 
-const EXCHANGE_FULL_P256: Topic = Topic {
-    file: "exchange_full_p256.json",
-    title: "A full-proxy exchange in P-256 (kx = \"hsm\"): the broker does the ECDH and wraps X",
-    spec: "docs/PROTOCOL.md §1.3, §1.7, §2.2, §2.3",
-    notes: EXCHANGE_NOTES,
-    inputs: || exchange_inputs(Group::P256, Mode::Full),
-    outputs: exchange_outputs,
-    accept: exchange_accept,
-};
+const EXCHANGE_FULL_X25519: Topic = exchange_topic(
+    "exchange_full_x25519.json",
+    "A full-proxy exchange in X25519 (kx = \"software\"): the broker does the ECDH and wraps X",
+    || exchange_inputs(Group::X25519, Mode::Full),
+);
 
-const EXCHANGE_PARTIAL_X25519: Topic = Topic {
-    file: "exchange_partial_x25519.json",
-    title: "A partial-proxy exchange in X25519: the terminal does the ECDH, the broker only signs",
-    spec: "docs/PROTOCOL.md §1.3, §1.7, §2.2, §2.3",
-    notes: EXCHANGE_NOTES,
-    inputs: || exchange_inputs(Group::X25519, Mode::Partial),
-    outputs: exchange_outputs,
-    accept: exchange_accept,
-};
+const EXCHANGE_FULL_P256: Topic = exchange_topic(
+    "exchange_full_p256.json",
+    "A full-proxy exchange in P-256 (kx = \"hsm\"): the broker does the ECDH and wraps X",
+    || exchange_inputs(Group::P256, Mode::Full),
+);
+
+const EXCHANGE_PARTIAL_X25519: Topic = exchange_topic(
+    "exchange_partial_x25519.json",
+    "A partial-proxy exchange in X25519: the terminal does the ECDH, the broker only signs",
+    || exchange_inputs(Group::X25519, Mode::Partial),
+);
 
 /// The exchanges' time: 2026-01-01T00:00:00Z.
 const TIME_MS: i64 = 1_767_225_600_000;
