@@ -247,11 +247,15 @@ impl Terminal {
         id
     }
 
-    /// The next frame, which must answer request `id`.
+    /// The next frame, which must answer request `id`. An error may also
+    /// carry id 0: the broker's answer when no id could be read, or to
+    /// silence (docs/PROTOCOL.md §1.3).
     fn answer(&mut self, id: u32) -> Result<Message, TerminalError> {
         let reply = self.recv()?;
         match reply.msg {
-            Message::Error { code, detail } => Err(TerminalError::Refused { code, detail }),
+            Message::Error { code, detail } if reply.id == id || reply.id == 0 => {
+                Err(TerminalError::Refused { code, detail })
+            }
             _ if reply.id != id => Err(TerminalError::Protocol(format!(
                 "answer for request {} while waiting for {id}",
                 reply.id
