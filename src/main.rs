@@ -426,11 +426,10 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
         }
         TerminalCmd::Login { session } => {
             let (t, _) = session.open(stdin)?;
-            let fp =
-                keybroker::crypto::hmac_sha256(t.xprime(), &[b"keybroker x-prime fingerprint"]);
+            // The key confirmation both ends computed (LoginOk), not a key.
             println!(
-                "X' fingerprint (HMAC, not the key): {}",
-                hex::encode(&fp[..8])
+                "X' confirmation (checked): {}",
+                hex::encode(&t.keys().confirm()[..8])
             );
             t.logout()?;
         }

@@ -42,11 +42,19 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn validity(params: &mut CertificateParams, lifetime: Duration) {
+/// When a certificate is valid: from the first time to the second.
+pub type Validity = (SystemTime, SystemTime);
+
+/// From now, less 5 minutes for clock skew between hosts, for `lifetime`.
+pub fn valid_for(lifetime: Duration) -> Validity {
     let now = SystemTime::now();
-    // Allow for clock skew between hosts.
-    params.not_before = (now - Duration::from_secs(300)).into();
-    params.not_after = (now + lifetime).into();
+    (now - Duration::from_secs(300), now + lifetime)
+}
+
+fn validity(params: &mut CertificateParams, lifetime: Duration) {
+    let (not_before, not_after) = valid_for(lifetime);
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
 }
 
 /// Parameters of a CA; the same ones rebuild its `Issuer` later.
@@ -72,7 +80,8 @@ pub fn self_signed_ca(cn: &str, key: &impl SigningKey) -> Result<Vec<u8>> {
     Ok(cert.der().to_vec())
 }
 
-/// Issues a leaf certificate for `subject_key`, signed by `ca_der`'s key.
+/// Issues a leaf certificate for `subject_key`, signed by `ca_der`'s key,
+/// valid from now for `lifetime`.
 pub fn issue(
     ca_der: &[u8],
     ca_key: &impl SigningKey,
@@ -80,6 +89,21 @@ pub fn issue(
     sans: &[String],
     usage: Usage,
     lifetime: Duration,
+    subject_key: &impl PublicKeyData,
+) -> Result<Vec<u8>> {
+    let validity = valid_for(lifetime);
+    issue_valid(ca_der, ca_key, cn, sans, usage, validity, subject_key)
+}
+
+/// As [`issue`], valid for the given times (fixed ones make the test
+/// vectors' certificates hold at the vectors' times).
+pub fn issue_valid(
+    ca_der: &[u8],
+    ca_key: &impl SigningKey,
+    cn: &str,
+    sans: &[String],
+    usage: Usage,
+    (not_before, not_after): Validity,
     subject_key: &impl PublicKeyData,
 ) -> Result<Vec<u8>> {
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(ca_der), ca_key)
@@ -107,7 +131,8 @@ pub fn issue(
             Err(_) => SanType::DnsName(san.clone().try_into().context("SAN")?),
         });
     }
-    validity(&mut p, lifetime);
+    p.not_before = not_before.into();
+    p.not_after = not_after.into();
     let cert = p
         .signed_by(subject_key, &issuer)
         .context("signing certificate")?;

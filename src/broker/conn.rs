@@ -13,17 +13,17 @@ use super::exchange::{self, Released, pool_code};
 use super::link::Link;
 use super::revoke::{Batch, Live};
 use super::{Shared, ms};
+use crate::crypto::AccessKeys;
 use crate::net::tls_io::TlsIo;
+use crate::proto::ErrorCode;
 use crate::proto::access::{Frame, FrameDecoder, Message, encode};
 use crate::proto::session::{AccessSession, Action};
-use crate::proto::{ErrorCode, XPRIME_LABEL, XPRIME_LEN};
 use compio::net::{TcpListener, TcpStream};
 use rustls::ServerConnection;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use zeroize::Zeroizing;
 
 pub(super) struct Core {
     pub shared: Arc<Shared>,
@@ -114,7 +114,8 @@ struct Conn {
     io: TlsIo<ServerConnection>,
     out: Vec<u8>,
     fingerprint: [u8; 32],
-    xprime: Zeroizing<[u8; XPRIME_LEN]>,
+    /// X': the confirmation went into the session; the wrap key is kept.
+    keys: AccessKeys,
     released: Option<Released>,
     /// The terminal's address (from the PROXY header behind HAProxy),
     /// formatted once for the connection's audit lines.
@@ -230,25 +231,19 @@ async fn serve(core: &Core, mut stream: TcpStream) {
     else {
         return; // rustls already required a client certificate
     };
-    let mut xprime = Zeroizing::new([0u8; XPRIME_LEN]);
-    if io
-        .conn
-        .export_keying_material(&mut *xprime, XPRIME_LABEL, None)
-        .is_err()
-    {
+    let Ok(keys) = AccessKeys::export(&*io.conn) else {
         return;
-    }
+    };
     // A resumption skips the client verifier: the restored certificate's
     // dates are checked here (broker/tickets.rs).
     let expired = super::tickets::resumed_past_validity(&io.conn);
-    let confirm = crate::crypto::confirm(&*xprime);
-    let mut session = AccessSession::new(confirm);
+    let mut session = AccessSession::new(keys.confirm());
     let mut decoder = FrameDecoder::new(cfg.max_frame);
     let mut c = Conn {
         io,
         out: Vec::with_capacity(256),
         fingerprint,
-        xprime,
+        keys,
         peer: peer.map_or_else(|| "unknown".into(), |a| a.to_string().into()),
         released: None,
         hold: false,
@@ -291,11 +286,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                     break;
                 }
                 Err(e) => {
-                    let code = e.code();
-                    c.queue(&Frame {
-                        id: 0,
-                        msg: Message::error(code, e.to_string()),
-                    });
+                    c.queue(&e.answer());
                     c.io.close().await;
                     return;
                 }
@@ -336,6 +327,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                 zeroize::Zeroize::zeroize(&mut buf[..n]);
             }
             Err(_) => {
+                // Silence answers no frame: id 0 (docs/PROTOCOL.md §1.3).
                 c.queue(&Frame {
                     id: 0,
                     msg: Message::error(ErrorCode::Timeout, "idle"),
@@ -402,7 +394,8 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
             } => {
                 let r = match &c.released {
                     Some(rel) => {
-                        exchange::exchange(core, rel, &user, &market, ephemeral, &c.xprime).await
+                        exchange::exchange(core, rel, &user, &market, ephemeral, c.keys.wrap_key())
+                            .await
                     }
                     None => Err(ErrorCode::NotReleased),
                 };
