@@ -14,7 +14,7 @@ use crate::broker::Broker;
 use crate::config::{Config, Kx};
 use crate::market;
 use crate::proto::ErrorCode;
-use crate::store::{MarketRecord, Store};
+use crate::store::MarketRecord;
 use crate::terminal::{Brokered, Direct, Terminal, TerminalConfig};
 use crate::wallet;
 use anyhow::{Context, Result, bail};
@@ -118,7 +118,7 @@ fn start_market(cfg: &Config) -> Result<market::server::MarketServer> {
         allowed_users: &["*".to_owned()],
     })?;
     let m = market::server::start(&path)?;
-    let store = Store::open(&cfg.db_path())?;
+    let store = crate::enroll::Admin::open(cfg)?.store;
     store.market_remove(MARKET)?;
     store.market_add(&MarketRecord {
         id: MARKET.into(),

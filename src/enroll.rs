@@ -2,8 +2,9 @@
 //! markets. Used by the `keybroker` CLI; never on the serving path.
 //!
 //! ```text
-//! init ──► var/hsm (token, PIN files) ──► CA keys in HSM ──► CA certs (var/pki, db meta)
-//! user add ──► home-card key (generated in HSM, stored wrapped) + user cert + argon2id hashes
+//! init ──► var/hsm (token, PIN files) ──► secret keys, CA keys in HSM ──► CA certs (var/pki, db meta)
+//! user add ──► home-card key (generated in HSM, wrapped under the KEK of the second password)
+//!              + user cert + argon2id hash of the first password + the second's binding
 //! terminal enroll ──► software key + cert from the terminal CA ──► PEM files for the terminal
 //! ```
 
@@ -12,6 +13,7 @@ use crate::hsm::signer::{HsmSigner, P256Public};
 use crate::hsm::{Hsm, KeyHandles, labels, ops};
 use crate::passwords;
 use crate::pki::{self, Usage};
+use crate::rowmac::Sealer;
 use crate::store::{MarketRecord, Store, UserRecord};
 use anyhow::{Context, Result, bail};
 use cryptoki::object::ObjectClass;
@@ -77,10 +79,11 @@ fn prepare_dirs(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// An open HSM, session and registry for enrolment commands.
+/// An open HSM, session and registry (rows sealed with the HSM's
+/// `kb-registry-mac`) for enrolment commands.
 pub struct Admin {
     pub cfg: Config,
-    pub hsm: Hsm,
+    pub hsm: std::sync::Arc<Hsm>,
     pub session: Session,
     pub store: Store,
 }
@@ -88,8 +91,14 @@ pub struct Admin {
 impl Admin {
     pub fn open(cfg: &Config) -> Result<Self> {
         let hsm = Hsm::open(cfg).context("opening the HSM (did `keybroker init` run?)")?;
+        Self::on(cfg, std::sync::Arc::new(hsm))
+    }
+
+    fn on(cfg: &Config, hsm: std::sync::Arc<Hsm>) -> Result<Self> {
         let session = hsm.session()?;
-        let store = Store::open(&cfg.db_path())?;
+        let sealer = Sealer::hsm(hsm.clone(), Default::default())
+            .context("the registry MAC key (run `keybroker init` after an upgrade)")?;
+        let store = Store::open_sealed(&cfg.db_path(), sealer)?;
         Ok(Self {
             cfg: cfg.clone(),
             hsm,
@@ -123,14 +132,34 @@ impl Admin {
     }
 }
 
-/// `keybroker init`: data directory, token, CA keys and certificates,
-/// master wrap key, ledger MAC key. Safe to run again: existing parts are kept.
+/// `keybroker init`: data directory, token, the secret keys (master wrap,
+/// KEK base, ledger, ticket and registry MAC keys), CA keys and
+/// certificates. Safe to run again: existing parts are kept, missing ones
+/// (keys a newer version added) made.
 pub fn init(cfg: &Config) -> Result<()> {
     prepare_dirs(cfg)?;
     if Hsm::init_token(cfg)? {
         tracing::info!(token = %cfg.hsm.token_label, "initialised HSM token");
     }
-    let admin = Admin::open(cfg)?;
+    let hsm = std::sync::Arc::new(Hsm::open(cfg)?);
+    {
+        let s = hsm.session()?;
+        type Generate = fn(&Session, &str) -> crate::hsm::HsmResult<cryptoki::object::ObjectHandle>;
+        let secret: [(&str, Generate); 5] = [
+            (labels::MASTER_WRAP, ops::generate_master_wrap_key),
+            (labels::KEK_BASE, ops::generate_kek_base_key),
+            (labels::LEDGER_MAC, ops::generate_hmac_key),
+            (labels::TICKET_KEY, ops::generate_hmac_key),
+            (labels::REGISTRY_MAC, ops::generate_hmac_key),
+        ];
+        for (label, generate) in secret {
+            if hsm.find(&s, label, ObjectClass::SECRET_KEY)?.is_none() {
+                generate(&s, label)?;
+                tracing::info!(label, "generated a secret key in the HSM");
+            }
+        }
+    }
+    let admin = Admin::on(cfg, hsm)?;
     let s = &admin.session;
     for (label, cn, file) in CAS {
         if admin
@@ -147,20 +176,6 @@ pub fn init(cfg: &Config) -> Result<()> {
         }
         let der = admin.ca_cert(label)?;
         std::fs::write(cfg.pki_dir().join(file), pki::pem("CERTIFICATE", &der))?;
-    }
-    if admin
-        .hsm
-        .find(s, labels::MASTER_WRAP, ObjectClass::SECRET_KEY)?
-        .is_none()
-    {
-        ops::generate_master_wrap_key(s, labels::MASTER_WRAP)?;
-        tracing::info!("generated master wrap key in the HSM");
-    }
-    for label in [labels::LEDGER_MAC, labels::TICKET_KEY] {
-        if admin.hsm.find(s, label, ObjectClass::SECRET_KEY)?.is_none() {
-            ops::generate_hmac_key(s, label)?;
-            tracing::info!(label, "generated an HMAC key in the HSM");
-        }
     }
     admin.keys()?;
     Ok(())
@@ -207,9 +222,11 @@ pub fn user_add(
     }
     let a = &admin.cfg.auth;
     let h1 = passwords::hash(pw_access, a.argon2_m_kib, a.argon2_t)?;
-    let h2 = passwords::hash(pw_release, a.argon2_m_kib, a.argon2_t)?;
+    let binding = passwords::Binding::new(a.argon2_m_kib, a.argon2_t)?;
+    let secret = binding.card_secret(pw_release, id)?;
     let keys = admin.keys()?;
-    let (point, wrapped) = ops::generate_wrapped_user_key(&admin.session, keys.master_wrap)?;
+    let (point, wrapped, verifier) =
+        ops::generate_bound_user_key(&admin.session, &keys, &secret.kek_data)?;
     let ca = admin.ca_cert(labels::USER_CA)?;
     let cert = pki::issue(
         &ca,
@@ -227,7 +244,7 @@ pub fn user_add(
         public_key: point,
         wrapped_key: wrapped,
         pw_access: h1,
-        pw_release: h2,
+        pw_release: binding.encode(&verifier),
         failures: 0,
         locked: false,
     })

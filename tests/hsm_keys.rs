@@ -8,7 +8,8 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 use keybroker::exchange::{Ephemeral, Group, Point};
-use keybroker::hsm::ops;
+use keybroker::hsm::ops::{self, KekUse};
+use keybroker::passwords::Binding;
 
 const FLAGS: [AttributeType; 8] = [
     AttributeType::Token,
@@ -67,8 +68,15 @@ fn a_released_key_signs_and_cannot_be_read_or_exported() {
     let hsm = common::shared_hsm();
     let keys = hsm.key_handles().unwrap();
     let s = hsm.session().unwrap();
-    let (point, wrapped) = ops::generate_wrapped_user_key(&s, keys.master_wrap).unwrap();
-    let key = ops::unwrap_user_key(&s, keys.master_wrap, &wrapped).unwrap();
+    let secret = Binding::new(64, 1)
+        .unwrap()
+        .card_secret(b"second", "bob")
+        .unwrap();
+    let (point, wrapped, verifier) =
+        ops::generate_bound_user_key(&s, &keys, &secret.kek_data).unwrap();
+    let key = ops::open_bound_user_key(&s, &keys, &secret.kek_data, &verifier, &wrapped)
+        .unwrap()
+        .expect("the right password opens it");
 
     assert_only(&s, key, AttributeType::Sign);
     assert!(
@@ -81,6 +89,64 @@ fn a_released_key_signs_and_cannot_be_read_or_exported() {
     let sig = ops::sign_p256(&s, key, msg).unwrap();
     assert!(keybroker::exchange::verify_signature(&point, msg, &sig));
     ops::destroy(&s, key).unwrap();
+}
+
+/// The release is bound to the second password: the HSM derives the key
+/// that unwraps a home-card key from data only the right password gives
+/// for that user, and only the HSM can tell whether data is right.
+#[test]
+fn a_bound_key_opens_only_with_its_users_second_password() {
+    let hsm = common::shared_hsm();
+    let keys = hsm.key_handles().unwrap();
+    let s = hsm.session().unwrap();
+    let b = Binding::new(64, 1).unwrap();
+    let right = b.card_secret(b"second", "bob").unwrap();
+    let (point, wrapped, verifier) =
+        ops::generate_bound_user_key(&s, &keys, &right.kek_data).unwrap();
+    let open = |data: &[u8; 32], verifier: &[u8; 32], blob: &[u8]| {
+        ops::open_bound_user_key(&s, &keys, data, verifier, blob)
+    };
+    for (pw, user) in [(&b"guess"[..], "bob"), (b"second", "alice")] {
+        let data = b.card_secret(pw, user).unwrap().kek_data;
+        assert!(
+            open(&data, &verifier, &wrapped).unwrap().is_none(),
+            "{user}: refused as a wrong password"
+        );
+        // Its own verifier, as someone with the PIN could make: the
+        // verifier passes and the key still does not unwrap.
+        let forged = ops::release_verifier(&s, keys.registry_mac, &data).unwrap();
+        assert!(open(&data, &forged, &wrapped).is_err(), "{user}");
+    }
+    assert!(
+        ops::unwrap_user_key(&s, keys.master_wrap, &wrapped).is_err(),
+        "the master key alone opens nothing"
+    );
+    // The KEK can only unwrap and is never readable; the base only derives.
+    let kek = ops::derive_kek(&s, keys.kek_base, &right.kek_data, KekUse::Unwrap).unwrap();
+    assert_only(&s, kek, AttributeType::Unwrap);
+    ops::destroy(&s, kek).unwrap();
+    assert!(
+        s.encrypt(&Mechanism::AesEcb, keys.kek_base, &[0; 16])
+            .is_err()
+    );
+
+    // A blob from before the binding, wrapped again under the KEK inside
+    // the HSM, opens the same key.
+    let (old_point, legacy) = ops::generate_wrapped_user_key(&s, keys.master_wrap).unwrap();
+    let (rewrapped, again) =
+        ops::rewrap_legacy_user_key(&s, &keys, &right.kek_data, &legacy).unwrap();
+    assert_eq!(
+        again, verifier,
+        "the verifier is of the password, not the blob"
+    );
+    for (point, blob) in [(&point, &wrapped), (&old_point, &rewrapped)] {
+        let key = open(&right.kek_data, &verifier, blob)
+            .unwrap()
+            .expect("opens");
+        let sig = ops::sign_p256(&s, key, b"t").unwrap();
+        assert!(keybroker::exchange::verify_signature(point, b"t", &sig));
+        ops::destroy(&s, key).unwrap();
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Revocation on a running broker: a terminal revoked or a user removed in
-//! the registry (by the CLI, or the store call it makes, on the broker's
-//! own data directory) loses its open sessions within a second, whether it is asking
+//! the registry (by the CLI, in its own process, on the broker's own data
+//! directory) loses its open sessions within a second, whether it is asking
 //! or idle, without a Release; its session tickets resume TLS on any node
 //! but log in nowhere. Real binary, SoftHSM token, SQLite file, sockets.
 
@@ -9,28 +9,27 @@ mod common;
 use common::*;
 use keybroker::proto::ErrorCode;
 use keybroker::proto::access::{Frame, Message};
-use keybroker::store::Store;
 use keybroker::terminal::{Terminal, TerminalError};
 use std::time::{Duration, Instant};
 
 /// What the issue allows between the revocation and its effect.
 const LIMIT: Duration = Duration::from_secs(1);
 
-fn store(env: &Env) -> Store {
-    Store::open(&env.data().join("keybroker.db")).expect("registry")
-}
-
-/// The registry serial of the terminal enrolled into directory `name`.
+/// The registry serial of the terminal enrolled into directory `name`,
+/// from `terminal list` (serial, user, state, fingerprint).
 fn serial(env: &Env, name: &str) -> String {
     let pem = std::fs::read_to_string(env.terminal_dir(name).join("terminal.crt")).unwrap();
     let fp = keybroker::pki::fingerprint(&keybroker::pki::read_cert_pem(&pem).unwrap());
-    store(env)
-        .terminal_list(None)
-        .unwrap()
-        .into_iter()
-        .find(|t| t.fingerprint == fp)
-        .expect("enrolled")
-        .serial
+    let list = env.kb(&["terminal", "list"]).success().stdout();
+    let line = list
+        .lines()
+        .find(|l| l.ends_with(&hex::encode(fp)))
+        .expect("enrolled");
+    line.split('\t').next().unwrap().to_owned()
+}
+
+fn revoke(env: &Env, serial: &str) {
+    env.kb(&["terminal", "revoke", serial]).success();
 }
 
 /// Waits on an idle session for the broker's next frame: how long after
@@ -52,15 +51,14 @@ fn idle(mut t: Terminal, since: std::sync::mpsc::Receiver<Instant>) -> (Duration
 /// idle, both released; checks both end with `terminal_revoked` inside
 /// [`LIMIT`] and returns the two delays.
 fn ends_both(
-    env: &Env,
     mut asking: Terminal,
     waiting: Terminal,
-    revoke: impl FnOnce(&Store),
+    revoke: impl FnOnce(),
 ) -> (Duration, Duration) {
     let (tx, rx) = std::sync::mpsc::channel();
     let idle = std::thread::spawn(move || idle(waiting, rx));
     asking.balance().expect("served before the revocation");
-    revoke(&store(env));
+    revoke();
     let since = Instant::now();
     tx.send(since).unwrap();
     let refused = loop {
@@ -113,9 +111,7 @@ fn revoking_a_terminal_ends_its_open_sessions_at_once() {
     let waiting = released(&b, &alice, "alice");
     let mut bystander = released(&b, &other, "alice");
     let serial = serial(&env, "alice");
-    ends_both(&env, asking, waiting, |s| {
-        assert!(s.terminal_revoke(&serial).unwrap())
-    });
+    ends_both(asking, waiting, || revoke(&env, &serial));
     // The user's other terminal keeps its session.
     bystander.balance().unwrap();
 }
@@ -130,8 +126,7 @@ fn removing_a_user_ends_its_terminals_sessions_at_once() {
     let asking = released(&b, &bob, "bob");
     let waiting = released(&b, &bob2, "bob");
     let mut bystander = released(&b, &alice, "alice");
-    // This one through the CLI itself, in its own process.
-    ends_both(&env, asking, waiting, |_| {
+    ends_both(asking, waiting, || {
         env.kb(&["user", "remove", "bob"]).success();
     });
     bystander.balance().unwrap();
@@ -147,7 +142,7 @@ fn a_revoked_terminal_that_has_not_logged_in_is_cut_too() {
     let (tx, rx) = std::sync::mpsc::channel();
     let serial = serial(&env, "alice");
     let idle = std::thread::spawn(move || idle(t, rx));
-    assert!(store(&env).terminal_revoke(&serial).unwrap());
+    revoke(&env, &serial);
     tx.send(Instant::now()).unwrap();
     let (waited, frame) = idle.join().unwrap();
     assert!(matches!(
@@ -180,7 +175,7 @@ fn tickets_of_a_revoked_terminal_log_in_on_no_node() {
     let cut_n1 = std::thread::spawn(move || idle(on_n1, rx));
     let (tx2, rx2) = std::sync::mpsc::channel();
     let cut_n2 = std::thread::spawn(move || idle(on_n2, rx2));
-    assert!(store(&env).terminal_revoke(&serial(&env, "alice")).unwrap());
+    revoke(&env, &serial(&env, "alice"));
     let now = Instant::now();
     tx.send(now).unwrap();
     tx2.send(now).unwrap();

@@ -184,12 +184,25 @@ fn wakeup(batch_ms: u64) -> Result<Item> {
 pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Result<Value> {
     let batch_ms = if quick { 30 } else { 120 };
     let cfg = keybroker::config::Config::load(Some(config), None)?;
-    let hsm = Hsm::open(&cfg).context("opening the HSM")?;
+    let hsm = Arc::new(Hsm::open(&cfg).context("opening the HSM")?);
     let keys = hsm.key_handles()?;
     let s = hsm.session()?;
-    let store = keybroker::store::Store::open(&cfg.db_path())?;
+    let sealer = keybroker::rowmac::Sealer::hsm(hsm.clone(), Default::default())?;
+    let store = keybroker::store::Store::open_sealed(&cfg.db_path(), sealer)?;
     let rec = store.user_get(user)?.context("bench user missing")?;
-    let user_key = ops::unwrap_user_key(&s, keys.master_wrap, &rec.wrapped_key)?;
+    // The release: the second password's argon2id and the KEK it gives.
+    let (first, second) = crate::env::passwords(user);
+    let Some(keybroker::passwords::Stored::Bound(binding, verifier)) =
+        keybroker::passwords::stored(&rec.pw_release)
+    else {
+        anyhow::bail!("the bench user's key is not bound to its second password");
+    };
+    let secret = binding.card_secret(second.as_bytes(), user)?;
+    let open = || {
+        ops::open_bound_user_key(&s, &keys, &secret.kek_data, &verifier, &rec.wrapped_key)?
+            .context("the bench user's second password does not open its key")
+    };
+    let user_key = open()?;
 
     let digest = [7u8; 32];
     // The bench's software exchanges are X25519; SoftHSM's are P-256.
@@ -220,7 +233,7 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
         None
     });
     let unwrap_user = measure(batch_ms, || {
-        let h = ops::unwrap_user_key(&s, keys.master_wrap, &rec.wrapped_key).expect("unwrap");
+        let h = open().expect("unwrap");
         ops::destroy(&s, h).expect("destroy");
         None
     });
@@ -270,12 +283,20 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
     ops::destroy(&s, user_key)?;
     // The password check (reported apart from the session figures): one
     // argon2id verification with the user's stored hash and parameters.
-    let (first, _) = crate::env::passwords(user);
     let argon = measure(batch_ms.max(200), || {
         assert!(keybroker::passwords::verify(
             first.as_bytes(),
             &rec.pw_access
         ));
+        None
+    });
+    // The second password's: one argon2id run to K, then its two HMACs.
+    let argon_release = measure(batch_ms.max(200), || {
+        std::hint::black_box(
+            binding
+                .card_secret(second.as_bytes(), user)
+                .expect("argon2id"),
+        );
         None
     });
 
@@ -355,6 +376,7 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
             "direct_market_side_v1_hkdf_keys": item_json(&direct_v1),
             "direct_market_side_noise_nnpsk0": item_json(&direct_market),
             "argon2id_password_check": item_json(&argon),
+            "argon2id_release_secret": item_json(&argon_release),
             "thread_wakeup_process_cpu": item_json(&wake),
             "loopback_tcp_session_server_side": transport_json(&tcp_session),
             "loopback_tcp_round_trip_server_side": transport_json(&tcp_round_trip),

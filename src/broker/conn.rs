@@ -445,26 +445,7 @@ async fn release(
     user: &str,
     password: crate::proto::access::Password,
 ) -> Result<(), ErrorCode> {
-    let shared = &core.shared;
-    let fp = c.fingerprint;
-    let u = user.to_owned();
-    let record = shared
-        .auth
-        .run(move |w| w.check(Which::Release, &fp, &u, &password))
-        .await
-        .map_err(pool_code)??;
-    let key = match shared.released.get(user, shared.hsm.epoch()) {
-        Some(k) => k,
-        None => {
-            let wrapped = record.wrapped_key;
-            let k = exchange::hsm(core, "unwrap", move |w| {
-                crate::hsm::ops::unwrap_user_key(&w.session, w.keys.master_wrap, &wrapped)
-                    .map(|h| w.session_key(h))
-            })
-            .await?;
-            shared.released.insert(shared, user, k)
-        }
-    };
+    let (key, record) = super::card::open(core, c.fingerprint, user, password).await?;
     c.released = Some(Released {
         key,
         terminal: c.fingerprint,

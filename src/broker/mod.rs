@@ -8,6 +8,7 @@
 //! ```
 
 pub mod auth;
+mod card;
 mod conn;
 mod exchange;
 pub mod link;
@@ -21,6 +22,7 @@ mod wallet;
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmError, KeyHandles};
 use crate::pool::Pool;
+use crate::rowmac::Sealer;
 use crate::store::Store;
 use anyhow::{Context, Result};
 use cryptoki::session::Session;
@@ -93,7 +95,16 @@ impl Broker {
     pub fn start(cfg: Config) -> Result<Self> {
         let hsm = Arc::new(Hsm::open(&cfg).context("opening the HSM")?);
         let keys = hsm.key_handles()?;
-        let store = Store::open(&cfg.db_path())?;
+        // Rows verified by any thread of this process, and the newest
+        // generation seen of each (rowmac): shared by the auth workers.
+        let seen = Arc::new(crate::rowmac::Seen::default());
+        let sealed = {
+            let (hsm, seen, db) = (hsm.clone(), seen.clone(), cfg.db_path());
+            move || -> Result<Store> {
+                Store::open_sealed(&db, Sealer::hsm(hsm.clone(), seen.clone())?)
+            }
+        };
+        let store = sealed()?;
         let ca = |label| {
             store
                 .meta_get(label)?
@@ -118,6 +129,14 @@ impl Broker {
         certifier.spawn_rotation(hsm.clone(), resolver.clone(), provider.clone());
         let mut markets = HashMap::new();
         for m in store.market_list()? {
+            let m = match m {
+                Ok(m) => m,
+                Err(bad) => {
+                    tracing::error!(target: "audit", table = bad.table, key = %bad.key, why = %bad.why,
+                        "market row refused: it fails its check; exchanges to it get unknown_market");
+                    continue;
+                }
+            };
             let host = m
                 .endpoint
                 .rsplit_once(':')
@@ -146,10 +165,9 @@ impl Broker {
         spawn_ticket_refresh(hsm.clone(), ticketer.clone(), period);
         let tls = tls::server_config(provider, &terminal_ca, resolver, ticketer)?;
 
-        let db = cfg.db_path();
         let max_failures = cfg.auth.max_failures;
         let auth = Pool::start("auth", cfg.auth.workers, cfg.auth.queue, move |_| {
-            Store::open(&db).map(|store| auth::AuthWorker {
+            sealed().map(|store| auth::AuthWorker {
                 store,
                 max_failures,
             })
@@ -349,7 +367,7 @@ fn start_admin(cfg: &Config, hsm: Arc<Hsm>) -> Result<SocketAddr> {
             return Err("the HSM does not answer".into());
         }
         Store::open(&db)
-            .and_then(|s| s.meta_get("kb-broker-ca"))
+            .and_then(|s| s.revocations_head())
             .map(drop)
             .map_err(|e| format!("the registry does not open: {e}"))
     });

@@ -12,9 +12,12 @@
 //!
 //! Nothing changes in what a session may do: the key is the user's own,
 //! and each session still proves the second password before it gets the
-//! handle. Nor does the linger widen what a compromise of the process
-//! could reach: the broker's logged-in HSM session can unwrap any enrolled
-//! user's key with the master wrapping key at any time.
+//! handle: the key remembers the proof the password that unwrapped it
+//! gave (`passwords::CardSecret::proof`), and a later release must give
+//! the same one, or unwrap for itself. The linger does widen, a little,
+//! what a compromise of the process reaches: a released key is usable
+//! without the password until it goes, where the process could unwrap
+//! no key whose password it has not seen (docs/SECURITY.md).
 
 use super::Shared;
 use crate::hsm::SessionKey;
@@ -25,6 +28,8 @@ use std::time::{Duration, Instant};
 /// A user's released key; destroyed in the HSM when the last holder drops.
 pub struct UserKey {
     pub key: SessionKey,
+    /// What the second password that released it proved (one-way).
+    pub proof: [u8; 32],
     user: String,
     /// Weak: the lingering entries in [`Keys`] must not keep the broker's
     /// shared state alive through this key.
@@ -89,10 +94,18 @@ impl Keys {
         found
     }
 
-    /// Records a freshly unwrapped key for `user`.
-    pub fn insert(&self, shared: &Arc<Shared>, user: &str, key: SessionKey) -> Arc<UserKey> {
+    /// Records a freshly unwrapped key for `user`, with the proof of the
+    /// password that unwrapped it.
+    pub fn insert(
+        &self,
+        shared: &Arc<Shared>,
+        user: &str,
+        key: SessionKey,
+        proof: [u8; 32],
+    ) -> Arc<UserKey> {
         let k = Arc::new(UserKey {
             key,
+            proof,
             user: user.to_owned(),
             shared: Arc::downgrade(shared),
         });

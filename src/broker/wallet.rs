@@ -4,12 +4,12 @@
 //! ```text
 //! Purchase ─► ledger (group commit: debit + decision + mail, one transaction) ─► HSM signs receipt
 //! Cancel   ─► market's authorisation verified (cert → market CA by webpki, signature) ─► ledger refund
-//! TopUp    ─► second password (auth pool) ─► voucher verified (issuer key) ─► ledger credit
+//! TopUp    ─► second password (card::open) ─► voucher verified (issuer key) ─► ledger credit
 //! ```
 
+use super::Shared;
 use super::conn::Core;
 use super::exchange::{Released, hsm, pool_code};
-use super::{Shared, auth::Which};
 use crate::cancel_auth::SignedCancel;
 use crate::metrics::{WalletOp, wallet_op};
 use crate::proto::ErrorCode;
@@ -112,7 +112,7 @@ pub async fn handle(
         }
         Message::TopUp { voucher, password } => {
             let rel = rel.ok_or(ErrorCode::NotReleased)?;
-            let r = top_up(shared, rel, user, voucher, password).await;
+            let r = top_up(core, rel, user, voucher, password).await;
             wallet_op(
                 WalletOp::TopUp,
                 r.as_ref().map_or_else(|c| c.name(), |_| "ok"),
@@ -249,20 +249,15 @@ async fn cancel(
 }
 
 async fn top_up(
-    shared: &Arc<Shared>,
+    core: &Core,
     rel: &Released,
     user: &str,
     voucher: Vec<u8>,
     password: crate::proto::access::Password,
 ) -> Result<Message, ErrorCode> {
+    let shared = &core.shared;
     let issuer = shared.voucher_issuer.clone().ok_or(ErrorCode::BadVoucher)?;
-    let fp = rel.terminal;
-    let u = user.to_owned();
-    shared
-        .auth
-        .run(move |w| w.check(Which::Release, &fp, &u, &password).map(drop))
-        .await
-        .map_err(pool_code)??;
+    super::card::open(core, rel.terminal, user, password).await?;
     let v = wallet::voucher::verify(&issuer, &voucher, wallet::now_ms()).map_err(|e| code(&e))?;
     if v.user != user {
         return Err(ErrorCode::BadVoucher);

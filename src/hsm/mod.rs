@@ -32,7 +32,14 @@ pub mod labels {
     pub const BROKER_CA: &str = "kb-broker-ca";
     pub const TERMINAL_CA: &str = "kb-terminal-ca";
     pub const USER_CA: &str = "kb-user-ca";
+    /// Wrapped home-card keys before they were bound to the second
+    /// password; kept to re-wrap those at their next release.
     pub const MASTER_WRAP: &str = "kb-master-wrap";
+    /// AES-256, derive only: each user's key-encryption key is derived
+    /// from it and the user's second password (docs/SECURITY.md).
+    pub const KEK_BASE: &str = "kb-kek-base";
+    /// HMAC-SHA256 key sealing every registry row (`rowmac`).
+    pub const REGISTRY_MAC: &str = "kb-registry-mac";
     /// HMAC-SHA256 key chaining the wallet ledger's entries.
     pub const LEDGER_MAC: &str = "kb-ledger-mac";
     /// Derives the session-ticket keys; shared by every node of a cluster.
@@ -105,6 +112,8 @@ pub struct KeyHandles {
     pub terminal_ca: ObjectHandle,
     pub user_ca: ObjectHandle,
     pub master_wrap: ObjectHandle,
+    pub kek_base: ObjectHandle,
+    pub registry_mac: ObjectHandle,
 }
 
 pub struct Hsm {
@@ -337,7 +346,12 @@ impl Hsm {
         Ok(found.first().copied())
     }
 
-    fn require(&self, s: &Session, label: &str, class: ObjectClass) -> HsmResult<ObjectHandle> {
+    pub(crate) fn require(
+        &self,
+        s: &Session,
+        label: &str,
+        class: ObjectClass,
+    ) -> HsmResult<ObjectHandle> {
         self.find(s, label, class)?
             .ok_or_else(|| HsmError::KeyNotFound {
                 token: self.token.clone(),
@@ -353,6 +367,8 @@ impl Hsm {
             terminal_ca: self.require(&s, labels::TERMINAL_CA, ObjectClass::PRIVATE_KEY)?,
             user_ca: self.require(&s, labels::USER_CA, ObjectClass::PRIVATE_KEY)?,
             master_wrap: self.require(&s, labels::MASTER_WRAP, ObjectClass::SECRET_KEY)?,
+            kek_base: self.require(&s, labels::KEK_BASE, ObjectClass::SECRET_KEY)?,
+            registry_mac: self.require(&s, labels::REGISTRY_MAC, ObjectClass::SECRET_KEY)?,
         })
     }
 

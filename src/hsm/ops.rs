@@ -1,9 +1,18 @@
 //! Key operations on one PKCS#11 session.
 //!
 //! Long-term keys are token objects, sensitive and never extractable. User
-//! home-card keys are generated once, wrapped under the master key with
-//! `AES_KEY_WRAP_PAD`, stored in the database, and unwrapped on release as
-//! non-extractable session objects (see docs/DECISIONS.md, "home-card keys").
+//! home-card keys are generated once, wrapped with `AES_KEY_WRAP_PAD` under
+//! a key-encryption key the HSM derives from `kb-kek-base` and the user's
+//! second password, stored in the database, and unwrapped on release as
+//! non-extractable session objects (see docs/DECISIONS.md, "home-card
+//! keys", and docs/SECURITY.md).
+//!
+//! ```text
+//! second password ─argon2id─► K ─HMAC(K, label ‖ user)─► kek_data (32 bytes, in process)
+//! kb-registry-mac ─SHA256_HMAC(VERIFIER_LABEL ‖ kek_data)─► verifier == the stored one? else wrong password
+//! kb-kek-base ─AES_CBC_ENCRYPT_DATA(iv = KEK_IV, kek_data)─► KEK (session object, never out)
+//! KEK ─AES_KEY_WRAP_PAD unwrap─► home-card key (sign only) ; KEK destroyed
+//! ```
 
 use super::{Ctx, HsmError, HsmResult};
 use cryptoki::mechanism::Mechanism;
@@ -45,45 +54,74 @@ pub fn generate_token_signing_key(s: &Session, label: &str) -> HsmResult<ObjectH
     Ok(private)
 }
 
-/// The long-term AES-256 key that wraps home-card keys.
+/// A long-term 32-byte secret token key under `label`: private,
+/// sensitive, never extractable, allowed `uses` only.
+fn generate_secret_key(
+    s: &Session,
+    label: &str,
+    key_type: KeyType,
+    uses: &[Attribute],
+) -> HsmResult<ObjectHandle> {
+    let mechanism = if key_type == KeyType::AES {
+        Mechanism::AesKeyGen
+    } else {
+        Mechanism::GenericSecretKeyGen
+    };
+    let mut template = vec![
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(key_type),
+        Attribute::ValueLen(32.into()),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+    ];
+    template.extend_from_slice(uses);
+    s.generate_key(&mechanism, &template).op("C_GenerateKey")
+}
+
+/// The long-term AES-256 key that wrapped home-card keys before they were
+/// bound to the second password; it now only unwraps those, once each.
 pub fn generate_master_wrap_key(s: &Session, label: &str) -> HsmResult<ObjectHandle> {
-    s.generate_key(
-        &Mechanism::AesKeyGen,
+    generate_secret_key(
+        s,
+        label,
+        KeyType::AES,
+        &[Attribute::Wrap(true), Attribute::Unwrap(true)],
+    )
+}
+
+/// The long-term AES-256 key the users' key-encryption keys are derived
+/// from. It can only derive: no encryption, no wrapping, so the one thing
+/// it gives a PIN holder is the KEK of data they already know.
+pub fn generate_kek_base_key(s: &Session, label: &str) -> HsmResult<ObjectHandle> {
+    generate_secret_key(
+        s,
+        label,
+        KeyType::AES,
         &[
-            Attribute::Token(true),
-            Attribute::Label(label.as_bytes().to_vec()),
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Wrap(true),
-            Attribute::Unwrap(true),
+            Attribute::Derive(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
         ],
     )
-    .op("C_GenerateKey")
 }
 
 /// The long-term HMAC-SHA256 key (generic secret, 32 bytes) that chains
-/// the wallet ledger's entries: sign and verify only, never extractable.
+/// the wallet ledger's entries, derives ticket keys, or seals registry
+/// rows: sign and verify only, never extractable.
 pub fn generate_hmac_key(s: &Session, label: &str) -> HsmResult<ObjectHandle> {
-    s.generate_key(
-        &Mechanism::GenericSecretKeyGen,
-        &[
-            Attribute::Token(true),
-            Attribute::Label(label.as_bytes().to_vec()),
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::ValueLen(32.into()),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            Attribute::Verify(true),
-        ],
+    generate_secret_key(
+        s,
+        label,
+        KeyType::GENERIC_SECRET,
+        &[Attribute::Sign(true), Attribute::Verify(true)],
     )
-    .op("C_GenerateKey (generic secret)")
 }
 
 /// The uncompressed EC point (65 bytes) of the public key matching `private`.
@@ -149,11 +187,170 @@ pub fn raw_to_der(raw: &[u8]) -> HsmResult<Vec<u8>> {
     }))
 }
 
+/// The CBC IV of the KEK derivation: a constant label, so that the same
+/// base key derives nothing else under the same data.
+pub const KEK_IV: [u8; 16] = *b"keybroker kek v1";
+
+/// What a derived KEK may do: wrap (enrolment, migration) or unwrap
+/// (release), never both.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KekUse {
+    Wrap,
+    Unwrap,
+}
+
+/// A user's key-encryption key: `AES_CBC_ENCRYPT_DATA` of `data` (32
+/// bytes that only the user's second password yields, user id bound in)
+/// under `base`, as an AES-256 session object that cannot leave the HSM.
+/// The caller destroys it after its one use.
+pub fn derive_kek(
+    s: &Session,
+    base: ObjectHandle,
+    data: &[u8; 32],
+    usage: KekUse,
+) -> HsmResult<ObjectHandle> {
+    use cryptoki::mechanism::ekdf::AesCbcDeriveParams;
+    s.derive_key(
+        &Mechanism::AesCbcEncryptData(AesCbcDeriveParams::new(KEK_IV, data)),
+        base,
+        &[
+            Attribute::Token(false),
+            // Short-lived: off SoftHSM's global lock, as the ephemerals.
+            Attribute::Private(false),
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Wrap(usage == KekUse::Wrap),
+            Attribute::Unwrap(usage == KekUse::Unwrap),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Derive(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+        ],
+    )
+    .op("C_DeriveKey (AES_CBC_ENCRYPT_DATA)")
+}
+
+/// Runs `f` with a freshly derived KEK and destroys the KEK either way.
+fn with_kek<R>(
+    s: &Session,
+    base: ObjectHandle,
+    data: &[u8; 32],
+    usage: KekUse,
+    f: impl FnOnce(ObjectHandle) -> HsmResult<R>,
+) -> HsmResult<R> {
+    let kek = derive_kek(s, base, data, usage)?;
+    let r = f(kek);
+    let _ = s.destroy_object(kek);
+    r
+}
+
+const VERIFIER_LABEL: &[u8] = b"keybroker release verifier v1";
+
+/// The stored check of a second password: HMAC-SHA256 under `mac_key`
+/// (`kb-registry-mac`) of the KEK data. Only the HSM can make or test one,
+/// so a copy of the registry gives nothing to test guesses against, and
+/// whoever can write it cannot make one for a password of their own. It
+/// tells a wrong password from a blob the HSM refuses for another reason,
+/// which a failed unwrap cannot (SoftHSM answers `CKR_GENERAL_ERROR` to both).
+pub fn release_verifier(
+    s: &Session,
+    mac_key: ObjectHandle,
+    data: &[u8; 32],
+) -> HsmResult<[u8; 32]> {
+    let tag = s
+        .sign(
+            &Mechanism::Sha256Hmac,
+            mac_key,
+            &[VERIFIER_LABEL, data].concat(),
+        )
+        .op("C_Sign (SHA256_HMAC, verifier)")?;
+    tag.try_into()
+        .map_err(|_| HsmError::Format("an HMAC-SHA256 that is not 32 bytes"))
+}
+
+/// A new home-card key bound to its second password: (public point, key
+/// wrapped under the KEK of `data`, the verifier of `data`).
+pub fn generate_bound_user_key(
+    s: &Session,
+    keys: &super::KeyHandles,
+    data: &[u8; 32],
+) -> HsmResult<(Vec<u8>, Vec<u8>, [u8; 32])> {
+    let (point, wrapped) = with_kek(s, keys.kek_base, data, KekUse::Wrap, |kek| {
+        generate_wrapped_user_key(s, kek)
+    })?;
+    Ok((
+        point,
+        wrapped,
+        release_verifier(s, keys.registry_mac, data)?,
+    ))
+}
+
+/// Releases a bound home-card key: if `data` gives `verifier`, its KEK
+/// unwraps `wrapped` (as [`unwrap_user_key`]). `Ok(None)`: a wrong second
+/// password. A right one whose blob does not unwrap is an error: the row
+/// passed its MAC, so that is the HSM's or the registry's fault, never
+/// the user's.
+pub fn open_bound_user_key(
+    s: &Session,
+    keys: &super::KeyHandles,
+    data: &[u8; 32],
+    verifier: &[u8; 32],
+    wrapped: &[u8],
+) -> HsmResult<Option<ObjectHandle>> {
+    if !crate::crypto::ct_eq(&release_verifier(s, keys.registry_mac, data)?, verifier) {
+        return Ok(None);
+    }
+    with_kek(s, keys.kek_base, data, KekUse::Unwrap, |kek| {
+        unwrap_user_key(s, kek, wrapped).map(Some)
+    })
+}
+
+/// Migration: a blob wrapped under the plain master key (before release
+/// was bound to the second password) wrapped again under the KEK of
+/// `data`. The key is unwrapped as an extractable session object that can
+/// do nothing else, wrapped, and destroyed; it never leaves the HSM.
+pub fn rewrap_legacy_user_key(
+    s: &Session,
+    keys: &super::KeyHandles,
+    data: &[u8; 32],
+    legacy: &[u8],
+) -> HsmResult<(Vec<u8>, [u8; 32])> {
+    let key = s
+        .unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            keys.master_wrap,
+            legacy,
+            &[
+                Attribute::Token(false),
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(KeyType::EC),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+                Attribute::Sign(false),
+                Attribute::Decrypt(false),
+                Attribute::Unwrap(false),
+                Attribute::Derive(false),
+            ],
+        )
+        .op("C_UnwrapKey (legacy)")?;
+    let r = with_kek(s, keys.kek_base, data, KekUse::Wrap, |kek| {
+        s.wrap_key(&Mechanism::AesKeyWrapPad, kek, key)
+            .op("C_WrapKey")
+    });
+    let _ = s.destroy_object(key);
+    Ok((r?, release_verifier(s, keys.registry_mac, data)?))
+}
+
 /// A new home-card key: returns (public point, private key wrapped under
-/// `master` with AES key wrap with padding). Nothing stays on the token.
+/// `wrapping` with AES key wrap with padding). Nothing stays on the token.
 pub fn generate_wrapped_user_key(
     s: &Session,
-    master: ObjectHandle,
+    wrapping: ObjectHandle,
 ) -> HsmResult<(Vec<u8>, Vec<u8>)> {
     let (public, private) = ec_pair(
         s,
@@ -173,7 +370,7 @@ pub fn generate_wrapped_user_key(
     let result = (|| {
         let point = point_of(s, public)?;
         let wrapped = s
-            .wrap_key(&Mechanism::AesKeyWrapPad, master, private)
+            .wrap_key(&Mechanism::AesKeyWrapPad, wrapping, private)
             .op("C_WrapKey")?;
         Ok((point, wrapped))
     })();
@@ -191,14 +388,10 @@ pub fn generate_wrapped_user_key(
 /// session object is visible only to this process's own sessions, which are
 /// all logged in, and it stays sensitive and unextractable
 /// (docs/DECISIONS.md, "Home-card keys").
-pub fn unwrap_user_key(
-    s: &Session,
-    master: ObjectHandle,
-    wrapped: &[u8],
-) -> HsmResult<ObjectHandle> {
+pub fn unwrap_user_key(s: &Session, kek: ObjectHandle, wrapped: &[u8]) -> HsmResult<ObjectHandle> {
     s.unwrap_key(
         &Mechanism::AesKeyWrapPad,
-        master,
+        kek,
         wrapped,
         &[
             Attribute::Token(false),

@@ -1,0 +1,169 @@
+//! Opening the home card with the second password (Release, and TopUp's
+//! password). The password is checked by the HSM: it yields the data the
+//! user's key-encryption key is derived from, and only the right one
+//! unwraps the user's key (docs/SECURITY.md). Nothing in the registry can
+//! stand in for it.
+//!
+//! ```text
+//! auth pool: §1.5 steps 1–3, argon2id (one run) ─► CardSecret (KEK data, proof key)
+//! core:      the user's released key has this password's proof? ─► take it
+//! HSM pool:  KEK = AES_CBC_ENCRYPT_DATA(kb-kek-base, KEK data); unwrap ─► key, or refused
+//! auth pool: refused ─► counted as a wrong password; opened ─► failures cleared
+//! ```
+//!
+//! A row from before the binding (the second password stored as a PHC
+//! hash, the key wrapped under the plain master key) is checked the old
+//! way once, then bound: a fresh salt, the key wrapped again under its KEK
+//! inside the HSM, and the row rewritten (`Store::rebind`).
+
+use super::auth::{AuthWorker, Which, internal};
+use super::conn::Core;
+use super::exchange::{self, pool_code};
+use super::released::UserKey;
+use crate::passwords::{self, Binding, CardSecret, Stored};
+use crate::proto::ErrorCode;
+use crate::proto::access::Password;
+use crate::store::UserRecord;
+use std::sync::Arc;
+
+/// What the auth pool found: the user, the secret the password gave, and
+/// the stored verifier, or for a row from before the binding, the
+/// binding it gets.
+struct Plan {
+    record: UserRecord,
+    secret: CardSecret,
+    check: Check,
+}
+
+enum Check {
+    Verifier([u8; 32]),
+    Rebind(Binding),
+}
+
+impl AuthWorker {
+    fn plan(
+        &mut self,
+        fingerprint: &[u8; 32],
+        user: &str,
+        password: &Password,
+    ) -> Result<Plan, ErrorCode> {
+        let record = self.gate(fingerprint, user)?;
+        let (bound, verifier) = match passwords::stored(&record.pw_release) {
+            Some(Stored::Bound(b, v)) => (b, v),
+            Some(Stored::Hash(_)) => {
+                let record = self.check(Which::Release, fingerprint, user, password)?;
+                let b = Binding::like(&record.pw_release).map_err(internal)?;
+                let secret = b.card_secret(password.expose(), user).map_err(internal)?;
+                return Ok(Plan {
+                    record,
+                    secret,
+                    check: Check::Rebind(b),
+                });
+            }
+            None => return Err(internal(anyhow::anyhow!("{user}: pw_release unreadable"))),
+        };
+        let secret = bound
+            .card_secret(password.expose(), user)
+            .map_err(internal)?;
+        Ok(Plan {
+            record,
+            secret,
+            check: Check::Verifier(verifier),
+        })
+    }
+}
+
+/// Opens `user`'s home card with the second `password`, on the terminal
+/// `fingerprint`: the released key (the one already released if this
+/// password released it) and the user's record.
+pub(super) async fn open(
+    core: &Core,
+    fingerprint: [u8; 32],
+    user: &str,
+    password: Password,
+) -> Result<(Arc<UserKey>, UserRecord), ErrorCode> {
+    let shared = &core.shared;
+    let u = user.to_owned();
+    let plan = shared
+        .auth
+        .run(move |w| w.plan(&fingerprint, &u, &password))
+        .await
+        .map_err(pool_code)??;
+    let Plan {
+        record,
+        secret,
+        check,
+    } = plan;
+    if let Check::Verifier(_) = check
+        && let Some(k) = shared.released.get(user, shared.hsm.epoch())
+        && crate::crypto::ct_eq(&k.proof, &secret.proof(&record.wrapped_key))
+    {
+        settle(core, &record, None).await?;
+        return Ok((k, record));
+    }
+    let data = secret.kek_data.clone();
+    let stored = record.wrapped_key.clone();
+    let job = match &check {
+        Check::Verifier(v) => Some(*v),
+        Check::Rebind(_) => None,
+    };
+    let opened = exchange::hsm(core, "unwrap", move |w| {
+        let (s, keys) = (&w.session, &w.keys);
+        let (blob, verifier) = match job {
+            Some(v) => (stored.clone(), v),
+            None => crate::hsm::ops::rewrap_legacy_user_key(s, keys, &data, &stored)?,
+        };
+        let key = crate::hsm::ops::open_bound_user_key(s, keys, &data, &verifier, &blob)?;
+        Ok(key.map(|h| (w.session_key(h), blob, verifier)))
+    })
+    .await?;
+    let Some((key, blob, verifier)) = opened else {
+        let u = user.to_owned();
+        return Err(shared
+            .auth
+            .run(move |w| w.count_failure(&u, Which::Release))
+            .await
+            .map_err(pool_code)?);
+    };
+    let k = shared
+        .released
+        .insert(shared, user, key, secret.proof(&blob));
+    let rebind = match check {
+        Check::Rebind(b) => Some((blob, b.encode(&verifier))),
+        Check::Verifier(_) => None,
+    };
+    settle(core, &record, rebind).await?;
+    Ok((k, record))
+}
+
+/// After the card opened: clears the user's failures, and writes a
+/// migrated row's new blob and binding. A failed migration write only
+/// delays it to the next release.
+async fn settle(
+    core: &Core,
+    record: &UserRecord,
+    rebind: Option<(Vec<u8>, String)>,
+) -> Result<(), ErrorCode> {
+    if record.failures == 0 && rebind.is_none() {
+        return Ok(());
+    }
+    let u = record.clone();
+    core.shared
+        .auth
+        .run(move |w| {
+            if let Some((blob, binding)) = &rebind {
+                match w.store.rebind(&u.id, &u.wrapped_key, blob, binding) {
+                    Ok(true) => {
+                        tracing::info!(target: "audit", user = u.id, "home-card key bound to the second password")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(user = u.id, error = %e, "binding the home-card key failed; again at the next release")
+                    }
+                }
+            }
+            w.clear_failures(&u)
+        })
+        .await
+        .map_err(pool_code)?
+}
