@@ -160,6 +160,7 @@ pub fn init(cfg: &Config) -> Result<()> {
         }
     }
     let admin = Admin::on(cfg, hsm)?;
+    seal_legacy(&admin.store)?;
     let s = &admin.session;
     for (label, cn, file) in CAS {
         if admin
@@ -178,6 +179,22 @@ pub fn init(cfg: &Config) -> Result<()> {
         std::fs::write(cfg.pki_dir().join(file), pki::pem("CERTIFICATE", &der))?;
     }
     admin.keys()?;
+    Ok(())
+}
+
+/// A registry none of whose rows has a MAC comes from a version before
+/// row MACs: its rows are sealed as they are, once. Upgrading is the one
+/// moment to vouch for rows nobody checked; a registry with any sealed row
+/// is never sealed again (a row without a MAC in it was stripped or
+/// inserted, and `keybroker check` reports it).
+fn seal_legacy(store: &Store) -> Result<()> {
+    if store.sealed_rows()? > 0 {
+        return Ok(());
+    }
+    for row in store.seal_unsealed()? {
+        tracing::info!(target: "audit", row, "sealed a registry row from before row MACs");
+        println!("sealed {row}");
+    }
     Ok(())
 }
 

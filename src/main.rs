@@ -51,12 +51,7 @@ enum Cmd {
     #[command(subcommand)]
     Voucher(VoucherCmd),
     /// Check every registry row against its HSM MAC; exits 1 if any fails.
-    Check {
-        /// First seal the rows that have no MAC, as they are: once, after
-        /// upgrading a registry from a version before row MACs.
-        #[arg(long)]
-        seal: bool,
-    },
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -361,19 +356,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Market(c) => market(&cfg, c)?,
         Cmd::Wallet(c) => wallet(&cfg, c)?,
         Cmd::Voucher(c) => voucher(c)?,
-        Cmd::Check { seal } => check(cfg, seal)?,
+        Cmd::Check => check(cfg)?,
     }
     Ok(())
 }
 
 /// `keybroker check`: every bad row, one a line, then a summary.
-fn check(cfg: Config, seal: bool) -> Result<()> {
+fn check(cfg: Config) -> Result<()> {
     let admin = Admin::open(&cfg)?;
-    if seal {
-        for row in admin.store.seal_unsealed()? {
-            println!("sealed {row}");
-        }
-    }
     let report = admin.store.check()?;
     for b in &report.bad {
         println!("bad {}/{}: {}", b.table, b.key, b.why);
@@ -393,16 +383,9 @@ fn check(cfg: Config, seal: bool) -> Result<()> {
         return Ok(());
     }
     println!("check failed: {} of {} rows", report.bad.len(), report.rows);
-    if report
-        .bad
-        .iter()
-        .any(|b| b.why == keybroker::rowmac::Why::Unsealed)
-    {
-        println!(
-            "rows without a MAC: from a version before row MACs, `keybroker check --seal` seals them once"
-        );
-    }
-    bail!("the registry failed its check")
+    bail!(
+        "the registry failed its check: restore those rows from a backup, or remove and add them again (docs/SECURITY.md)"
+    )
 }
 
 fn user(cfg: &Config, c: UserCmd, stdin: &mut dyn BufRead) -> Result<()> {

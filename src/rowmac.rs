@@ -125,8 +125,8 @@ impl Canon {
 /// Why a row was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Why {
-    /// No MAC: written outside keybroker, or by a version before row MACs
-    /// (`keybroker check --seal` once, after upgrading).
+    /// No MAC: inserted or stripped outside keybroker. (A registry from
+    /// before row MACs is sealed by `keybroker init` when upgrading.)
     Unsealed,
     /// The MAC does not match the row: changed outside keybroker, or moved
     /// from another key.

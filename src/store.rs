@@ -728,9 +728,22 @@ impl Store {
         Ok(CheckReport { rows, bad })
     }
 
+    /// How many rows carry a MAC (right or wrong).
+    pub fn sealed_rows(&self) -> Result<i64> {
+        let mut n = 0;
+        for table in SEALED {
+            n += self.conn.query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE mac IS NOT NULL"),
+                [],
+                |r| r.get::<_, i64>(0),
+            )?;
+        }
+        Ok(n)
+    }
+
     /// Seals the rows that have no MAC, as they are: once, on a registry
-    /// from before row MACs (`keybroker check --seal`). Rows whose MAC is
-    /// wrong stay as they are. Returns the rows sealed, as `table/key`.
+    /// from before row MACs (`keybroker init` decides when). Rows whose MAC
+    /// is wrong stay as they are. Returns the rows sealed, as `table/key`.
     pub fn seal_unsealed(&self) -> Result<Vec<String>> {
         let mut done = self.seal_table::<UserRecord>()?;
         done.extend(self.seal_table::<TerminalRecord>()?);

@@ -8,7 +8,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 use keybroker::exchange::{Ephemeral, Group, Point};
-use keybroker::hsm::ops::{self, KekUse};
+use keybroker::hsm::ops::{self, KekUse, Refusal};
 use keybroker::passwords::Binding;
 
 const FLAGS: [AttributeType; 8] = [
@@ -109,13 +109,22 @@ fn a_bound_key_opens_only_with_its_users_second_password() {
     for (pw, user) in [(&b"guess"[..], "bob"), (b"second", "alice")] {
         let data = b.card_secret(pw, user).unwrap().kek_data;
         assert!(
-            open(&data, &verifier, &wrapped).unwrap().is_none(),
+            matches!(
+                open(&data, &verifier, &wrapped).unwrap(),
+                Err(Refusal::Password)
+            ),
             "{user}: refused as a wrong password"
         );
         // Its own verifier, as someone with the PIN could make: the
         // verifier passes and the key still does not unwrap.
         let forged = ops::release_verifier(&s, keys.registry_mac, &data).unwrap();
-        assert!(open(&data, &forged, &wrapped).is_err(), "{user}");
+        assert!(
+            matches!(
+                open(&data, &forged, &wrapped).unwrap(),
+                Err(Refusal::Blob(_))
+            ),
+            "{user}"
+        );
     }
     assert!(
         ops::unwrap_user_key(&s, keys.master_wrap, &wrapped).is_err(),

@@ -200,7 +200,7 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
     let secret = binding.card_secret(second.as_bytes(), user)?;
     let open = || {
         ops::open_bound_user_key(&s, &keys, &secret.kek_data, &verifier, &rec.wrapped_key)?
-            .context("the bench user's second password does not open its key")
+            .map_err(|r| anyhow::anyhow!("the bench user's key does not open: {r:?}"))
     };
     let user_key = open()?;
 

@@ -83,15 +83,27 @@ impl AuthWorker {
         password: &Password,
     ) -> Result<UserRecord, ErrorCode> {
         let u = self.gate(fingerprint, user)?;
+        let u = self.verify_hash(u, which, password)?;
+        self.clear_failures(&u)?;
+        Ok(u)
+    }
+
+    /// `password` against `u`'s stored hash; a wrong one counted. The
+    /// failures are not cleared: the caller does, once all checks pass.
+    pub(super) fn verify_hash(
+        &mut self,
+        u: UserRecord,
+        which: Which,
+        password: &Password,
+    ) -> Result<UserRecord, ErrorCode> {
         let phc = match which {
             Which::Access => &u.pw_access,
             Which::Release => &u.pw_release,
         };
         if passwords::verify(password.expose(), phc) {
-            self.clear_failures(&u)?;
             return Ok(u);
         }
-        Err(self.count_failure(user, which))
+        Err(self.count_failure(&u.id, which))
     }
 
     /// After a right password. Most logins find no failures to clear: no

@@ -7,7 +7,8 @@
 //! ```text
 //! auth pool: §1.5 steps 1–3, argon2id (one run) ─► CardSecret (KEK data, proof key)
 //! core:      the user's released key has this password's proof? ─► take it
-//! HSM pool:  KEK = AES_CBC_ENCRYPT_DATA(kb-kek-base, KEK data); unwrap ─► key, or refused
+//! HSM pool:  verifier of the KEK data == the stored one? KEK = AES_CBC_ENCRYPT_DATA(kb-kek-base,
+//!            KEK data); unwrap ─► key, or refused
 //! auth pool: refused ─► counted as a wrong password; opened ─► failures cleared
 //! ```
 //!
@@ -20,6 +21,7 @@ use super::auth::{AuthWorker, Which, internal};
 use super::conn::Core;
 use super::exchange::{self, pool_code};
 use super::released::UserKey;
+use crate::hsm::ops::{self, Refusal, refused_blob};
 use crate::passwords::{self, Binding, CardSecret, Stored};
 use crate::proto::ErrorCode;
 use crate::proto::access::Password;
@@ -51,7 +53,7 @@ impl AuthWorker {
         let (bound, verifier) = match passwords::stored(&record.pw_release) {
             Some(Stored::Bound(b, v)) => (b, v),
             Some(Stored::Hash(_)) => {
-                let record = self.check(Which::Release, fingerprint, user, password)?;
+                let record = self.verify_hash(record, Which::Release, password)?;
                 let b = Binding::like(&record.pw_release).map_err(internal)?;
                 let secret = b.card_secret(password.expose(), user).map_err(internal)?;
                 return Ok(Plan {
@@ -111,19 +113,30 @@ pub(super) async fn open(
         let (s, keys) = (&w.session, &w.keys);
         let (blob, verifier) = match job {
             Some(v) => (stored.clone(), v),
-            None => crate::hsm::ops::rewrap_legacy_user_key(s, keys, &data, &stored)?,
+            None => match refused_blob(ops::rewrap_legacy_user_key(s, keys, &data, &stored))? {
+                Ok(rebound) => rebound,
+                Err(refusal) => return Ok(Err(refusal)),
+            },
         };
-        let key = crate::hsm::ops::open_bound_user_key(s, keys, &data, &verifier, &blob)?;
+        let key = ops::open_bound_user_key(s, keys, &data, &verifier, &blob)?;
         Ok(key.map(|h| (w.session_key(h), blob, verifier)))
     })
     .await?;
-    let Some((key, blob, verifier)) = opened else {
-        let u = user.to_owned();
-        return Err(shared
-            .auth
-            .run(move |w| w.count_failure(&u, Which::Release))
-            .await
-            .map_err(pool_code)?);
+    let (key, blob, verifier) = match opened {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            if let Refusal::Blob(e) = refusal {
+                tracing::error!(target: "audit", user, error = %e,
+                    "the second password was accepted but the key did not unwrap: \
+                     the row was rewritten by someone with the HSM, or the HSM failed");
+            }
+            let u = user.to_owned();
+            return Err(shared
+                .auth
+                .run(move |w| w.count_failure(&u, Which::Release))
+                .await
+                .map_err(pool_code)?);
+        }
     };
     let k = shared
         .released

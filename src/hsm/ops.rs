@@ -289,24 +289,42 @@ pub fn generate_bound_user_key(
     ))
 }
 
+/// Why a home-card key did not open.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The second password was wrong: its data does not give the verifier.
+    Password,
+    /// The password gave the verifier, but the HSM refused the blob: the
+    /// row was rewritten by someone with the HSM (a verifier for a password
+    /// of theirs, not the user's key), or the HSM failed.
+    Blob(HsmError),
+}
+
+/// `r`, a failure of the HSM's session kept as an error (to recover
+/// from), any other as a refused blob.
+pub fn refused_blob<T>(r: HsmResult<T>) -> HsmResult<Result<T, Refusal>> {
+    match r {
+        Ok(v) => Ok(Ok(v)),
+        Err(e) if e.session_lost() => Err(e),
+        Err(e) => Ok(Err(Refusal::Blob(e))),
+    }
+}
+
 /// Releases a bound home-card key: if `data` gives `verifier`, its KEK
-/// unwraps `wrapped` (as [`unwrap_user_key`]). `Ok(None)`: a wrong second
-/// password. A right one whose blob does not unwrap is an error: the row
-/// passed its MAC, so that is the HSM's or the registry's fault, never
-/// the user's.
+/// unwraps `wrapped` (as [`unwrap_user_key`]).
 pub fn open_bound_user_key(
     s: &Session,
     keys: &super::KeyHandles,
     data: &[u8; 32],
     verifier: &[u8; 32],
     wrapped: &[u8],
-) -> HsmResult<Option<ObjectHandle>> {
+) -> HsmResult<Result<ObjectHandle, Refusal>> {
     if !crate::crypto::ct_eq(&release_verifier(s, keys.registry_mac, data)?, verifier) {
-        return Ok(None);
+        return Ok(Err(Refusal::Password));
     }
-    with_kek(s, keys.kek_base, data, KekUse::Unwrap, |kek| {
-        unwrap_user_key(s, kek, wrapped).map(Some)
-    })
+    refused_blob(with_kek(s, keys.kek_base, data, KekUse::Unwrap, |kek| {
+        unwrap_user_key(s, kek, wrapped)
+    }))
 }
 
 /// Migration: a blob wrapped under the plain master key (before release

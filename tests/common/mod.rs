@@ -426,30 +426,34 @@ pub fn voucher(
 /// One SoftHSM token for the whole test binary: `keybroker init` creates
 /// it (with the `kb-ledger-mac` key), then this process loads SoftHSM once.
 pub fn shared_hsm() -> std::sync::Arc<keybroker::hsm::Hsm> {
+    shared_env().1
+}
+
+/// The environment of [`shared_hsm`]'s token, and the HSM loaded on it:
+/// the one data directory this process may also use the HSM on itself.
+pub fn shared_env() -> (&'static Env, std::sync::Arc<keybroker::hsm::Hsm>) {
     use std::sync::{Arc, OnceLock};
     struct Shared {
-        _env: Env,
+        env: Env,
         hsm: Arc<keybroker::hsm::Hsm>,
     }
     static SHARED: OnceLock<Shared> = OnceLock::new();
-    SHARED
-        .get_or_init(|| {
-            let env = Env::new("");
-            let cfg = keybroker::config::Config::load(Some(&env.config), None).expect("config");
-            let conf = cfg.path(&cfg.hsm.softhsm2_conf);
-            // SoftHSM reads SOFTHSM2_CONF when the module loads, which
-            // happens right below, once per test binary.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::env::set_var("SOFTHSM2_CONF", conf);
-                std::env::remove_var("KEYBROKER_HSM_PIN");
-            }
-            let hsm = keybroker::hsm::Hsm::open(&cfg).expect("open the HSM");
-            Shared {
-                _env: env,
-                hsm: Arc::new(hsm),
-            }
-        })
-        .hsm
-        .clone()
+    let shared = SHARED.get_or_init(|| {
+        let env = Env::new("");
+        let cfg = keybroker::config::Config::load(Some(&env.config), None).expect("config");
+        let conf = cfg.path(&cfg.hsm.softhsm2_conf);
+        // SoftHSM reads SOFTHSM2_CONF when the module loads, which
+        // happens right below, once per test binary.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("SOFTHSM2_CONF", conf);
+            std::env::remove_var("KEYBROKER_HSM_PIN");
+        }
+        let hsm = keybroker::hsm::Hsm::open(&cfg).expect("open the HSM");
+        Shared {
+            env,
+            hsm: Arc::new(hsm),
+        }
+    });
+    (&shared.env, shared.hsm.clone())
 }
