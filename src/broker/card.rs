@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! auth pool: §1.5 steps 1–3, argon2id (one run) ─► CardSecret (KEK data, proof key)
-//! core:      the user's released key has this password's proof? ─► take it
+//! core:      the user's released key, from this row: this password's proof? ─► take it (else wrong)
 //! HSM pool:  verifier of the KEK data == the stored one? KEK = AES_CBC_ENCRYPT_DATA(kb-kek-base,
 //!            KEK data); unwrap ─► key, or refused
 //! auth pool: refused ─► counted as a wrong password; opened ─► failures cleared
@@ -20,7 +20,7 @@
 use super::auth::{AuthWorker, Which, internal};
 use super::conn::Core;
 use super::exchange::{self, pool_code};
-use super::released::UserKey;
+use super::released::{Opened, UserKey};
 use crate::hsm::ops::{self, Refusal, refused_blob};
 use crate::passwords::{self, Binding, CardSecret, Stored};
 use crate::proto::ErrorCode;
@@ -98,10 +98,15 @@ pub(super) async fn open(
     } = plan;
     if let Check::Verifier(_) = check
         && let Some(k) = shared.released.get(user, shared.hsm.epoch())
-        && crate::crypto::ct_eq(&k.proof, &secret.proof(&record.wrapped_key))
+        && k.opened.row == row_digest(&record.wrapped_key, &record.pw_release)
     {
-        settle(core, &record, None).await?;
-        return Ok((k, record));
+        // The row the key came from: this password's proof is the one
+        // that opened it, or the password is wrong.
+        if crate::crypto::ct_eq(&k.opened.proof, &secret.proof(&record.wrapped_key)) {
+            settle(core, &record, None).await?;
+            return Ok((k, record));
+        }
+        return Err(wrong(core, user).await);
     }
     let data = secret.kek_data.clone();
     let stored = record.wrapped_key.clone();
@@ -130,23 +135,43 @@ pub(super) async fn open(
                     "the second password was accepted but the key did not unwrap: \
                      the row was rewritten by someone with the HSM, or the HSM failed");
             }
-            let u = user.to_owned();
-            return Err(shared
-                .auth
-                .run(move |w| w.count_failure(&u, Which::Release))
-                .await
-                .map_err(pool_code)?);
+            return Err(wrong(core, user).await);
         }
     };
-    let k = shared
-        .released
-        .insert(shared, user, key, secret.proof(&blob));
-    let rebind = match check {
-        Check::Rebind(b) => Some((blob, b.encode(&verifier))),
-        Check::Verifier(_) => None,
+    let (binding, rebind) = match check {
+        Check::Rebind(b) => {
+            let binding = b.encode(&verifier);
+            (binding.clone(), Some((blob.clone(), binding)))
+        }
+        Check::Verifier(_) => (record.pw_release.clone(), None),
     };
+    let opened = Opened {
+        proof: secret.proof(&blob),
+        row: row_digest(&blob, &binding),
+    };
+    let k = shared.released.insert(shared, user, key, opened);
     settle(core, &record, rebind).await?;
     Ok((k, record))
+}
+
+/// Which blob and binding a key was opened from.
+fn row_digest(wrapped: &[u8], binding: &str) -> [u8; 32] {
+    let len = (wrapped.len() as u32).to_be_bytes();
+    let d = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &[&len[..], wrapped, binding.as_bytes()].concat(),
+    );
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// Counts a wrong second password; the refusal to answer with.
+async fn wrong(core: &Core, user: &str) -> ErrorCode {
+    let u = user.to_owned();
+    core.shared
+        .auth
+        .run(move |w| w.count_failure(&u, Which::Release))
+        .await
+        .unwrap_or_else(pool_code)
 }
 
 /// After the card opened: clears the user's failures, and writes a

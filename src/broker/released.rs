@@ -13,8 +13,10 @@
 //! Nothing changes in what a session may do: the key is the user's own,
 //! and each session still proves the second password before it gets the
 //! handle: the key remembers the proof the password that unwrapped it
-//! gave (`passwords::CardSecret::proof`), and a later release must give
-//! the same one, or unwrap for itself. The linger does widen, a little,
+//! gave (`passwords::CardSecret::proof`) and the registry row it came
+//! from ([`Opened`]), and a later release must give the same proof, or
+//! unwrap for itself. A different proof from the same row is a wrong
+//! password, told without the HSM. The linger does widen, a little,
 //! what a compromise of the process reaches: a released key is usable
 //! without the password until it goes, where the process could unwrap
 //! no key whose password it has not seen (docs/SECURITY.md).
@@ -28,8 +30,7 @@ use std::time::{Duration, Instant};
 /// A user's released key; destroyed in the HSM when the last holder drops.
 pub struct UserKey {
     pub key: SessionKey,
-    /// What the second password that released it proved (one-way).
-    pub proof: [u8; 32],
+    pub opened: Opened,
     user: String,
     /// Weak: the lingering entries in [`Keys`] must not keep the broker's
     /// shared state alive through this key.
@@ -43,6 +44,14 @@ impl Drop for UserKey {
             shared.released.forget(&self.user);
         }
     }
+}
+
+/// What a released key was opened with: the proof of the second password
+/// (one-way), and a digest of the registry row's blob and binding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub proof: [u8; 32],
+    pub row: [u8; 32],
 }
 
 /// The users with a released key, by name, bounded by the open sessions
@@ -94,18 +103,17 @@ impl Keys {
         found
     }
 
-    /// Records a freshly unwrapped key for `user`, with the proof of the
-    /// password that unwrapped it.
+    /// Records a freshly unwrapped key for `user`, with what opened it.
     pub fn insert(
         &self,
         shared: &Arc<Shared>,
         user: &str,
         key: SessionKey,
-        proof: [u8; 32],
+        opened: Opened,
     ) -> Arc<UserKey> {
         let k = Arc::new(UserKey {
             key,
-            proof,
+            opened,
             user: user.to_owned(),
             shared: Arc::downgrade(shared),
         });
