@@ -19,6 +19,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// The `keybroker` binary the commands run: this build's, unless made
+    /// with [`Env::of`].
+    pub bin: PathBuf,
 }
 
 pub struct Broker {
@@ -71,19 +74,26 @@ impl Env {
 
     /// As [`Env::new`], with `broker` lines added to the `[broker]` table.
     pub fn with_broker(broker: &str, extra: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("keybroker.toml");
-        let data = dir.path().join("var");
-        std::fs::write(
-            &config,
+        Self::of(BIN.as_ref(), |data| {
             format!(
                 "data_dir = {data:?}\n{extra}\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nhandshake_timeout_ms = 2000\nidle_timeout_ms = 3000\nframe_timeout_ms = 1500\n{broker}\n\
                  [auth]\nmax_failures = 3\nargon2_m_kib = 64\nargon2_t = 1\n"
-            ),
-        )
-        .unwrap();
-        let env = Self { dir, config };
+            )
+        })
+    }
+
+    /// A data directory initialised by the binary `bin`, with the config
+    /// `config(data_dir)`.
+    pub fn of(bin: &Path, config: impl FnOnce(&Path) -> String) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keybroker.toml");
+        std::fs::write(&path, config(&dir.path().join("var"))).unwrap();
+        let env = Self {
+            dir,
+            config: path,
+            bin: bin.to_path_buf(),
+        };
         env.kb(&["init"]).success();
         env
     }
@@ -93,7 +103,7 @@ impl Env {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(&self.bin);
         c.arg("--config").arg(&self.config).args(args);
         c.env_remove("SOFTHSM2_CONF")
             .env_remove("KEYBROKER_HSM_PIN");
