@@ -129,6 +129,12 @@ pub struct ExchangeConfig {
     pub reconnect_max_ms: u64,
     /// Exchanges queued per core per market before `busy`. Default 4096.
     pub queue: usize,
+    /// An idle market channel is pinged this often, ms; a ping unanswered
+    /// within `market_timeout_ms` marks the market down and reconnects.
+    /// Keep it below the market's `idle_timeout_ms` (60000 for the
+    /// reference market). 100..=600000; default 15000. Cost: one small
+    /// frame each way per interval per core per market.
+    pub keepalive_ms: u64,
 }
 
 impl Default for ExchangeConfig {
@@ -141,6 +147,7 @@ impl Default for ExchangeConfig {
             reconnect_min_ms: 50,
             reconnect_max_ms: 5_000,
             queue: 4096,
+            keepalive_ms: 15_000,
         }
     }
 }
@@ -380,6 +387,9 @@ impl Config {
             bail!(
                 "exchange timeouts and queue must be positive, reconnect_max_ms >= reconnect_min_ms"
             );
+        }
+        if !(100..=600_000).contains(&x.keepalive_ms) {
+            bail!("exchange.keepalive_ms must be 100..=600000");
         }
         Ok(())
     }
