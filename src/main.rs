@@ -652,5 +652,12 @@ fn demo_enroll(cfg: &Config) -> Result<()> {
         }
         println!("demo user {user}: terminal files in {}", dir.display());
     }
+    let market = keybroker::demo::prepare_run(cfg, &admin.store)?;
+    println!(
+        "reference market {}: {} (registered)",
+        keybroker::demo::RUN_MARKET,
+        market.display()
+    );
+    println!("\n{}", keybroker::demo::try_it(&cfg.data_dir));
     Ok(())
 }
