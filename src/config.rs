@@ -332,6 +332,25 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The sections of `self` that differ from `other`'s: what a reload
+    /// found changed.
+    pub fn changed_sections(&self, other: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut diff = |name, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+            if format!("{a:?}") != format!("{b:?}") {
+                out.push(name);
+            }
+        };
+        diff("data_dir", &self.data_dir, &other.data_dir);
+        diff("hsm", &self.hsm, &other.hsm);
+        diff("broker", &self.broker, &other.broker);
+        diff("auth", &self.auth, &other.auth);
+        diff("exchange", &self.exchange, &other.exchange);
+        diff("admin", &self.admin, &other.admin);
+        diff("wallet", &self.wallet, &other.wallet);
+        out
+    }
+
     pub fn validate(&self) -> Result<()> {
         let b = &self.broker;
         if !(64..=1 << 20).contains(&b.max_frame) {

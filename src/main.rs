@@ -313,6 +313,45 @@ fn stop_on_signals(logs: std::sync::Arc<keybroker::logs::Logs>) -> Result<()> {
     Ok(())
 }
 
+/// SIGHUP (`systemctl reload`): the registry's markets are re-read at
+/// once (users and terminals are read at every login), and the config
+/// file is checked again. A file that no longer loads is refused, with the
+/// reason in the log, and the running config stays; the sections that
+/// changed are named, and take effect at the next restart.
+fn reload_on_sighup(
+    reload_registries: impl Fn() + Send + 'static,
+    config: Option<std::path::PathBuf>,
+    data_dir: Option<std::path::PathBuf>,
+    running: Config,
+) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                reload_registries();
+                match Config::load(config.as_deref(), data_dir.as_deref()) {
+                    Ok(new) => {
+                        let changed = running.changed_sections(&new);
+                        if changed.is_empty() {
+                            tracing::info!("SIGHUP: registries re-read; the config file is unchanged");
+                        } else {
+                            tracing::warn!(
+                                sections = %changed.join(","),
+                                "SIGHUP: registries re-read; the config file changed in these sections, which take effect at the next restart"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "SIGHUP: the config file is refused; the running config stays"
+                    ),
+                }
+            }
+        })?;
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let logs = init_logs(cli.json_logs);
@@ -340,7 +379,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("initialised {}", cfg.data_dir.display());
         }
         Cmd::Serve => {
-            let broker = keybroker::broker::Broker::start(cfg)?;
+            let broker = keybroker::broker::Broker::start(cfg.clone())?;
+            reload_on_sighup(
+                broker.registry_reloader(),
+                cli.config.clone(),
+                cli.data_dir.clone(),
+                cfg,
+            )?;
             // One machine-readable line, so scripts and tests learn the port.
             println!("listening {} admin {}", broker.addr, broker.admin_addr);
             use std::io::Write;
