@@ -40,6 +40,13 @@ enum Cmd {
     Demo,
     /// Enrol demo users and terminals under <data dir>/demo (idempotent).
     DemoEnroll,
+    /// Whether the running appliance is healthy: HSM, market links,
+    /// sessions, mail queue (read-only, from the admin port). Exits 1 if not.
+    Status {
+        /// The admin address, when the config's is port 0 or another node's.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     #[command(subcommand)]
     User(UserCmd),
     #[command(subcommand)]
@@ -393,6 +400,11 @@ fn run(cli: Cli) -> Result<()> {
             broker.join();
         }
         Cmd::DemoEnroll => demo_enroll(&cfg)?,
+        Cmd::Status { admin } => {
+            if !keybroker::status::run(&cfg, admin.unwrap_or(cfg.admin.listen))? {
+                std::process::exit(1);
+            }
+        }
         Cmd::Demo => keybroker::demo::run(cfg)?,
         Cmd::User(c) => user(&cfg, c, &mut stdin)?,
         Cmd::Terminal(c) => terminal(&cfg, c, &mut stdin)?,

@@ -105,3 +105,39 @@ fn sighup_rereads_and_refuses_a_bad_config_without_stopping() {
     assert!(b.child.id() > 0);
     std::fs::write(&env.config, good).unwrap();
 }
+
+#[test]
+fn status_says_healthy_and_names_what_is_not() {
+    // Pings every 0.3 s, so a dead market is seen quickly.
+    let env = Env::new("[exchange]\nkeepalive_ms = 300\nmarket_timeout_ms = 1000\n");
+    let b = env.broker();
+    let m = env.market("m1", "*");
+    let admin = b.admin.to_string();
+    let status = || env.cmd(&["status", "--admin", &admin]).output().unwrap();
+    wait_until("market_up 2", Duration::from_secs(5), || {
+        metric(b.admin, "keybroker_market_up{market=\"m1\"}") == 2.0
+    });
+    let ok = status();
+    let text = String::from_utf8_lossy(&ok.stdout).into_owned();
+    assert!(ok.status.success(), "{text}");
+    for line in [
+        "hsm            up",
+        "market m1       up, 2/2 cores",
+        "status: healthy",
+    ] {
+        assert!(text.contains(line), "{line:?} missing:\n{text}");
+    }
+    drop(m);
+    wait_until("market_up 0", Duration::from_secs(5), || {
+        metric(b.admin, "keybroker_market_up{market=\"m1\"}") == 0.0
+    });
+    let down = status();
+    let text = String::from_utf8_lossy(&down.stdout).into_owned();
+    assert_eq!(down.status.code(), Some(1), "{text}");
+    assert!(text.contains("UNHEALTHY: market m1 is down"), "{text}");
+    drop(b);
+    let gone = status();
+    let text = String::from_utf8_lossy(&gone.stdout).into_owned();
+    assert_eq!(gone.status.code(), Some(1), "{text}");
+    assert!(text.contains("does not answer"), "{text}");
+}

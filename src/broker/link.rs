@@ -138,12 +138,16 @@ async fn run(
     let max = Duration::from_millis(cfg.reconnect_max_ms);
     let timeout = Duration::from_millis(cfg.market_timeout_ms);
     let mut backoff = min;
+    // One warning per state change: the first failed dial after the link
+    // was up (or at start), then the retries at debug level.
+    let mut warned = false;
     loop {
         let connected = connect(&info, timeout).await;
         tried.set(true);
         match connected {
             Ok((mut io, binding)) => {
                 tracing::info!(market = %info.id, "market channel up");
+                warned = false;
                 state.set(Some(binding));
                 crate::metrics::market_link(&info.id, true);
                 backoff = min;
@@ -157,8 +161,12 @@ async fn run(
                 }
                 tracing::warn!(market = %info.id, "market channel lost");
             }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(market = %info.id, error = %e, "market unreachable; retrying with backoff (further failures at debug level)")
+            }
             Err(e) => {
-                tracing::warn!(market = %info.id, error = %e, retry_ms = backoff.as_millis() as u64, "market unreachable")
+                tracing::debug!(market = %info.id, error = %e, retry_ms = backoff.as_millis() as u64, "market unreachable")
             }
         }
         // Down: fail whatever still arrives, until the backoff ends.
