@@ -119,7 +119,8 @@ pub fn try_it(data_dir: &std::path::Path) -> String {
          $KB terminal purchase $S --market {RUN_MARKET} --amount 1200 --order-ref 'try it' --idempotency-key \"try-$(date +%s)\" | tee $D/purchase.txt\n\
          $KB terminal cancel $S --market {RUN_MARKET} --decision \"$(awk '/^decision/ {{print $2}}' $D/purchase.txt | tr -d :)\"\n\
          $KB --data-dir {d} wallet balance alice\n\
-         $KB --data-dir {d} wallet history alice\n"
+         $KB --data-dir {d} wallet history alice\n\
+         $KB --data-dir {d} status\n"
     )
 }
 
