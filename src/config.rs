@@ -129,6 +129,12 @@ pub struct ExchangeConfig {
     pub reconnect_max_ms: u64,
     /// Exchanges queued per core per market before `busy`. Default 4096.
     pub queue: usize,
+    /// An idle market channel is pinged this often, ms; a ping unanswered
+    /// within `market_timeout_ms` marks the market down and reconnects.
+    /// Keep it below the market's `idle_timeout_ms` (60000 for the
+    /// reference market). 100..=600000; default 15000. Cost: one small
+    /// frame each way per interval per core per market.
+    pub keepalive_ms: u64,
 }
 
 impl Default for ExchangeConfig {
@@ -141,6 +147,7 @@ impl Default for ExchangeConfig {
             reconnect_min_ms: 50,
             reconnect_max_ms: 5_000,
             queue: 4096,
+            keepalive_ms: 15_000,
         }
     }
 }
@@ -325,6 +332,25 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The sections of `self` that differ from `other`'s: what a reload
+    /// found changed.
+    pub fn changed_sections(&self, other: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut diff = |name, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+            if format!("{a:?}") != format!("{b:?}") {
+                out.push(name);
+            }
+        };
+        diff("data_dir", &self.data_dir, &other.data_dir);
+        diff("hsm", &self.hsm, &other.hsm);
+        diff("broker", &self.broker, &other.broker);
+        diff("auth", &self.auth, &other.auth);
+        diff("exchange", &self.exchange, &other.exchange);
+        diff("admin", &self.admin, &other.admin);
+        diff("wallet", &self.wallet, &other.wallet);
+        out
+    }
+
     pub fn validate(&self) -> Result<()> {
         let b = &self.broker;
         if !(64..=1 << 20).contains(&b.max_frame) {
@@ -380,6 +406,9 @@ impl Config {
             bail!(
                 "exchange timeouts and queue must be positive, reconnect_max_ms >= reconnect_min_ms"
             );
+        }
+        if !(100..=600_000).contains(&x.keepalive_ms) {
+            bail!("exchange.keepalive_ms must be 100..=600000");
         }
         Ok(())
     }

@@ -315,6 +315,11 @@ pub fn terminal_enroll_for(
 /// `keybroker market add`.
 pub fn market_add(store: &Store, id: &str, endpoint: &str, ca_file: &Path) -> Result<()> {
     check_id("market", id)?;
+    if store.has_market(id)? {
+        bail!(
+            "market {id} is registered already (`keybroker market remove {id}` first to replace it)"
+        );
+    }
     endpoint
         .rsplit_once(':')
         .and_then(|(h, p)| (!h.is_empty()).then_some(p))

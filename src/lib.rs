@@ -29,6 +29,7 @@ pub mod pool;
 pub mod proto;
 pub mod receipt;
 pub mod rowmac;
+pub mod status;
 pub mod store;
 pub mod terminal;
 pub mod wallet;

@@ -697,6 +697,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a market row with this id exists, checked or not (its id is
+    /// taken either way).
+    pub fn has_market(&self, id: &str) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) > 0 FROM markets WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Every market, by id; a row that fails its check as its [`BadRow`].
     pub fn market_list(&self) -> Result<Vec<Result<MarketRecord, BadRow>>> {
         self.all("ORDER BY id", None)

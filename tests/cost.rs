@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 fn cpu_ns(pid: u32) -> u64 {
     let mut ns = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let stat = std::fs::read_to_string(task.unwrap().path().join("schedstat")).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(task.unwrap().path().join("schedstat")).unwrap_or_default();
         ns += stat
             .split_whitespace()
             .next()
@@ -125,15 +126,23 @@ fn login_and_release_cost() {
         for round in 0..rounds {
             // Alternate the order, so neither is always first after a pause.
             for i in 0..nodes.len() {
-                let i = if round % 2 == 0 { i } else { nodes.len() - 1 - i };
+                let i = if round % 2 == 0 {
+                    i
+                } else {
+                    nodes.len() - 1 - i
+                };
                 results[i].push(batch(&nodes[i], n));
             }
         }
+        println!("argon2id m={m_kib} KiB t={t}, {rounds} batches of {n} (medians, µs per op)");
         println!(
-            "argon2id m={m_kib} KiB t={t}, {rounds} batches of {n} (medians, µs per op)"
+            "  {:<12} {:>10} {:>10} {:>10} {:>10}",
+            "", "login", "release", "login", "release"
         );
-        println!("  {:<12} {:>10} {:>10} {:>10} {:>10}", "", "login", "release", "login", "release");
-        println!("  {:<12} {:>10} {:>10} {:>10} {:>10}", "", "wall", "wall", "cpu", "cpu");
+        println!(
+            "  {:<12} {:>10} {:>10} {:>10} {:>10}",
+            "", "wall", "wall", "cpu", "cpu"
+        );
         for (node, r) in nodes.iter().zip(&results) {
             let col = |k: usize| median(r.iter().map(|b| b[k]).collect());
             println!(

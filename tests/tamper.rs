@@ -236,3 +236,33 @@ fn a_reset_lock_counter_is_detected() {
     b.connect(&bob).login("bob", p_bob.as_bytes()).unwrap();
     assert!(!check(&env).1.contains("users/bob"));
 }
+
+#[test]
+fn a_market_row_redirected_or_given_another_ca_is_left_out() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let _m = env.market("m1", "alice");
+    let (b, log) = logged(&env, "running");
+    let mut t = released(&b, &alice, "alice");
+    t.exchange("m1").unwrap();
+    // The market's endpoint pointed elsewhere (its CA could be swapped the
+    // same way): the running broker's markets watcher drops it.
+    db(&env)
+        .execute(
+            "UPDATE markets SET endpoint = '127.0.0.1:9' WHERE id = 'm1'",
+            [],
+        )
+        .unwrap();
+    wait_until("the market left out", TIMEOUT, || {
+        t.exchange("m1").err().and_then(|e| e.code()) == Some(ErrorCode::UnknownMarket)
+    });
+    wait_until("its audit line", TIMEOUT, || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("market row refused") && l.contains("key=m1"))
+    });
+    let (ok, report) = check(&env);
+    assert!(
+        !ok && report.contains("bad markets/m1: fails its MAC check"),
+        "{report}"
+    );
+}

@@ -18,6 +18,7 @@ use aws_lc_rs::agreement::{ECDH_P256, PrivateKey};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use hexjson::{Fields, Topic};
+use keybroker::cancel_auth::{CancelAuth, SignedCancel};
 use keybroker::crypto::AccessKeys;
 use keybroker::exchange::{self, Ephemeral, Group, Mode, Point, Transcript};
 use keybroker::pki::{self, Usage};
@@ -35,6 +36,7 @@ const TOPICS: &[&Topic] = &[
     &EXCHANGE_PARTIAL_X25519,
     &WRAP,
     &VOUCHER,
+    &CANCEL,
 ];
 
 #[test]
@@ -65,6 +67,11 @@ fn wrap() {
 #[test]
 fn voucher() {
     VOUCHER.check();
+}
+
+#[test]
+fn cancel() {
+    CANCEL.check();
 }
 
 /// Rewrites the files; `$VECTORS` (names without `.json`, comma-separated)
@@ -294,32 +301,42 @@ const TIME_MS: i64 = 1_767_225_600_000;
 /// A user CA and a certificate it issued for the user key, both valid from
 /// 2025-01-01 to 2125-01-01, so around [`TIME_MS`] and long after.
 fn user_certs(user_scalar: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let ca_scalar = fixed("user CA key");
+    issued(
+        "user CA key",
+        "keybroker user CA",
+        "user alice",
+        Usage::Signing,
+        user_scalar,
+    )
+}
+
+/// A CA (its key named `ca_key_name`) and a leaf it issued for the P-256
+/// key `scalar`, both valid from 2025-01-01 to 2125-01-01.
+fn issued(
+    ca_key_name: &str,
+    ca_cn: &str,
+    cn: &str,
+    usage: Usage,
+    scalar: &[u8],
+) -> (Vec<u8>, Vec<u8>) {
+    let ca_scalar = fixed(ca_key_name);
     let pkcs8 = p256_signer(&ca_scalar).to_pkcs8v1().expect("PKCS#8");
     let ca_key = rcgen::KeyPair::try_from(pkcs8.as_ref()).expect("CA key");
     let (from, to) = (
         rcgen::date_time_ymd(2025, 1, 1),
         rcgen::date_time_ymd(2125, 1, 1),
     );
-    let mut params = pki::ca_params("keybroker user CA");
+    let mut params = pki::ca_params(ca_cn);
     (params.not_before, params.not_after) = (from, to);
     let ca = params
         .self_signed(&ca_key)
         .expect("CA certificate")
         .der()
         .to_vec();
-    let user = keybroker::hsm::signer::P256Public(p256_public(user_scalar));
+    let leaf = keybroker::hsm::signer::P256Public(p256_public(scalar));
     let validity = (SystemTime::from(from), SystemTime::from(to));
-    let cert = pki::issue_valid(
-        &ca,
-        &ca_key,
-        "user alice",
-        &[],
-        Usage::Signing,
-        validity,
-        &user,
-    );
-    (ca, cert.expect("user certificate"))
+    let cert = pki::issue_valid(&ca, &ca_key, cn, &[], usage, validity, &leaf);
+    (ca, cert.expect("leaf certificate"))
 }
 
 fn ephemeral_private(group: Group, name: &str) -> Vec<u8> {
@@ -695,6 +712,134 @@ fn voucher_accept(i: &Fields, o: &Fields) {
     }
     assert_eq!(Signed::decode(&bytes), Ok(signed_voucher(i)));
     for (name, msg) in topup_messages(i) {
+        let f = decode_frame(&o.bytes(name));
+        assert_eq!((f.id, f.msg), (i.uint("frame_id") as u32, msg), "{name}");
+    }
+}
+
+// ---- cancellation authorisation and Cancel (§1.8, §1.9) ----
+
+const CANCEL: Topic = Topic {
+    file: "cancel.json",
+    title: "A market's cancellation authorisation (v2) and the Cancel that carries it",
+    spec: "docs/PROTOCOL.md §1.3, §1.8, §1.9, §3.1",
+    notes: &[
+        "cancel_private_key is the market's cancel-signing key (P-256 scalar), not its TLS key; cancel_cert is issued for it by market_ca_cert with CN \"market m1\" and the extended key usage id-kp-documentSigning (1.3.6.1.5.5.7.3.36); both are valid from 2025-01-01 to 2125-01-01.",
+        "signature is ECDSA-P256 over SHA-256(body), DER; ECDSA is randomised, so a new signature differs but verifies the same.",
+        "expiry_ms is absolute (Unix ms); the broker accepts the authorisation while now_ms < expiry_ms <= now_ms + 900000. direct_answer is the reference market's plaintext answer to the direct-channel request \"CANCEL \" || decision_id.",
+        "wallet_ok_frame is the broker's answer to cancel_frame when the refund leaves balance_after.",
+    ],
+    inputs: cancel_inputs,
+    outputs: cancel_outputs,
+    accept: cancel_accept,
+};
+
+fn cancel_auth_of(i: &Fields) -> CancelAuth {
+    CancelAuth {
+        decision_id: i.text("decision_id"),
+        market: i.text("market"),
+        user: i.text("user"),
+        nonce: i.array("nonce"),
+        expiry_ms: i.uint("expiry_ms"),
+    }
+}
+
+fn cancel_inputs() -> Fields {
+    let mut i = Fields::default();
+    let key = fixed("market cancel key");
+    i.put_bytes("cancel_private_key", &key);
+    let (ca, cert) = issued(
+        "market CA key",
+        "market m1 CA",
+        "market m1",
+        Usage::DocumentSigning,
+        &key,
+    );
+    i.put_bytes("market_ca_cert", &ca);
+    i.put_bytes("cancel_cert", &cert);
+    i.put_text("decision_id", "019b7a3c2e0047a1b2c3d4e5f6a7b8c9");
+    i.put_text("market", "m1");
+    i.put_text("user", "alice");
+    i.put_bytes("nonce", &fixed16("cancel nonce"));
+    i.put_int("expiry_ms", TIME_MS + 300_000);
+    i.put_bytes("signature", &sign(&key, &cancel_auth_of(&i).body()));
+    i.put_int("frame_id", 7);
+    i.put_int("balance_after", 10_000);
+    i
+}
+
+fn signed_cancel(i: &Fields) -> SignedCancel {
+    SignedCancel {
+        auth: cancel_auth_of(i),
+        signature: i.bytes("signature"),
+        cert: i.bytes("cancel_cert"),
+    }
+}
+
+fn cancel_messages(i: &Fields) -> [(&'static str, Message); 2] {
+    [
+        (
+            "cancel_frame",
+            Message::Cancel {
+                decision_id: i.text("decision_id"),
+                authorisation: signed_cancel(i).encode(),
+            },
+        ),
+        (
+            "wallet_ok_frame",
+            Message::WalletOk {
+                balance_after: i.int("balance_after"),
+            },
+        ),
+    ]
+}
+
+fn cancel_outputs(i: &Fields) -> Fields {
+    let mut o = Fields::default();
+    let key = p256_signer(&i.bytes("cancel_private_key"));
+    o.put_bytes("cancel_public_key", key.public_key().as_ref());
+    o.put_bytes("body", &cancel_auth_of(i).body());
+    let auth = signed_cancel(i).encode();
+    o.put_bytes("authorisation", &auth);
+    let mut answer = b"CANCEL-AUTH ".to_vec();
+    keybroker::proto::wire::Put::put_bytes(&mut answer, &auth);
+    o.put_bytes("direct_answer", &answer);
+    for (name, msg) in cancel_messages(i) {
+        o.put_bytes(name, &frame(i.uint("frame_id"), msg));
+    }
+    o
+}
+
+fn cancel_accept(i: &Fields, o: &Fields) {
+    let signed = SignedCancel::decode(&o.bytes("authorisation")).expect("decodes");
+    assert_eq!(signed, signed_cancel(i));
+    assert!(signed.verify(&o.bytes("cancel_public_key")));
+    let mut other = signed.clone();
+    other.auth.user = "bob".into();
+    assert!(!other.verify(&o.bytes("cancel_public_key")));
+    // The certificate passes the broker's check, with the EKU it requires.
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(
+        TIME_MS as u64,
+    ));
+    let usage = webpki::KeyUsage::required(keybroker::cancel_auth::EKU_DOCUMENT_SIGNING);
+    pki::verify_issued(
+        &i.bytes("cancel_cert"),
+        &i.bytes("market_ca_cert"),
+        usage,
+        at,
+    )
+    .expect("the cancel certificate verifies");
+    assert!(
+        pki::verify_issued(
+            &i.bytes("cancel_cert"),
+            &i.bytes("market_ca_cert"),
+            webpki::KeyUsage::server_auth(),
+            at
+        )
+        .is_err(),
+        "a cancel certificate is not a TLS certificate"
+    );
+    for (name, msg) in cancel_messages(i) {
         let f = decode_frame(&o.bytes(name));
         assert_eq!((f.id, f.msg), (i.uint("frame_id") as u32, msg), "{name}");
     }

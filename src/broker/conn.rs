@@ -30,8 +30,11 @@ pub(super) struct Core {
     /// This core's own HSM session when `hsm.dispatch = "inline"`.
     pub hsm_inline: Option<RefCell<super::HsmWorker>>,
     pub index: usize,
-    /// This core's connection to each market, made on first use.
-    pub links: RefCell<HashMap<String, Link>>,
+    /// This core's connection to each market, with the registration it
+    /// was made for, made on first use.
+    pub links: RefCell<HashMap<String, (Arc<super::link::MarketInfo>, Link)>>,
+    /// The markets' epoch `links` was last checked against.
+    pub links_epoch: Cell<u64>,
     pub next_request: Cell<u64>,
     /// This core's connections, to wake when their terminal is revoked.
     pub live: Rc<Live>,
@@ -59,16 +62,16 @@ pub(super) fn run_core(
             shared,
             index,
             links: RefCell::new(HashMap::new()),
+            links_epoch: Cell::new(0),
             next_request: Cell::new(0),
             live: Rc::new(Live::default()),
         });
         compio::runtime::spawn(core.live.clone().listen(revocations)).detach();
         let metrics = crate::metrics::attach_core(index);
-        // Dial every market now, so the first exchanges find the link up
-        // and `keybroker_market_up` tells the truth from the start.
-        for id in core.shared.markets.keys() {
-            let _ = core.link(id);
-        }
+        // Dial every market now, and each one added later within a poll,
+        // so exchanges find the link up and `keybroker_market_up` tells the
+        // truth from the start.
+        compio::runtime::spawn(core.clone().follow_markets()).detach();
         let max = core.shared.cfg.broker.max_connections_per_core;
         let live = Rc::new(Cell::new(0));
         crate::net::accept_loop(listener, live, max, move |stream| {
@@ -88,18 +91,44 @@ pub(super) fn run_core(
 impl Core {
     /// This core's link to `market`, started on first use.
     pub fn link(&self, market: &str) -> Result<Link, ErrorCode> {
-        if let Some(l) = self.links.borrow().get(market) {
+        self.sync_links();
+        if let Some((_, l)) = self.links.borrow().get(market) {
             return Ok(l.clone());
         }
         let info = self
             .shared
             .markets
             .get(market)
-            .ok_or(ErrorCode::UnknownMarket)?
-            .clone();
-        let l = Link::spawn(info, self.shared.cfg.exchange.clone());
-        self.links.borrow_mut().insert(market.to_owned(), l.clone());
+            .ok_or(ErrorCode::UnknownMarket)?;
+        let l = Link::spawn(info.clone(), self.shared.cfg.exchange.clone());
+        self.links
+            .borrow_mut()
+            .insert(market.to_owned(), (info, l.clone()));
         Ok(l)
+    }
+
+    /// Drops the links of markets removed or changed in the registry since
+    /// this core last looked (one atomic load when nothing changed).
+    fn sync_links(&self) {
+        let epoch = self.shared.markets.epoch();
+        if self.links_epoch.replace(epoch) == epoch {
+            return;
+        }
+        let now = self.shared.markets.snapshot();
+        self.links
+            .borrow_mut()
+            .retain(|id, (info, _)| now.get(id).is_some_and(|n| Arc::ptr_eq(n, info)));
+    }
+
+    /// Keeps a link up to every registered market, and none to a removed one.
+    async fn follow_markets(self: Rc<Self>) {
+        loop {
+            self.sync_links();
+            for id in self.shared.markets.snapshot().keys() {
+                let _ = self.link(id);
+            }
+            compio::time::sleep(super::markets::POLL).await;
+        }
     }
 
     /// A request id unique across cores and connections of this process.

@@ -12,6 +12,7 @@ mod card;
 mod conn;
 mod exchange;
 pub mod link;
+mod markets;
 mod released;
 mod revoke;
 pub(crate) mod tickets;
@@ -27,7 +28,6 @@ use crate::store::Store;
 use anyhow::{Context, Result};
 use cryptoki::session::Session;
 use rustls::ServerConfig;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,8 +68,8 @@ pub struct Shared {
     pub auth: Pool<auth::AuthWorker>,
     pub hsm_pool: Pool<HsmWorker>,
     pub hsm: Arc<Hsm>,
-    /// Registered markets, loaded at start.
-    pub markets: HashMap<String, Arc<link::MarketInfo>>,
+    /// Registered markets, kept in step with the registry.
+    pub markets: Arc<markets::Markets>,
     pub ledger: Arc<dyn crate::wallet::Ledger>,
     /// The voucher issuer's public key (SPKI DER), if top-ups are enabled.
     pub voucher_issuer: Option<Vec<u8>>,
@@ -86,6 +86,8 @@ pub struct Broker {
     pub ledger: Arc<dyn crate::wallet::Ledger>,
     /// Drains the notification outbox; stops with the broker.
     _mailer: crate::wallet::mailer::Mailer,
+    /// Wakes the markets watcher (SIGHUP).
+    reload: crossbeam_channel::Sender<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -96,7 +98,8 @@ impl Broker {
         let hsm = Arc::new(Hsm::open(&cfg).context("opening the HSM")?);
         let keys = hsm.key_handles()?;
         // Rows verified by any thread of this process, and the newest
-        // generation seen of each (rowmac): shared by the auth workers.
+        // generation seen of each (rowmac): shared by the auth workers and
+        // the markets watcher.
         let seen = Arc::new(crate::rowmac::Seen::default());
         let sealed = {
             let (hsm, seen, db) = (hsm.clone(), seen.clone(), cfg.db_path());
@@ -127,34 +130,14 @@ impl Broker {
         ));
         drop(session);
         certifier.spawn_rotation(hsm.clone(), resolver.clone(), provider.clone());
-        let mut markets = HashMap::new();
-        for m in store.market_list()? {
-            let m = match m {
-                Ok(m) => m,
-                Err(bad) => {
-                    tracing::error!(target: "audit", table = bad.table, key = %bad.key, why = %bad.why,
-                        "market row refused: it fails its check; exchanges to it get unknown_market");
-                    continue;
-                }
-            };
-            let host = m
-                .endpoint
-                .rsplit_once(':')
-                .map_or(m.endpoint.as_str(), |(h, _)| h);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let info = link::MarketInfo {
-                server_name: rustls::pki_types::ServerName::try_from(host.to_owned())
-                    .with_context(|| format!("market {} endpoint host", m.id))?,
-                client: tls::market_client(provider.clone(), &m.ca_pem, resolver.clone())
-                    .with_context(|| format!("market {} CA", m.id))?,
-                id: m.id.clone(),
-                endpoint: m.endpoint,
-                ca_pem: m.ca_pem,
-            };
-            crate::metrics::market_known(&m.id);
-            markets.insert(m.id, Arc::new(info));
-        }
-        drop(store);
+        let builder = markets::Builder {
+            provider: provider.clone(),
+            resolver: resolver.clone(),
+        };
+        let markets = Arc::new(markets::Markets::default());
+        let (reload, reloads) = crossbeam_channel::bounded(1);
+        markets::spawn_watcher(store, markets.clone(), builder, reloads)
+            .context("watching the registry for markets")?;
         let period = Duration::from_secs(cfg.broker.ticket_hours * 3600);
         let ticketer = tickets::HsmTicketer::new(
             &hsm,
@@ -225,8 +208,19 @@ impl Broker {
             admin_addr,
             ledger,
             _mailer: mailer,
+            reload,
             threads,
         })
+    }
+
+    /// A handle that makes the broker re-read the registry's markets now
+    /// rather than at the next poll (SIGHUP). Users and terminals are read
+    /// at every login anyway.
+    pub fn registry_reloader(&self) -> impl Fn() + Send + 'static {
+        let tx = self.reload.clone();
+        move || {
+            let _ = tx.try_send(());
+        }
     }
 
     /// Blocks until every core thread ends (they run until the process exits).

@@ -135,7 +135,7 @@ async fn purchase(
     idempotency_key: String,
 ) -> Result<Message, ErrorCode> {
     let shared = &core.shared;
-    if !shared.markets.contains_key(&market) {
+    if !shared.markets.contains(&market) {
         return Err(ErrorCode::UnknownMarket);
     }
     let amount = Amount::new(amount_minor, currency_str(&currency)?).map_err(|e| code(&e))?;
