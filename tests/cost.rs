@@ -5,16 +5,18 @@
 //!     cargo test --test cost -- --ignored --nocapture
 //! ```
 //!
-//! Starts a broker of this build and, with `KB_BEFORE`, one of the older
+//! Starts a broker of this build (or of the binary `KB_AFTER` names, a
+//! release build of it, say) and, with `KB_BEFORE`, one of the older
 //! binary, each on its own data dir with the same argon2id cost, and
 //! drives them in turn, in batches, from one terminal each: every
 //! iteration connects (not counted), logs in, releases and logs out. It
 //! prints per operation the wall time the terminal waited and the CPU
 //! the broker process spent (all its threads, from
 //! `/proc/PID/task/*/schedstat`), as medians over the batches.
-//! `hsm.key_linger_s = 0`, so every release unwraps the key in the HSM:
-//! the dearest release; with the default linger a returning user's
-//! release skips the unwrap.
+//! `hsm.key_linger_s = 0` unless `KB_LINGER` says otherwise, so every
+//! release unwraps the key in the HSM: the dearest release; with a linger
+//! a returning user's release skips the unwrap. `KB_ARGON2` lists the
+//! argon2id costs to run, `m_kib:t,...` (default `19456:2,64:1`).
 
 mod common;
 
@@ -44,10 +46,10 @@ struct Node {
     tc: keybroker::terminal::TerminalConfig,
 }
 
-fn node(name: &str, bin: &Path, m_kib: u32, t: u32) -> Node {
+fn node(name: &str, bin: &Path, m_kib: u32, t: u32, linger_s: u64) -> Node {
     let env = Env::of(bin, |data| {
         format!(
-            "data_dir = {data:?}\n[hsm]\nkey_linger_s = 0\n\
+            "data_dir = {data:?}\n[hsm]\nkey_linger_s = {linger_s}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\n\
              [auth]\nmax_failures = 3\nargon2_m_kib = {m_kib}\nargon2_t = {t}\n"
         )
@@ -106,6 +108,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn login_and_release_cost() {
     let n: usize = std::env::var("KB_N").map_or(200, |v| v.parse().unwrap());
     let rounds: usize = std::env::var("KB_ROUNDS").map_or(5, |v| v.parse().unwrap());
+    let linger_s: u64 = std::env::var("KB_LINGER").map_or(0, |v| v.parse().unwrap());
     let params: Vec<(u32, u32)> = std::env::var("KB_ARGON2")
         .unwrap_or("19456:2,64:1".into())
         .split(',')
@@ -115,9 +118,10 @@ fn login_and_release_cost() {
         })
         .collect();
     for (m_kib, t) in params {
-        let mut nodes = vec![node("this build", BIN.as_ref(), m_kib, t)];
+        let after = std::env::var("KB_AFTER").unwrap_or(BIN.into());
+        let mut nodes = vec![node("this build", after.as_ref(), m_kib, t, linger_s)];
         if let Ok(before) = std::env::var("KB_BEFORE") {
-            nodes.insert(0, node("before", before.as_ref(), m_kib, t));
+            nodes.insert(0, node("before", before.as_ref(), m_kib, t, linger_s));
         }
         for n in &nodes {
             batch(n, 10); // warm up: caches, prepared statements, key handles
@@ -154,5 +158,91 @@ fn login_and_release_cost() {
                 col(3)
             );
         }
+    }
+}
+
+/// Nanoseconds of CPU this thread has run (SoftHSM runs in it).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The HSM's share, in this process on the real token: what the release
+/// unwrapped with before (the master key) and what it does now (the
+/// verifier, the KEK derived, the unwrap, both destroyed), and one row MAC.
+/// Thread CPU per call, the median of 7 rounds of `n` each, the items
+/// taking turns within each round.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn hsm_costs() {
+    use keybroker::hsm::ops;
+    use keybroker::rowmac::RowMac;
+    let hsm = shared_hsm();
+    let keys = hsm.key_handles().unwrap();
+    let s = hsm.session().unwrap();
+    let secret = keybroker::passwords::Binding::new(64, 1)
+        .unwrap()
+        .card_secret(b"pw", "u")
+        .unwrap();
+    let (_, legacy) = ops::generate_wrapped_user_key(&s, keys.master_wrap).unwrap();
+    let (_, bound, verifier) = ops::generate_bound_user_key(&s, &keys, &secret.kek_data).unwrap();
+    let mac = keybroker::rowmac::HsmRowMac::new(hsm.clone()).unwrap();
+    let row = vec![7u8; 1200]; // about a user row: its certificate is most of it
+    let mut items: Vec<(&str, Box<dyn FnMut()>)> = vec![
+        (
+            "release before: unwrap under kb-master-wrap + destroy",
+            Box::new(|| {
+                let k = ops::unwrap_user_key(&s, keys.master_wrap, &legacy).unwrap();
+                ops::destroy(&s, k).unwrap();
+            }),
+        ),
+        (
+            "release now: verifier + KEK derive + unwrap + destroy both",
+            Box::new(|| {
+                let k = ops::open_bound_user_key(&s, &keys, &secret.kek_data, &verifier, &bound)
+                    .unwrap()
+                    .unwrap();
+                ops::destroy(&s, k).unwrap();
+            }),
+        ),
+        (
+            "a wrong second password (the verifier only)",
+            Box::new(|| {
+                let r = ops::open_bound_user_key(&s, &keys, &[0; 32], &verifier, &bound).unwrap();
+                assert!(r.is_err());
+            }),
+        ),
+        (
+            "KEK derive + destroy",
+            Box::new(|| {
+                let k = ops::derive_kek(&s, keys.kek_base, &secret.kek_data, ops::KekUse::Unwrap)
+                    .unwrap();
+                ops::destroy(&s, k).unwrap();
+            }),
+        ),
+        (
+            "row MAC of 1200 bytes (kb-registry-mac)",
+            Box::new(|| {
+                std::hint::black_box(mac.mac(&row).unwrap());
+            }),
+        ),
+    ];
+    // schedstat moves in scheduler ticks (4 ms here): many calls a round.
+    let n = 1000;
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); items.len()];
+    for _ in 0..7 {
+        for (i, (_, f)) in items.iter_mut().enumerate() {
+            let c = thread_cpu_ns();
+            for _ in 0..n {
+                f();
+            }
+            per[i].push((thread_cpu_ns() - c) as f64 / 1e3 / n as f64);
+        }
+    }
+    println!("HSM, thread CPU µs per call (median of 7 rounds of {n}):");
+    for ((name, _), v) in items.iter().zip(per) {
+        println!("  {name:<60} {:>8.1}", median(v));
     }
 }
