@@ -188,7 +188,7 @@ pub struct Sealer {
 
 /// A row as the store read it: where it is, what it encodes to, its
 /// generation and the MAC stored with it.
-pub struct Stored<'a> {
+pub struct ReadRow<'a> {
     pub table: &'static str,
     pub key: String,
     pub canon: &'a Canon,
@@ -226,7 +226,7 @@ impl Sealer {
 
     /// Checks a row read from the database. `Err` is a [`BadRow`] (see
     /// `downcast_ref`) or a failure of the HSM.
-    pub fn verify(&self, row: &Stored<'_>) -> Result<()> {
+    pub fn verify(&self, row: &ReadRow<'_>) -> Result<()> {
         let bad = |why| BadRow {
             table: row.table,
             key: row.key.clone(),
@@ -290,8 +290,8 @@ mod tests {
         Sealer::new(Box::new(SoftRowMac([7; 32])), Arc::default())
     }
 
-    fn stored<'a>(canon: &'a Canon, generation: i64, mac: Option<&'a [u8]>) -> Stored<'a> {
-        Stored {
+    fn stored<'a>(canon: &'a Canon, generation: i64, mac: Option<&'a [u8]>) -> ReadRow<'a> {
+        ReadRow {
             table: "users",
             key: "bob".into(),
             canon,

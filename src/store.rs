@@ -23,7 +23,7 @@
 //! polls that log and ends the sessions of those terminals
 //! (`broker::revoke`), so a revocation needs no message to the brokers.
 
-use crate::rowmac::{BadRow, Canon, Sealer, Stored, next_gen};
+use crate::rowmac::{BadRow, Canon, ReadRow, Sealer, next_gen};
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -360,7 +360,7 @@ impl Store {
     /// Checks a row read. `Err`: a [`BadRow`], or the HSM failed.
     fn verify<T: Row>(&self, row: &Sealed<T>) -> Result<()> {
         let canon = row.rec.canon(row.created, row.generation);
-        self.sealer()?.verify(&Stored {
+        self.sealer()?.verify(&ReadRow {
             table: T::TABLE,
             key: row.rec.key(),
             canon: &canon,

@@ -190,7 +190,8 @@ fn hsm_costs() {
     let (_, bound, verifier) = ops::generate_bound_user_key(&s, &keys, &secret.kek_data).unwrap();
     let mac = keybroker::rowmac::HsmRowMac::new(hsm.clone()).unwrap();
     let row = vec![7u8; 1200]; // about a user row: its certificate is most of it
-    let mut items: Vec<(&str, Box<dyn FnMut()>)> = vec![
+    type Item<'a> = (&'a str, Box<dyn FnMut() + 'a>);
+    let mut items: Vec<Item> = vec![
         (
             "release before: unwrap under kb-master-wrap + destroy",
             Box::new(|| {

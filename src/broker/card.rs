@@ -110,13 +110,13 @@ pub(super) async fn open(
     }
     let data = secret.kek_data.clone();
     let stored = record.wrapped_key.clone();
-    let job = match &check {
+    let stored_verifier = match &check {
         Check::Verifier(v) => Some(*v),
         Check::Rebind(_) => None,
     };
     let opened = exchange::hsm(core, "unwrap", move |w| {
         let (s, keys) = (&w.session, &w.keys);
-        let (blob, verifier) = match job {
+        let (blob, verifier) = match stored_verifier {
             Some(v) => (stored.clone(), v),
             None => match refused_blob(ops::rewrap_legacy_user_key(s, keys, &data, &stored))? {
                 Ok(rebound) => rebound,
