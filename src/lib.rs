@@ -19,6 +19,7 @@ pub mod demo;
 pub mod enroll;
 pub mod exchange;
 pub mod hsm;
+pub mod limits;
 pub mod logs;
 pub mod market;
 pub mod metrics;

@@ -13,6 +13,7 @@ use super::exchange::{self, Released, pool_code};
 use super::link::Link;
 use super::revoke::{Batch, Live};
 use super::{Shared, ms};
+use crate::net::sources::{Source, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::access::{Frame, FrameDecoder, Message, encode};
 use crate::proto::session::{AccessSession, Action};
@@ -35,6 +36,8 @@ pub(super) struct Core {
     pub next_request: Cell<u64>,
     /// This core's connections, to wake when their terminal is revoked.
     pub live: Rc<Live>,
+    /// Handshakes pending and started per source address on this core.
+    pub sources: Rc<Sources>,
 }
 
 pub(super) fn run_core(
@@ -54,6 +57,7 @@ pub(super) fn run_core(
             )?)),
             crate::config::Dispatch::Pool => None,
         };
+        let shared_limits = shared.cfg.source_limits();
         let core = Rc::new(Core {
             hsm_inline,
             shared,
@@ -61,6 +65,7 @@ pub(super) fn run_core(
             links: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
             live: Rc::new(Live::default()),
+            sources: Sources::new(shared_limits),
         });
         compio::runtime::spawn(core.live.clone().listen(revocations)).detach();
         let metrics = crate::metrics::attach_core(index);
@@ -177,6 +182,38 @@ impl Conn {
     }
 }
 
+/// Counts a refused handshake and logs it, once per source and reason per
+/// interval (`net::sources`), so a certificate-probing scan shows with its
+/// source and cannot fill the disk.
+fn refuse(core: &Core, source: Source, peer: Option<std::net::SocketAddr>, reason: &'static str) {
+    crate::metrics::handshake_refused(reason);
+    let now = crate::limits::mono_ms();
+    if let Some(suppressed) = core.sources.log_refusal(source, reason, now) {
+        let peer = peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        tracing::warn!(peer, reason, suppressed, "TLS handshake refused");
+    }
+}
+
+/// The `keybroker_handshake_refused_total` reason of a failed handshake.
+fn tls_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    use std::io::ErrorKind;
+    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::NoCertificatesPresented) => "no_certificate",
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => "unknown_ca",
+        Some(Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(_) => "protocol",
+        None if matches!(
+            e.kind(),
+            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+        ) =>
+        {
+            "closed"
+        }
+        None => "protocol",
+    }
+}
+
 async fn serve(core: &Core, mut stream: TcpStream) {
     let shared = &core.shared;
     let cfg = &shared.cfg.broker;
@@ -189,14 +226,19 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         .await
         {
             Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "no valid PROXY header");
+            Ok(Err(_)) | Err(_) => {
+                let from = stream.peer_addr().ok();
+                refuse(core, Source::of(from.map(|a| a.ip())), from, "proxy_header");
                 return;
             }
-            Err(_) => return,
         }
     } else {
         (stream.peer_addr().ok(), Vec::new())
+    };
+    let source = Source::of(peer.map(|a| a.ip()));
+    let pending = match core.sources.admit(source, crate::limits::mono_ms()) {
+        Ok(p) => p,
+        Err(why) => return refuse(core, source, peer, why.reason()),
     };
     let conn = match ServerConnection::new(shared.tls.clone()) {
         Ok(c) => c,
@@ -206,19 +248,19 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         }
     };
     let mut io = TlsIo::new(stream, conn);
-    if io.preload(&preload).is_err() {
-        return;
+    if let Err(e) = io.preload(&preload) {
+        return refuse(core, source, peer, tls_reason(&e));
     }
     let started = std::time::Instant::now();
     match compio::time::timeout(ms(cfg.handshake_timeout_ms), io.accept()).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => pending.done(),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
-            return;
+            return refuse(core, source, peer, tls_reason(&e));
         }
         Err(_) => {
-            tracing::debug!("TLS handshake timed out");
-            return;
+            pending.timed_out(crate::limits::mono_ms());
+            return refuse(core, source, peer, "timeout");
         }
     }
     crate::metrics::handshake_done(started.elapsed());

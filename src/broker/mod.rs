@@ -90,7 +90,7 @@ pub struct Broker {
 impl Broker {
     /// Opens the HSM and the registry, issues the TLS key, binds, and starts
     /// the core threads.
-    pub fn start(cfg: Config) -> Result<Self> {
+    pub fn start(mut cfg: Config) -> Result<Self> {
         let hsm = Arc::new(Hsm::open(&cfg).context("opening the HSM")?);
         let keys = hsm.key_handles()?;
         let store = Store::open(&cfg.db_path())?;
@@ -136,6 +136,16 @@ impl Broker {
             markets.insert(m.id, Arc::new(info));
         }
         drop(store);
+        // Each core links to each market: a descriptor apiece.
+        let links = (cfg.cores() * markets.len()) as u64;
+        cfg.broker.max_connections_per_core = crate::net::fds::fit_caps(
+            cfg.cores(),
+            links,
+            &[(
+                "broker.max_connections_per_core",
+                cfg.broker.max_connections_per_core,
+            )],
+        )?[0];
         let period = Duration::from_secs(cfg.broker.ticket_hours * 3600);
         let ticketer = tickets::HsmTicketer::new(&hsm, period)?;
         spawn_ticket_refresh(hsm.clone(), ticketer.clone(), period);

@@ -97,6 +97,23 @@ pub struct MarketConfig {
     /// cap, so terminals cannot crowd out the broker. Default 10000.
     #[serde(default = "direct_per_core")]
     pub max_direct_connections_per_core: usize,
+    /// Direct connections one source address may have before their Hello
+    /// completes, on each core (0: no limit). Default 64.
+    #[serde(default = "pending_per_source")]
+    pub max_pending_per_source: u32,
+    /// Live sessions one user may hold. A new exchange over it expires the
+    /// user's oldest session no connection has used; when every one is in
+    /// use it is refused `busy`. So one user cannot fill `max_sessions`
+    /// for everyone. Default 1000.
+    #[serde(default = "sessions_per_user")]
+    pub max_sessions_per_user: usize,
+}
+
+fn pending_per_source() -> u32 {
+    64
+}
+fn sessions_per_user() -> usize {
+    1000
 }
 
 fn cancel_key() -> PathBuf {
@@ -192,6 +209,32 @@ pub struct MarketState {
     certs: Mutex<HashMap<[u8; 32], UserKey>>,
     replay: Mutex<Expiring<[u8; 16], ()>>,
     sessions: Mutex<Expiring<[u8; 16], Session>>,
+    /// Each user's session ids, oldest first (the quota's order). Locked
+    /// after `sessions`, only to add a session.
+    by_user: Mutex<UserIndex>,
+}
+
+/// Each user's session ids, oldest first. Ids of sessions that expired stay
+/// until their user adds one or the sweep after every `max_sessions`
+/// additions, so the index holds at most twice `max_sessions` ids.
+#[derive(Default)]
+struct UserIndex {
+    ids: HashMap<String, std::collections::VecDeque<[u8; 16]>>,
+    added: usize,
+}
+
+/// Drops the ids at the front of `ids` whose sessions are gone.
+fn prune(
+    ids: &mut std::collections::VecDeque<[u8; 16]>,
+    live: &mut Expiring<[u8; 16], Session>,
+    now: u64,
+) {
+    while let Some(front) = ids.front() {
+        if matches!(live.get(front, now), Ok(Some(_))) {
+            break;
+        }
+        ids.pop_front();
+    }
 }
 
 /// A session lookup's answer as the direct channel's typed errors.
@@ -218,6 +261,7 @@ impl MarketState {
         Ok(Self {
             replay: Mutex::new(Expiring::new(cfg.max_sessions)),
             sessions: Mutex::new(Expiring::new(cfg.max_sessions)),
+            by_user: Mutex::default(),
             cfg,
             signer: None,
             orders: Mutex::new(orders::Orders::in_memory()?),
@@ -339,6 +383,11 @@ impl MarketState {
         }
     }
 
+    /// Adds a session, within its user's quota (`max_sessions_per_user`):
+    /// at the quota the user's oldest session that no direct connection
+    /// has used makes room; if every one is in use, `busy`. Unused ones go
+    /// first because they are what a flood of exchanges leaves behind, and
+    /// a terminal that has connected is using its session.
     fn insert_session(
         &self,
         id: [u8; 16],
@@ -347,8 +396,34 @@ impl MarketState {
         now: u64,
     ) -> Result<(), ErrorCode> {
         let mut sessions = self.sessions.lock().expect("sessions");
+        let mut index = self.by_user.lock().expect("sessions by user");
+        index.added += 1;
+        if index.added >= self.cfg.max_sessions {
+            index.added = 0;
+            index.ids.retain(|_, ids| {
+                prune(ids, &mut sessions, now);
+                !ids.is_empty()
+            });
+        }
+        let ids = index.ids.entry(s.user.clone()).or_default();
+        // Oldest first, so the expired (and the evicted) are at the front.
+        prune(ids, &mut sessions, now);
+        if ids.len() >= self.cfg.max_sessions_per_user {
+            let unused = ids.iter().position(
+                |old| matches!(sessions.get(old, now), Ok(Some((s, _))) if s.connections == 0),
+            );
+            let Some(i) = unused else {
+                return Err(ErrorCode::Busy);
+            };
+            if let Some(old) = ids.remove(i) {
+                sessions.remove(&old);
+            }
+        }
         match sessions.insert(id, s, expiry, now) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                ids.push_back(id);
+                Ok(())
+            }
             Err(expiring::Full) => Err(ErrorCode::Busy),
         }
     }

@@ -8,6 +8,7 @@
 use super::direct::{DirectConn, Refusal};
 use super::{MarketConfig, MarketState, now_ms};
 use crate::exchange::BINDING_LABEL;
+use crate::net::sources::{Source, SourceLimits, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
 use crate::proto::access::MAX_USER;
@@ -78,6 +79,21 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
     } else {
         cfg.cores
     };
+    let caps = crate::net::fds::fit_caps(
+        cores,
+        0,
+        &[
+            (
+                "the market channel's connections per core",
+                MAX_CHANNELS_PER_CORE,
+            ),
+            (
+                "max_direct_connections_per_core",
+                cfg.max_direct_connections_per_core,
+            ),
+        ],
+    )?;
+    let (max_channels, max_direct) = (caps[0], caps[1]);
     let place = crate::net::cores::Placement::for_cores(cores, cfg.pin_cores);
     let steer = place.steered();
     let (chan, addr) = crate::net::listen::reuseport_group(cfg.listen, cores, 1024, steer)
@@ -118,7 +134,7 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
             std::thread::Builder::new()
                 .name(format!("market-{i}"))
                 .spawn(move || {
-                    if let Err(e) = run_core(cpus, c, d, state, tls) {
+                    if let Err(e) = run_core(cpus, c, d, state, tls, (max_channels, max_direct)) {
                         tracing::error!(error = %e, "market core stopped");
                     }
                 })?,
@@ -139,24 +155,32 @@ fn run_core(
     dir: std::net::TcpListener,
     state: Arc<MarketState>,
     tls: Arc<ServerConfig>,
+    (max_channels, max_direct): (usize, usize),
 ) -> Result<()> {
     let rt = crate::broker::core_runtime(cpus)?;
     rt.block_on(async move {
         let chan = TcpListener::from_std(chan)?;
         let dir = TcpListener::from_std(dir)?;
         let s = state.clone();
+        // Connections still in their Hello, per source: no rate limit here
+        // (a Hello costs no signature), only the cap on what one host holds.
+        let sources = Sources::new(SourceLimits {
+            max_pending: state.cfg.max_pending_per_source,
+            rate: crate::limits::Rate { per_s: 0, burst: 1 },
+        });
         compio::runtime::spawn(crate::net::accept_loop(
             dir,
             Rc::new(Cell::new(0)),
-            state.cfg.max_direct_connections_per_core,
+            max_direct,
             move |stream| {
                 let s = s.clone();
-                async move { serve_direct(&s, stream).await }
+                let sources = sources.clone();
+                async move { serve_direct(&s, &sources, stream).await }
             },
         ))
         .detach();
         let live = Rc::new(Cell::new(0));
-        crate::net::accept_loop(chan, live, MAX_CHANNELS_PER_CORE, move |stream| {
+        crate::net::accept_loop(chan, live, max_channels, move |stream| {
             let s = state.clone();
             let tls = tls.clone();
             async move { serve_channel(&s, tls, stream).await }
@@ -248,10 +272,25 @@ async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, peer: &str, why: Refusal)
 
 /// One direct connection: `DirectConn` decides, this moves the bytes. The
 /// answers to frames that arrived together leave together, in one write.
-async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
-    let peer = sock
-        .peer_addr()
-        .map_or_else(|_| "-".to_owned(), |a| a.to_string());
+async fn serve_direct(state: &MarketState, sources: &Rc<Sources>, mut sock: TcpStream) {
+    let addr = sock.peer_addr().ok();
+    let peer = addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let source = Source::of(addr.map(|a| a.ip()));
+    let now = crate::limits::mono_ms();
+    let mut pending = match sources.admit(source, now) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            if let Some(suppressed) = sources.log_refusal(source, why.reason(), now) {
+                tracing::warn!(
+                    peer,
+                    reason = why.reason(),
+                    suppressed,
+                    "direct connection refused"
+                );
+            }
+            return;
+        }
+    };
     let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
     let hello_by = Instant::now() + Duration::from_millis(state.cfg.hello_timeout_ms);
     let mut dec = Decoder::default();
@@ -268,6 +307,11 @@ async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
             if let Err(why) = conn.handle(state, ty, &payload, now_ms(), &mut out) {
                 return alert(&mut sock, out, &peer, why).await;
             }
+        }
+        if conn.established()
+            && let Some(p) = pending.take()
+        {
+            p.done();
         }
         if !out.is_empty() {
             match write(&mut sock, std::mem::take(&mut out)).await {
