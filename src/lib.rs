@@ -18,6 +18,7 @@ pub mod crypto;
 pub mod demo;
 pub mod enroll;
 pub mod exchange;
+pub mod fsmode;
 pub mod hsm;
 pub mod limits;
 pub mod logs;

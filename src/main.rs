@@ -311,6 +311,9 @@ fn stop_on_signals(logs: std::sync::Arc<keybroker::logs::Logs>) -> Result<()> {
 }
 
 fn main() {
+    // Owner-only, whatever the caller's umask: the data directory holds
+    // password hashes, balances, PINs and the token (keybroker::fsmode).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(keybroker::fsmode::UMASK));
     let cli = Cli::parse();
     let logs = init_logs(cli.json_logs);
     if let Err(e) = stop_on_signals(logs.clone()) {
@@ -329,6 +332,21 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let cfg = Config::load(cli.config.as_deref(), cli.data_dir.as_deref())?;
     keybroker::hsm::export_softhsm_conf(&cfg);
+    // Every command that opens the data directory checks its modes first;
+    // init makes it (owner-only), the terminal's and voucher commands and
+    // the reference market do not use it.
+    let uses_data_dir = match &cli.cmd {
+        Cmd::Init | Cmd::Voucher(_) => false,
+        Cmd::Market(c) => !matches!(c, MarketCmd::Init { .. } | MarketCmd::Serve { .. }),
+        Cmd::Terminal(c) => matches!(
+            c,
+            TerminalCmd::Enroll { .. } | TerminalCmd::List { .. } | TerminalCmd::Revoke { .. }
+        ),
+        _ => true,
+    };
+    if uses_data_dir {
+        keybroker::fsmode::check(&cfg)?;
+    }
     let stdin = std::io::stdin();
     let mut stdin = stdin.lock();
     match cli.cmd {
@@ -644,8 +662,8 @@ fn demo_enroll(cfg: &Config) -> Result<()> {
         }
         if !dir.join("terminal.crt").exists() {
             enroll::terminal_enroll(&admin, user, &dir)?;
-            std::fs::write(dir.join("access.pw"), &p1)?;
-            std::fs::write(dir.join("release.pw"), &p2)?;
+            enroll::write_private(&dir.join("access.pw"), p1.as_bytes())?;
+            enroll::write_private(&dir.join("release.pw"), p2.as_bytes())?;
         }
         println!("demo user {user}: terminal files in {}", dir.display());
     }

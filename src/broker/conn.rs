@@ -8,8 +8,8 @@
 //! A terminal revoked while connected is cut off (`revoke.rs`): before each
 //! frame, and while the connection waits for one.
 
-use super::auth::Which;
-use super::exchange::{self, Released, pool_code};
+use super::auth::{Refused, Which};
+use super::exchange::{self, Released};
 use super::link::Link;
 use super::revoke::{Batch, Live};
 use super::{Shared, ms};
@@ -131,6 +131,8 @@ struct Conn {
     held: bool,
     /// The revocation epoch this connection last checked its terminal at.
     revocations_seen: u64,
+    /// The retry hint of the `busy` about to be sent (over a rate).
+    retry_ms: Option<u64>,
 }
 
 impl Conn {
@@ -177,8 +179,30 @@ impl Conn {
             crate::metrics::error(*code);
         }
         self.out.clear();
-        encode(frame, &mut self.out);
+        match (&frame.msg, self.retry_ms.take()) {
+            // docs/PROTOCOL.md §1.6: a rate's busy says when to come back.
+            (
+                Message::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                },
+                Some(ms),
+            ) => encode(
+                &Frame {
+                    id: frame.id,
+                    msg: Message::error(ErrorCode::Busy, format!("retry_after_ms={ms}")),
+                },
+                &mut self.out,
+            ),
+            _ => encode(frame, &mut self.out),
+        }
         self.io.queue(&self.out).is_ok()
+    }
+
+    /// The code of a refused check; its retry hint goes with the answer.
+    fn refused(&mut self, why: Refused) -> ErrorCode {
+        self.retry_ms = why.retry_ms;
+        why.code
     }
 }
 
@@ -293,6 +317,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         hold: false,
         held: false,
         revocations_seen: 0,
+        retry_ms: None,
     };
     let (_registered, mut revoked) = core.live.register(fingerprint);
     let mut buf = vec![0u8; 4096];
@@ -406,13 +431,12 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 return false;
             }
             Action::CheckLogin { id, user, password } => {
-                let fp = c.fingerprint;
-                let u = user.clone();
                 let r = shared
                     .auth
-                    .run(move |w| w.check(Which::Access, &fp, &u, &password).map(drop))
+                    .check(Which::Access, c.fingerprint, &user, password)
                     .await
-                    .unwrap_or_else(|e| Err(pool_code(e)));
+                    .map(drop)
+                    .map_err(|why| c.refused(why));
                 if r.is_ok() {
                     tracing::info!(target: "audit", user, peer = %c.peer, "login");
                 }
@@ -431,11 +455,15 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 market,
                 ephemeral,
             } => {
-                let r = match &c.released {
-                    Some(rel) => {
+                let r = match (&c.released, shared.exchange_allowed(&user)) {
+                    (None, _) => Err(ErrorCode::NotReleased),
+                    (Some(_), Err(ms)) => Err(c.refused(Refused {
+                        code: ErrorCode::Busy,
+                        retry_ms: Some(ms),
+                    })),
+                    (Some(rel), Ok(())) => {
                         exchange::exchange(core, rel, &user, &market, ephemeral, &c.xprime).await
                     }
-                    None => Err(ErrorCode::NotReleased),
                 };
                 let mode = if ephemeral.is_some() {
                     "partial"
@@ -484,13 +512,11 @@ async fn release(
     password: crate::proto::access::Password,
 ) -> Result<(), ErrorCode> {
     let shared = &core.shared;
-    let fp = c.fingerprint;
-    let u = user.to_owned();
     let record = shared
         .auth
-        .run(move |w| w.check(Which::Release, &fp, &u, &password))
+        .check(Which::Release, c.fingerprint, user, password)
         .await
-        .map_err(pool_code)??;
+        .map_err(|why| c.refused(why))?;
     let key = match shared.released.get(user, shared.hsm.epoch()) {
         Some(k) => k,
         None => {

@@ -63,7 +63,11 @@ impl HsmWorker {
 pub struct Shared {
     pub cfg: Config,
     pub tls: Arc<ServerConfig>,
-    pub auth: Pool<auth::AuthWorker>,
+    /// Password checks (and other registry or ledger reads) on the fair
+    /// auth pool, within each terminal's rate.
+    pub auth: auth::Checks,
+    /// Exchanges each user may start (`exchange.per_user_per_s`).
+    pub exchanges: std::sync::Mutex<crate::limits::Buckets<String>>,
     pub hsm_pool: Pool<HsmWorker>,
     pub hsm: Arc<Hsm>,
     /// Registered markets, loaded at start.
@@ -75,6 +79,19 @@ pub struct Shared {
     pub released: released::Keys,
     /// Terminals revoked since start, which open sessions must not outlive.
     pub revoked: Arc<revoke::Revoked>,
+}
+
+/// Users whose exchange rate is followed (`limits::Buckets`).
+const MAX_RATED_USERS: usize = 100_000;
+
+impl Shared {
+    /// Takes one exchange from `user`'s rate; `Err(ms)`: wait that long.
+    pub fn exchange_allowed(&self, user: &str) -> Result<(), u64> {
+        self.exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(user, 1, crate::limits::mono_ms())
+    }
 }
 
 /// A running broker.
@@ -151,14 +168,14 @@ impl Broker {
         spawn_ticket_refresh(hsm.clone(), ticketer.clone(), period);
         let tls = tls::server_config(provider, &terminal_ca, resolver, ticketer)?;
 
-        let db = cfg.db_path();
-        let max_failures = cfg.auth.max_failures;
-        let auth = Pool::start("auth", cfg.auth.workers, cfg.auth.queue, move |_| {
-            Store::open(&db).map(|store| auth::AuthWorker {
-                store,
-                max_failures,
-            })
-        })?;
+        let auth = auth::Checks::start(&cfg)?;
+        let exchanges = std::sync::Mutex::new(crate::limits::Buckets::new(
+            crate::limits::Rate {
+                per_s: cfg.exchange.per_user_per_s,
+                burst: cfg.exchange.per_user_burst,
+            },
+            MAX_RATED_USERS,
+        ));
         let h = hsm.clone();
         let hsm_pool = Pool::start("hsm", cfg.hsm.workers, cfg.hsm.queue, move |_| {
             HsmWorker::new(h.clone(), keys)
@@ -183,6 +200,7 @@ impl Broker {
             cfg,
             tls,
             auth,
+            exchanges,
             hsm_pool,
             hsm,
             markets,
