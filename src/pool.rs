@@ -351,7 +351,10 @@ mod tests {
         let busy = futures_util::FutureExt::now_or_never(pool.run(1, |_| ()));
         assert_eq!(busy, Some(Err(PoolError::Busy)));
         gate_tx.send(()).unwrap();
-        let order = (0..4).map(|_| done_rx.recv().unwrap()).last().unwrap();
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order = done_rx.recv().unwrap();
+        }
         // Key 2 went second, not behind key 1's backlog.
         assert_eq!(order, vec![1, 2, 1, 1]);
     }

@@ -214,7 +214,7 @@ fn refuse(core: &Core, source: Source, peer: Option<std::net::SocketAddr>, reaso
     let now = crate::limits::mono_ms();
     if let Some(suppressed) = core.sources.log_refusal(source, reason, now) {
         let peer = peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-        tracing::warn!(peer, reason, suppressed, "TLS handshake refused");
+        tracing::warn!(peer = %peer, reason, suppressed, "TLS handshake refused");
     }
 }
 

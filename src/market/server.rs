@@ -282,7 +282,7 @@ async fn serve_direct(state: &MarketState, sources: &Rc<Sources>, mut sock: TcpS
         Err(why) => {
             if let Some(suppressed) = sources.log_refusal(source, why.reason(), now) {
                 tracing::warn!(
-                    peer,
+                    peer = %peer,
                     reason = why.reason(),
                     suppressed,
                     "direct connection refused"

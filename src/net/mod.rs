@@ -85,3 +85,152 @@ where
         .detach();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use compio::BufResult;
+    use compio::io::{AsyncRead, AsyncWriteExt};
+    use std::cell::Cell;
+    use std::io::{BufRead, Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::process::{Child, Command, Stdio};
+    use std::rc::Rc;
+    use std::time::{Duration, Instant};
+
+    const CHILD: &str = "KEYBROKER_TEST_EMFILE_CHILD";
+    const NAME: &str = "net::tests::accept_out_of_descriptors_pauses_and_logs_once_a_second";
+
+    /// The child process: an accept loop with 64 descriptors, each
+    /// connection echoing one byte and held until its peer closes.
+    fn child() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(64),
+                maximum: hard,
+            },
+        )
+        .unwrap();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        println!("port {}", l.local_addr().unwrap().port());
+        std::io::stdout().flush().unwrap();
+        let rt = compio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let l = compio::net::TcpListener::from_std(l).unwrap();
+            super::accept_loop(l, Rc::new(Cell::new(0)), 100_000, |mut s| async move {
+                let BufResult(r, b) = s.read(Vec::with_capacity(1)).await;
+                if matches!(r, Ok(n) if n > 0) {
+                    let _ = s.write_all(b).await;
+                }
+                let _ = s.read(Vec::with_capacity(1)).await;
+            })
+            .await;
+        });
+    }
+
+    struct Kill(Child);
+
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn cpu_s(pid: u32) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
+    }
+
+    #[test]
+    fn accept_out_of_descriptors_pauses_and_logs_once_a_second() {
+        if std::env::var_os(CHILD).is_some() {
+            return child();
+        }
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut c = Kill(
+            Command::new(std::env::current_exe().unwrap())
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .stdout(Stdio::piped())
+                .stderr(log.reopen().unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = c.0.id();
+        let port = std::io::BufReader::new(c.0.stdout.take().unwrap())
+            .lines()
+            // After libtest's "test NAME ... " on the same line.
+            .find_map(|l| l.ok()?.split("port ").nth(1)?.trim().parse::<u16>().ok())
+            .expect("the child's port");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Four times its descriptors, held: accept fails with EMFILE.
+        let flood: Vec<TcpStream> = (0..256)
+            .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(20)).ok())
+            .collect();
+        let logged = || std::fs::read_to_string(log.path()).unwrap();
+        let (cpu0, t0, before) = (cpu_s(pid), Instant::now(), logged().len());
+        std::thread::sleep(Duration::from_secs(2));
+        let cpu = (cpu_s(pid) - cpu0) / t0.elapsed().as_secs_f64();
+        let text = logged()[before..].to_owned();
+        drop(flood);
+        // Once they let go (and the backlog of their closed connections,
+        // which dropped new SYNs while full, is drained), a connection is
+        // served at once.
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut echo = [0u8; 1];
+        s.read_exact(&mut echo).unwrap();
+        let served = started.elapsed();
+        drop(c);
+        let failed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("accept failed"))
+            .collect();
+        let suppressed: u64 = failed
+            .iter()
+            .filter_map(|l| {
+                l.split("suppressed=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        eprintln!(
+            "EMFILE: {:.1}% of a core, {} lines ({suppressed} held back), served in {served:?}",
+            cpu * 100.0,
+            failed.len()
+        );
+        assert!(
+            cpu < 0.2,
+            "the accept loop used {:.0}% of a core",
+            cpu * 100.0
+        );
+        assert!(
+            !failed.is_empty() && failed[0].contains("Too many open files"),
+            "{text}"
+        );
+        assert!(
+            failed.len() <= 4,
+            "{} accept-failed lines in 2 s",
+            failed.len()
+        );
+        assert!(suppressed > 0, "nothing was held back: did it pause?");
+        assert!(served < Duration::from_secs(1), "served in {served:?}");
+    }
+}

@@ -26,7 +26,8 @@
 //!
 //! The limits are per core: a source's connections spread over the cores
 //! can hold `cores × max_pending`. Sharing one table between cores would
-//! put a lock on every accept for a factor of the core count.
+//! put a lock on every accept for a factor of the core count. The refusal
+//! log lines are throttled for the whole process.
 
 use crate::limits::{Buckets, Rate};
 use crate::logs::KeyedThrottle;
@@ -34,6 +35,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::rc::Rc;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 /// Tokens a timed-out handshake takes from its source, on top of the one
@@ -108,8 +110,13 @@ pub struct Sources {
     limits: SourceLimits,
     pending: RefCell<HashMap<Source, u32>>,
     rate: RefCell<Buckets<Source>>,
-    logs: RefCell<KeyedThrottle<(Source, &'static str)>>,
 }
+
+/// Refusal log lines, one per source and reason per interval, for the
+/// whole process: a scan spread over the cores still shows once. Taken
+/// only to log a refusal, for a map operation.
+static REFUSALS: LazyLock<Mutex<KeyedThrottle<(Source, &'static str)>>> =
+    LazyLock::new(|| Mutex::new(KeyedThrottle::new(LOG_EVERY, LOG_SOURCES)));
 
 impl Sources {
     pub fn new(limits: SourceLimits) -> Rc<Self> {
@@ -117,7 +124,6 @@ impl Sources {
             limits,
             pending: RefCell::default(),
             rate: RefCell::new(Buckets::new(limits.rate, MAX_TRACKED)),
-            logs: RefCell::new(KeyedThrottle::new(LOG_EVERY, LOG_SOURCES)),
         })
     }
 
@@ -144,7 +150,10 @@ impl Sources {
     /// Whether to log a refusal of `source` for `reason` now: `Some(n)`
     /// with the number held back since the last line.
     pub fn log_refusal(&self, source: Source, reason: &'static str, now_ms: u64) -> Option<u64> {
-        self.logs.borrow_mut().pass((source, reason), now_ms)
+        REFUSALS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pass((source, reason), now_ms)
     }
 
     fn release(&self, source: Source) {

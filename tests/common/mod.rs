@@ -153,15 +153,36 @@ impl Env {
 
     /// Starts the broker at debug log level, its log written to `log`.
     pub fn broker_logging(&self, log: Option<&Path>) -> Broker {
+        self.broker_with(log.map(|p| (p, "debug")), None)
+    }
+
+    /// Starts the broker with its log at `level` written to a file, and its
+    /// descriptor limit (soft and hard) set to `nofile` before it runs.
+    pub fn broker_with(&self, log: Option<(&Path, &str)>, nofile: Option<u64>) -> Broker {
         let mut cmd = self.cmd(&["serve"]);
         cmd.stdout(Stdio::piped());
         match log {
-            Some(p) => {
-                cmd.env("RUST_LOG", "debug")
+            Some((p, level)) => {
+                cmd.env("RUST_LOG", level)
                     .stderr(std::fs::File::create(p).unwrap());
             }
             None => {
                 cmd.stderr(Stdio::inherit());
+            }
+        }
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = rustix::process::Rlimit {
+                current: Some(n),
+                maximum: Some(n),
+            };
+            // SAFETY: setrlimit is one system call, safe between fork and exec.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(move || {
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, lim)
+                        .map_err(std::io::Error::from)
+                });
             }
         }
         let mut child = cmd.spawn().expect("spawn broker");
