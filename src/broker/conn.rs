@@ -403,6 +403,10 @@ async fn serve(core: &Core, mut stream: TcpStream) {
     }
 }
 
+/// Exchanges refused over their user's rate, logged once a second.
+static OVER_RATE: crate::logs::Throttle =
+    crate::logs::Throttle::new(std::time::Duration::from_secs(1));
+
 /// Runs a closure when dropped, so a gauge comes back down on every path.
 struct Defer<F: FnMut()>(F);
 
@@ -457,10 +461,16 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
             } => {
                 let r = match (&c.released, shared.exchange_allowed(&user)) {
                     (None, _) => Err(ErrorCode::NotReleased),
-                    (Some(_), Err(ms)) => Err(c.refused(Refused {
-                        code: ErrorCode::Busy,
-                        retry_ms: Some(ms),
-                    })),
+                    (Some(_), Err(ms)) => {
+                        // Not an exchange: one line a second for them all.
+                        if let Some(suppressed) = OVER_RATE.pass() {
+                            tracing::info!(target: "audit", user, peer = %c.peer, suppressed,
+                                "exchanges over the user's rate refused");
+                        }
+                        c.retry_ms = Some(ms);
+                        next = Some(done(c, session, id, Err(ErrorCode::Busy)));
+                        continue;
+                    }
                     (Some(rel), Ok(())) => {
                         exchange::exchange(core, rel, &user, &market, ephemeral, &c.xprime).await
                     }

@@ -28,6 +28,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Refused exchanges, logged once a second with a count: a user flooding
+/// the market must not flood its log too.
+static REFUSED: crate::logs::Throttle = crate::logs::Throttle::new(Duration::from_secs(1));
+
 /// Market-channel connections per core: one per broker core per market.
 const MAX_CHANNELS_PER_CORE: usize = 1024;
 
@@ -231,7 +235,11 @@ async fn serve_channel(state: &MarketState, tls: Arc<ServerConfig>, stream: TcpS
                     let result = state.exchange(r, binding, now);
                     match &result {
                         Ok(_) => tracing::debug!(user = %r.user, request = r.request_id, "exchange accepted"),
-                        Err(code) => tracing::info!(user = %r.user, request = r.request_id, %code, "exchange refused"),
+                        Err(code) => {
+                            if let Some(suppressed) = REFUSED.pass() {
+                                tracing::info!(user = %r.user, request = r.request_id, %code, suppressed, "exchange refused");
+                            }
+                        }
                     }
                     ExchangeReply {
                         request_id: r.request_id,

@@ -219,15 +219,16 @@ mod tests {
         Source::of(Some(s.parse().unwrap()))
     }
 
+    fn sources(max_pending: u32, per_s: u32, burst: u32) -> Rc<Sources> {
+        Sources::new(SourceLimits {
+            max_pending,
+            rate: Rate { per_s, burst },
+        })
+    }
+
     #[test]
     fn a_source_holds_at_most_max_pending_and_others_are_apart() {
-        let s = Sources::new(SourceLimits {
-            max_pending: 2,
-            rate: Rate {
-                per_s: 1000,
-                burst: 1000,
-            },
-        });
+        let s = sources(2, 1000, 1000);
         let a = ip("127.0.0.2");
         let held: Vec<_> = (0..2).map(|_| s.admit(a, 0).unwrap()).collect();
         assert_eq!(s.admit(a, 0).err(), Some(Refused::Pending));
@@ -241,13 +242,7 @@ mod tests {
 
     #[test]
     fn new_connections_are_rate_limited_and_a_timeout_costs_more() {
-        let s = Sources::new(SourceLimits {
-            max_pending: 0,
-            rate: Rate {
-                per_s: 10,
-                burst: 5,
-            },
-        });
+        let s = sources(0, 10, 5);
         let a = ip("10.0.0.1");
         for _ in 0..5 {
             s.admit(a, 0).unwrap().done();
