@@ -3,38 +3,56 @@ DATA      ?= var
 CARGO     ?= cargo
 BIN       := target/release/keybroker
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# System packages: SoftHSM (the test HSM), PKCS#11 and TLS tools, Prometheus
-# (promtool and the server, used by the tests), aiosmtpd (a real SMTP relay for tests),
-# PostgreSQL (tests/wallet_pg.rs starts a throwaway cluster with its binaries), HAProxy (tests/cluster.rs).
-APT_PACKAGES := softhsm2 opensc openssl ca-certificates pkg-config prometheus python3-pip postgresql haproxy
+# System packages. Running needs SoftHSM (the HSM), OpenSSL's tools and
+# pkg-config; the tests also need Prometheus (promtool and the server),
+# pip for aiosmtpd (a real SMTP relay) and noiseprotocol (an independent
+# Noise implementation for the direct channel's vectors), PostgreSQL
+# (tests/wallet_pg.rs starts a throwaway cluster) and HAProxy (tests/cluster.rs).
+RUN_PACKAGES  := softhsm2 opensc openssl ca-certificates pkg-config
+TEST_PACKAGES := $(RUN_PACKAGES) prometheus python3-pip postgresql haproxy
 
-.PHONY: all setup deps build run serve test lint demo bench bench-ledgers fuzz clean
+.PHONY: all setup deps deps-run build build-run run serve test lint demo bench bench-ledgers fuzz clean
 
 all: build
 
-deps:
+define apt_install
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
-	@# For whichever python3 is first on PATH (it may not be Debian's): aiosmtpd,
-	@# a real SMTP relay; noiseprotocol, an independent Noise implementation
-	@# that checks the direct channel's test vectors (docs/vectors/).
+endef
+
+deps-run:
+	$(call apt_install,$(RUN_PACKAGES))
+
+deps:
+	$(call apt_install,$(TEST_PACKAGES))
+	@# For whichever python3 is first on PATH (it may not be Debian's).
 	@python3 -c 'import aiosmtpd, noise' 2>/dev/null || python3 -m pip install -q aiosmtpd noiseprotocol || python3 -m pip install -q --break-system-packages aiosmtpd noiseprotocol
 
 build:
 	$(CARGO) build --release --workspace
 
+# Only the appliance's binary: what `make run` needs.
+build-run:
+	$(CARGO) build --release --bin keybroker
+
 setup: deps build
 
-# Sets up a demo enrolment under $(DATA)/ (idempotent) and serves the
-# access channel on 127.0.0.1:7443.
-run: setup
+# The whole appliance under $(DATA)/, idempotently: the HSM token and CAs,
+# the demo users and terminals, the reference market (its own process, on
+# 127.0.0.1:8443 and 8444, registered with the broker) and a fresh voucher
+# per demo user; then the broker on 127.0.0.1:7443 (admin 9464) in the
+# foreground. demo-enroll prints the commands to try from a second shell.
+# Ctrl-C stops both (the market's log: $(DATA)/market/market.log).
+run: deps-run build-run
 	$(BIN) --data-dir $(DATA) init
 	$(BIN) --data-dir $(DATA) demo-enroll
-	$(BIN) --data-dir $(DATA) serve
+	@$(BIN) market serve --market-config $(DATA)/market/market.toml > $(DATA)/market/market.log 2>&1 & market=$$!; \
+	trap 'kill $$market 2>/dev/null; wait $$market 2>/dev/null' EXIT INT TERM; \
+	$(BIN) --config $(DATA)/keybroker.toml --data-dir $(DATA) serve
 
 test: deps
 	$(CARGO) test --workspace --all-targets

@@ -136,6 +136,12 @@ pub struct ExchangeConfig {
     pub per_user_per_s: u32,
     /// Exchanges a user may save up for a burst. 1..=100000; default 200.
     pub per_user_burst: u32,
+    /// An idle market channel is pinged this often, ms; a ping unanswered
+    /// within `market_timeout_ms` marks the market down and reconnects.
+    /// Keep it below the market's `idle_timeout_ms` (60000 for the
+    /// reference market). 100..=600000; default 15000. Cost: one small
+    /// frame each way per interval per core per market.
+    pub keepalive_ms: u64,
 }
 
 impl Default for ExchangeConfig {
@@ -150,6 +156,7 @@ impl Default for ExchangeConfig {
             queue: 4096,
             per_user_per_s: 50,
             per_user_burst: 200,
+            keepalive_ms: 15_000,
         }
     }
 }
@@ -215,8 +222,17 @@ pub struct BrokerConfig {
     /// Lifetime of the in-memory TLS key's certificate, hours. Default 24.
     pub tls_cert_hours: u64,
     /// Session-ticket key period, hours (keys derive from the HSM's
-    /// kb-ticket-key, so every node sharing the HSM accepts the tickets). Default 12.
+    /// kb-ticket-key, so every node sharing the HSM accepts the tickets),
+    /// and the longest a ticket lives. Default 12.
     pub ticket_hours: u64,
+    /// How long a session ticket resumes, seconds: advertised to the
+    /// terminal and checked against the issue time sealed in the ticket.
+    /// 1..=ticket_hours × 3600; default the whole period.
+    pub ticket_lifetime_s: Option<u64>,
+    /// Tickets remembered as used, so each resumes once on this node
+    /// (broker/tickets.rs). Full, the oldest are refused early. Default 1048576
+    /// (about 20 MB).
+    pub ticket_replay_entries: usize,
     /// Expect a PROXY protocol v2 header (HAProxy `send-proxy-v2`) first
     /// on every connection. Default false.
     pub proxy_protocol: bool,
@@ -303,11 +319,20 @@ impl Default for BrokerConfig {
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             tls_cert_hours: 24,
             ticket_hours: 12,
+            ticket_lifetime_s: None,
+            ticket_replay_entries: 1 << 20,
             proxy_protocol: false,
             max_pending_per_source: 64,
             handshakes_per_source_per_s: 200,
             handshake_burst_per_source: 400,
         }
+    }
+}
+
+impl BrokerConfig {
+    /// Session-ticket lifetime, seconds.
+    pub fn ticket_lifetime(&self) -> u64 {
+        self.ticket_lifetime_s.unwrap_or(self.ticket_hours * 3600)
     }
 }
 
@@ -344,6 +369,25 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The sections of `self` that differ from `other`'s: what a reload
+    /// found changed.
+    pub fn changed_sections(&self, other: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut diff = |name, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+            if format!("{a:?}") != format!("{b:?}") {
+                out.push(name);
+            }
+        };
+        diff("data_dir", &self.data_dir, &other.data_dir);
+        diff("hsm", &self.hsm, &other.hsm);
+        diff("broker", &self.broker, &other.broker);
+        diff("auth", &self.auth, &other.auth);
+        diff("exchange", &self.exchange, &other.exchange);
+        diff("admin", &self.admin, &other.admin);
+        diff("wallet", &self.wallet, &other.wallet);
+        out
+    }
+
     pub fn validate(&self) -> Result<()> {
         let b = &self.broker;
         if !(64..=1 << 20).contains(&b.max_frame) {
@@ -357,6 +401,14 @@ impl Config {
         }
         if !(1..=24 * 7).contains(&b.ticket_hours) {
             bail!("broker.ticket_hours must be 1..=168");
+        }
+        if b.ticket_lifetime_s
+            .is_some_and(|s| !(1..=b.ticket_hours * 3600).contains(&s))
+        {
+            bail!("broker.ticket_lifetime_s must be 1..=ticket_hours * 3600");
+        }
+        if !(1..=1 << 28).contains(&b.ticket_replay_entries) {
+            bail!("broker.ticket_replay_entries must be 1..=268435456");
         }
         if !(1..=24 * 30).contains(&b.tls_cert_hours) {
             bail!("broker.tls_cert_hours must be 1..=720");
@@ -404,6 +456,9 @@ impl Config {
             bail!(
                 "exchange timeouts and queue must be positive, reconnect_max_ms >= reconnect_min_ms"
             );
+        }
+        if !(100..=600_000).contains(&x.keepalive_ms) {
+            bail!("exchange.keepalive_ms must be 100..=600000");
         }
         Ok(())
     }
@@ -460,6 +515,15 @@ mod tests {
         assert!(toml::from_str::<Config>("pin = \"1234\"").is_err());
         let mut c = Config::default();
         c.broker.max_frame = 10;
+        assert!(c.validate().is_err());
+        // A ticket may not outlive its key period (broker/tickets.rs).
+        let mut c = Config::default();
+        assert_eq!(c.broker.ticket_lifetime(), 12 * 3600);
+        c.broker.ticket_lifetime_s = Some(12 * 3600 + 1);
+        assert!(c.validate().is_err());
+        c.broker.ticket_lifetime_s = Some(2);
+        c.validate().unwrap();
+        c.broker.ticket_replay_entries = 0;
         assert!(c.validate().is_err());
     }
 

@@ -21,6 +21,11 @@ use anyhow::{Context, Result, bail};
 use std::time::Duration;
 
 pub const DEMO_USERS: [&str; 2] = ["alice", "bob"];
+/// The reference market `make run` starts beside the broker, on fixed
+/// loopback ports (the broker's are fixed too: 7443, 9464).
+pub const RUN_MARKET: &str = "m1";
+const RUN_MARKET_LISTEN: &str = "127.0.0.1:8443";
+const RUN_MARKET_DIRECT: &str = "127.0.0.1:8444";
 const MARKET: &str = "demo-market";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -46,6 +51,77 @@ fn issuer(cfg: &Config) -> Result<std::path::PathBuf> {
         std::fs::write(dir.join("issuer.pub"), public)?;
     }
     Ok(std::fs::canonicalize(dir)?)
+}
+
+/// What `make run` needs beside the demo users, idempotently: the reference
+/// market's keys and config under `<data>/market/`, registered with the
+/// broker; the voucher issuer and a fresh 50 EUR voucher per demo user
+/// (`<data>/demo/<user>/voucher.bin`, single use: each run makes a new
+/// one); and `<data>/keybroker.toml`, which names the issuer. Returns the
+/// market's config file.
+pub fn prepare_run(cfg: &Config, store: &Store) -> Result<std::path::PathBuf> {
+    let dir = cfg.data_dir.join("market");
+    let market_config = market::setup::init(&market::setup::InitArgs {
+        dir: &dir,
+        id: RUN_MARKET,
+        broker_pki: &cfg.pki_dir(),
+        listen: RUN_MARKET_LISTEN,
+        direct_listen: RUN_MARKET_DIRECT,
+        allowed_users: &["*".to_owned()],
+    })?;
+    if !store.market_list()?.iter().any(|m| m.id == RUN_MARKET) {
+        crate::enroll::market_add(
+            store,
+            RUN_MARKET,
+            RUN_MARKET_LISTEN,
+            &dir.join("market-ca.crt"),
+        )?;
+    }
+    let issuer = issuer(cfg)?;
+    let key = zeroize::Zeroizing::new(wallet::voucher::pem_der(
+        &std::fs::read_to_string(issuer.join("issuer.key"))?,
+        "PRIVATE KEY",
+    )?);
+    for user in DEMO_USERS {
+        let (_, voucher) = wallet::voucher::issue(
+            &key,
+            user,
+            wallet::Amount::new(5_000, "EUR")?,
+            wallet::now_ms() + 30 * 86_400_000,
+        )?;
+        crate::enroll::write_private(
+            &cfg.data_dir.join("demo").join(user).join("voucher.bin"),
+            &voucher,
+        )?;
+    }
+    let config = cfg.data_dir.join("keybroker.toml");
+    if !config.exists() {
+        crate::enroll::write_private(
+            &config,
+            b"# Written by `keybroker demo-enroll` for `make run`; see ops/keybroker.example.toml.\n\
+              # The data directory comes from --data-dir.\n\
+              [wallet]\nvoucher_issuer = \"demo/issuer/issuer.pub\"\n",
+        )?;
+    }
+    Ok(market_config)
+}
+
+/// The commands `make run` prints, for a second shell: each works against
+/// the running appliance.
+pub fn try_it(data_dir: &std::path::Path) -> String {
+    let d = data_dir.display();
+    format!(
+        "Try it from a second shell (the appliance is {d}/: broker 127.0.0.1:7443, market {RUN_MARKET} at {RUN_MARKET_LISTEN}):\n\n\
+         KB=target/release/keybroker; D={d}/demo/alice\n\
+         S=\"--dir $D --user alice --access-password-file $D/access.pw --release-password-file $D/release.pw\"\n\
+         $KB terminal exchange $S --market {RUN_MARKET} --request 'hello market'\n\
+         $KB terminal topup $S --voucher $D/voucher.bin\n\
+         $KB terminal purchase $S --market {RUN_MARKET} --amount 1200 --order-ref 'try it' --idempotency-key \"try-$(date +%s)\" | tee $D/purchase.txt\n\
+         $KB terminal cancel $S --market {RUN_MARKET} --decision \"$(awk '/^decision/ {{print $2}}' $D/purchase.txt | tr -d :)\"\n\
+         $KB --data-dir {d} wallet balance alice\n\
+         $KB --data-dir {d} wallet history alice\n\
+         $KB --data-dir {d} status\n"
+    )
 }
 
 /// Top-up with a fresh voucher, a purchase whose receipt the market

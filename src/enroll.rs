@@ -236,9 +236,22 @@ pub fn user_add(
     })
 }
 
+/// How long a terminal certificate is valid unless enrolment says otherwise.
+pub const TERMINAL_LIFETIME: Duration = Duration::from_secs(365 * 86400);
+
 /// `keybroker terminal enroll`: writes `terminal.key`, `terminal.crt` and
 /// `broker-ca.crt` into `out`. Returns the terminal's serial.
 pub fn terminal_enroll(admin: &Admin, user: &str, out: &Path) -> Result<String> {
+    terminal_enroll_for(admin, user, out, TERMINAL_LIFETIME)
+}
+
+/// As [`terminal_enroll`], the certificate valid for `lifetime`.
+pub fn terminal_enroll_for(
+    admin: &Admin,
+    user: &str,
+    out: &Path,
+    lifetime: Duration,
+) -> Result<String> {
     if admin.store.user_get(user)?.is_none() {
         bail!("no user {user}");
     }
@@ -251,7 +264,7 @@ pub fn terminal_enroll(admin: &Admin, user: &str, out: &Path) -> Result<String> 
         &format!("terminal {serial} of {user}"),
         &[],
         Usage::TlsClient,
-        Duration::from_secs(365 * 86400),
+        lifetime,
         &key,
     )?;
     admin
@@ -271,6 +284,11 @@ pub fn terminal_enroll(admin: &Admin, user: &str, out: &Path) -> Result<String> 
 /// `keybroker market add`.
 pub fn market_add(store: &Store, id: &str, endpoint: &str, ca_file: &Path) -> Result<()> {
     check_id("market", id)?;
+    if store.market_list()?.iter().any(|m| m.id == id) {
+        bail!(
+            "market {id} is registered already (`keybroker market remove {id}` first to replace it)"
+        );
+    }
     endpoint
         .rsplit_once(':')
         .and_then(|(h, p)| (!h.is_empty()).then_some(p))
@@ -279,7 +297,7 @@ pub fn market_add(store: &Store, id: &str, endpoint: &str, ca_file: &Path) -> Re
     let ca_pem = std::fs::read_to_string(ca_file)
         .with_context(|| format!("reading {}", ca_file.display()))?;
     let der = pki::read_cert_pem(&ca_pem)?;
-    x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("market CA: {e}"))?;
+    pki::check_ca(&der, rustls::pki_types::UnixTime::now()).context("market CA")?;
     store.market_add(&MarketRecord {
         id: id.into(),
         endpoint: endpoint.into(),

@@ -7,7 +7,7 @@
 //! T = SHA-256(preimage)            signed by the user's home-card key (ECDSA P-256)
 //! Z = ECDH(requester ephemeral, market ephemeral), both in `group`
 //! X = HMAC-SHA256(key = Z, "keybroker X v1" ‖ T ‖ market ephemeral)
-//! wrapped X = AES-KWP(key = X', X)  (RFC 5649)
+//! wrapped X = AES-KWP(key = X'wrap, X)  (RFC 5649)
 //! ```
 //!
 //! SoftHSM can compute X with Z inside it (`ECDH1_DERIVE` to a generic
@@ -214,12 +214,40 @@ pub struct Ephemeral {
 impl Ephemeral {
     pub fn generate(group: Group) -> Self {
         let key = PrivateKey::generate(group.algorithm()).expect("ephemeral key generation");
+        Self::with_key(group, key)
+    }
+
+    /// A fixed key, for test vectors only: a real exchange's ephemeral key
+    /// must be fresh. `private` is the group's private key encoding (P-256:
+    /// the 32-byte big-endian scalar; X25519: the 32 bytes of RFC 7748).
+    /// `None` if it is not a valid key of the group.
+    pub fn from_private_bytes_for_vectors(group: Group, private: &[u8]) -> Option<Self> {
+        let key = PrivateKey::from_private_key(group.algorithm(), private).ok()?;
+        Some(Self::with_key(group, key))
+    }
+
+    fn with_key(group: Group, key: PrivateKey) -> Self {
         let public = Point::new(
             group,
             key.compute_public_key().expect("public key").as_ref(),
         )
         .expect("a public key of the group's length");
         Self { key, public }
+    }
+
+    /// Runs `f` on Z, the ECDH secret with the peer's key; `None` if the
+    /// peer's key is not a valid one of this key's group.
+    fn agree<R>(&self, peer: &Point, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        if peer.group() != self.public.group() {
+            return None;
+        }
+        agreement::agree(
+            &self.key,
+            UnparsedPublicKey::new(self.public.group().algorithm(), peer.as_bytes()),
+            (),
+            |z| Ok(f(z)),
+        )
+        .ok()
     }
 
     /// X with the peer's ephemeral key; `None` if the peer's key is not a
@@ -230,22 +258,19 @@ impl Ephemeral {
         t: &[u8; 32],
         market_ephemeral: &Point,
     ) -> Option<Zeroizing<[u8; 32]>> {
-        if peer.group() != self.public.group() {
-            return None;
-        }
-        agreement::agree(
-            &self.key,
-            UnparsedPublicKey::new(self.public.group().algorithm(), peer.as_bytes()),
-            (),
-            |z| Ok(derive_x(z, t, market_ephemeral)),
-        )
-        .ok()
+        self.agree(peer, |z| derive_x(z, t, market_ephemeral))
+    }
+
+    /// Z itself, for test vectors only: the exchange never needs it
+    /// outside [`Ephemeral::x`].
+    pub fn shared_secret_for_vectors(&self, peer: &Point) -> Option<Zeroizing<Vec<u8>>> {
+        self.agree(peer, |z| Zeroizing::new(z.to_vec()))
     }
 }
 
-/// Wraps X under X' (RFC 5649).
-pub fn wrap(xprime: &[u8; 32], x: &[u8; 32]) -> [u8; WRAPPED_LEN] {
-    let kek = KeyEncryptionKey::new(&AES_256, xprime).expect("AES-256 key");
+/// Wraps X under X'wrap, the connection's wrap key (RFC 5649).
+pub fn wrap(wrap_key: &[u8; 32], x: &[u8; 32]) -> [u8; WRAPPED_LEN] {
+    let kek = KeyEncryptionKey::new(&AES_256, wrap_key).expect("AES-256 key");
     let mut out = [0u8; WRAPPED_LEN + 8];
     let n = kek
         .wrap_with_padding(x, &mut out)
@@ -255,9 +280,9 @@ pub fn wrap(xprime: &[u8; 32], x: &[u8; 32]) -> [u8; WRAPPED_LEN] {
     out[..WRAPPED_LEN].try_into().expect("40 bytes")
 }
 
-/// Unwraps X; `None` if the integrity check fails (wrong X').
-pub fn unwrap(xprime: &[u8; 32], wrapped: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
-    let kek = KeyEncryptionKey::new(&AES_256, xprime).ok()?;
+/// Unwraps X; `None` if the integrity check fails (another wrap key).
+pub fn unwrap(wrap_key: &[u8; 32], wrapped: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+    let kek = KeyEncryptionKey::new(&AES_256, wrap_key).ok()?;
     let mut out = Zeroizing::new([0u8; WRAPPED_LEN]);
     let x = kek.unwrap_with_padding(wrapped, &mut out[..]).ok()?;
     Some(Zeroizing::new(x.try_into().ok()?))

@@ -30,6 +30,7 @@ pub mod pki;
 pub mod pool;
 pub mod proto;
 pub mod receipt;
+pub mod status;
 pub mod store;
 pub mod terminal;
 pub mod wallet;

@@ -40,6 +40,13 @@ enum Cmd {
     Demo,
     /// Enrol demo users and terminals under <data dir>/demo (idempotent).
     DemoEnroll,
+    /// Whether the running appliance is healthy: HSM, market links,
+    /// sessions, mail queue (read-only, from the admin port). Exits 1 if not.
+    Status {
+        /// The admin address, when the config's is port 0 or another node's.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     #[command(subcommand)]
     User(UserCmd),
     #[command(subcommand)]
@@ -119,6 +126,9 @@ enum TerminalCmd {
         user: String,
         #[arg(long)]
         out: PathBuf,
+        /// Certificate lifetime, seconds (default one year).
+        #[arg(long, default_value_t = enroll::TERMINAL_LIFETIME.as_secs())]
+        valid_s: u64,
     },
     List {
         #[arg(long)]
@@ -310,6 +320,45 @@ fn stop_on_signals(logs: std::sync::Arc<keybroker::logs::Logs>) -> Result<()> {
     Ok(())
 }
 
+/// SIGHUP (`systemctl reload`): the registry's markets are re-read at
+/// once (users and terminals are read at every login), and the config
+/// file is checked again. A file that no longer loads is refused, with the
+/// reason in the log, and the running config stays; the sections that
+/// changed are named, and take effect at the next restart.
+fn reload_on_sighup(
+    reload_registries: impl Fn() + Send + 'static,
+    config: Option<std::path::PathBuf>,
+    data_dir: Option<std::path::PathBuf>,
+    running: Config,
+) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                reload_registries();
+                match Config::load(config.as_deref(), data_dir.as_deref()) {
+                    Ok(new) => {
+                        let changed = running.changed_sections(&new);
+                        if changed.is_empty() {
+                            tracing::info!("SIGHUP: registries re-read; the config file is unchanged");
+                        } else {
+                            tracing::warn!(
+                                sections = %changed.join(","),
+                                "SIGHUP: registries re-read; the config file changed in these sections, which take effect at the next restart"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "SIGHUP: the config file is refused; the running config stays"
+                    ),
+                }
+            }
+        })?;
+    Ok(())
+}
+
 fn main() {
     // Owner-only, whatever the caller's umask: the data directory holds
     // password hashes, balances, PINs and the token (keybroker::fsmode).
@@ -355,7 +404,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("initialised {}", cfg.data_dir.display());
         }
         Cmd::Serve => {
-            let broker = keybroker::broker::Broker::start(cfg)?;
+            let broker = keybroker::broker::Broker::start(cfg.clone())?;
+            reload_on_sighup(
+                broker.registry_reloader(),
+                cli.config.clone(),
+                cli.data_dir.clone(),
+                cfg,
+            )?;
             // One machine-readable line, so scripts and tests learn the port.
             println!("listening {} admin {}", broker.addr, broker.admin_addr);
             use std::io::Write;
@@ -363,6 +418,11 @@ fn run(cli: Cli) -> Result<()> {
             broker.join();
         }
         Cmd::DemoEnroll => demo_enroll(&cfg)?,
+        Cmd::Status { admin } => {
+            if !keybroker::status::run(&cfg, admin.unwrap_or(cfg.admin.listen))? {
+                std::process::exit(1);
+            }
+        }
         Cmd::Demo => keybroker::demo::run(cfg)?,
         Cmd::User(c) => user(&cfg, c, &mut stdin)?,
         Cmd::Terminal(c) => terminal(&cfg, c, &mut stdin)?,
@@ -414,8 +474,9 @@ fn user(cfg: &Config, c: UserCmd, stdin: &mut dyn BufRead) -> Result<()> {
 
 fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()> {
     match c {
-        TerminalCmd::Enroll { user, out } => {
-            let serial = enroll::terminal_enroll(&Admin::open(cfg)?, &user, &out)?;
+        TerminalCmd::Enroll { user, out, valid_s } => {
+            let lifetime = Duration::from_secs(valid_s.max(1));
+            let serial = enroll::terminal_enroll_for(&Admin::open(cfg)?, &user, &out, lifetime)?;
             println!(
                 "enrolled terminal {serial} for {user} into {}",
                 out.display()
@@ -440,11 +501,10 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
         }
         TerminalCmd::Login { session } => {
             let (t, _) = session.open(stdin)?;
-            let fp =
-                keybroker::crypto::hmac_sha256(t.xprime(), &[b"keybroker x-prime fingerprint"]);
+            // The key confirmation both ends computed (LoginOk), not a key.
             println!(
-                "X' fingerprint (HMAC, not the key): {}",
-                hex::encode(&fp[..8])
+                "X' confirmation (checked): {}",
+                hex::encode(&t.keys().confirm()[..8])
             );
             t.logout()?;
         }
@@ -667,5 +727,12 @@ fn demo_enroll(cfg: &Config) -> Result<()> {
         }
         println!("demo user {user}: terminal files in {}", dir.display());
     }
+    let market = keybroker::demo::prepare_run(cfg, &admin.store)?;
+    println!(
+        "reference market {}: {} (registered)",
+        keybroker::demo::RUN_MARKET,
+        market.display()
+    );
+    println!("\n{}", keybroker::demo::try_it(&cfg.data_dir));
     Ok(())
 }

@@ -83,6 +83,7 @@ pub struct CoreMetrics {
     handshake: Histogram,
     handshake_refused: IntCounterVec,
     errors: IntCounterVec,
+    tickets: IntCounterVec,
     pub connections: IntGauge,
     pub inflight: IntGauge,
 }
@@ -110,6 +111,11 @@ impl CoreMetrics {
             "Typed errors sent to terminals, by code",
             "code",
         );
+        let tickets = counter_vec(
+            "keybroker_session_tickets_total",
+            "TLS session tickets issued, and those offered by result (broker/tickets.rs)",
+            "result",
+        );
         let gauge = |name: &str, help: &str| {
             IntGauge::with_opts(Opts::new(name, help).const_label("core", core))
                 .expect("valid metric")
@@ -127,6 +133,10 @@ impl CoreMetrics {
         for code in crate::proto::ErrorCode::ALL {
             errors.with_label_values(&[code.name()]);
         }
+        tickets.with_label_values(&["issued"]);
+        for v in crate::broker::tickets::Verdict::ALL {
+            tickets.with_label_values(&[v.name()]);
+        }
         for kx in ["software", "hsm", "partial"] {
             exchange.with_label_values(&[kx]);
         }
@@ -137,6 +147,7 @@ impl CoreMetrics {
         reg(Box::new(handshake.clone()));
         reg(Box::new(handshake_refused.clone()));
         reg(Box::new(errors.clone()));
+        reg(Box::new(tickets.clone()));
         reg(Box::new(connections.clone()));
         reg(Box::new(inflight.clone()));
         Self {
@@ -145,6 +156,7 @@ impl CoreMetrics {
             handshake,
             handshake_refused,
             errors,
+            tickets,
             connections,
             inflight,
         }
@@ -195,6 +207,11 @@ pub fn handshake_refused(reason: &'static str) {
 
 pub fn error(code: crate::proto::ErrorCode) {
     local(|m| m.errors.with_label_values(&[code.name()]).inc());
+}
+
+/// A session ticket issued, or one offered and what became of it.
+pub fn ticket(result: &str) {
+    local(|m| m.tickets.with_label_values(&[result]).inc());
 }
 
 static POOL_WAIT: LazyLock<HistogramVec> = LazyLock::new(|| {

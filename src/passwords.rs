@@ -55,4 +55,24 @@ mod tests {
         assert!(!verify(b"wrong", &h));
         assert!(!verify(b"x", "not a hash"));
     }
+
+    /// README, "Password files": trailing CR and LF go, nothing else does.
+    #[test]
+    fn password_files_lose_only_their_trailing_newlines() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |text: &str| {
+            let p = dir.path().join("pw");
+            std::fs::write(&p, text).unwrap();
+            read_secret(p.to_str().unwrap(), &mut std::io::empty()).map(|s| s.to_string())
+        };
+        assert_eq!(read("secret\n").unwrap(), "secret");
+        assert_eq!(read("secret\r\n\n").unwrap(), "secret");
+        assert_eq!(read("secret").unwrap(), "secret");
+        assert_eq!(read(" secret \t\n").unwrap(), " secret \t");
+        assert_eq!(read("se\ncret\n").unwrap(), "se\ncret");
+        assert!(read("\r\n").is_err(), "empty");
+        let mut stdin = &b"first\nsecond\r\n"[..];
+        assert_eq!(*read_secret("-", &mut stdin).unwrap(), "first");
+        assert_eq!(*read_secret("-", &mut stdin).unwrap(), "second");
+    }
 }

@@ -15,14 +15,16 @@ fn login_release_and_xprime_agree() {
     let alice = env.user("alice");
     let b = env.broker();
     let mut t = released(&b, &alice, "alice");
-    // login() already checked the broker's HMAC(X') against our X'; a
-    // second session must derive a different X'.
-    let x1 = *t.xprime();
+    // login() already checked the broker's confirmation against our
+    // X'confirm; a second session must derive different keys.
+    let (c1, w1) = (t.keys().confirm(), *t.keys().wrap_key());
+    assert_ne!(w1, [0u8; 32]);
+    assert_ne!(c1, w1, "the two X' keys are apart");
     t.ping().unwrap();
     t.logout().unwrap();
     let t2 = released(&b, &alice, "alice");
-    assert_ne!(&x1, t2.xprime());
-    assert_ne!(x1, [0u8; 32]);
+    assert_ne!(c1, t2.keys().confirm());
+    assert_ne!(&w1, t2.keys().wrap_key());
 }
 
 #[test]
@@ -93,7 +95,7 @@ fn login_and_release_in_one_flight() {
     // Both answers arrive, in order, and the session is released.
     let mut t = one(&p1, &p2).unwrap();
     t.ping().unwrap();
-    assert_ne!(t.xprime(), &[0u8; 32]);
+    assert_ne!(t.keys().wrap_key(), &[0u8; 32]);
     t.logout().unwrap();
     // A refused login refuses the pipelined release without checking its
     // password: the first refusal is what the terminal sees.
@@ -221,11 +223,15 @@ fn a_right_password_clears_the_failures() {
     t.release(p2.as_bytes()).expect("not locked");
 }
 
-fn expect_error_then_close(t: &mut Terminal, code: ErrorCode) {
-    match t.recv().expect("an error frame").msg {
+/// The next frame is an error `code` answering request `id`; then the
+/// broker closes.
+fn expect_error_then_close(t: &mut Terminal, code: ErrorCode, id: u32) {
+    let f = t.recv().expect("an error frame");
+    match f.msg {
         Message::Error { code: c, .. } => assert_eq!(c, code),
         other => panic!("expected error, got {other:?}"),
     }
+    assert_eq!(f.id, id, "the error echoes the refused frame's id");
     assert!(matches!(
         t.recv(),
         Err(TerminalError::Closed | TerminalError::Io(_))
@@ -241,15 +247,20 @@ fn malformed_and_oversized_frames_close_only_that_connection() {
 
     let mut t = b.connect(&alice);
     t.send_raw(&[0, 0, 0, 5, 0x42, 0, 0, 0, 1]).unwrap(); // unknown type
-    expect_error_then_close(&mut t, ErrorCode::Malformed);
+    expect_error_then_close(&mut t, ErrorCode::Malformed, 1);
 
     let mut t = b.connect(&alice);
-    t.send_raw(&[0, 0, 0, 7, 0x01, 0, 0, 0, 1, 0, 99]).unwrap(); // truncated user
-    expect_error_then_close(&mut t, ErrorCode::Malformed);
+    t.send_raw(&[0, 0, 0, 7, 0x01, 0, 0, 0, 2, 0, 99]).unwrap(); // truncated user
+    expect_error_then_close(&mut t, ErrorCode::Malformed, 2);
 
     let mut t = b.connect(&alice);
-    t.send_raw(&(1u32 << 20).to_be_bytes()).unwrap(); // 1 MiB announced
-    expect_error_then_close(&mut t, ErrorCode::TooLarge);
+    t.send_raw(&[0, 0, 0, 3, 0x01, 0, 0]).unwrap(); // len too short for a header
+    expect_error_then_close(&mut t, ErrorCode::Malformed, 0);
+
+    // 1 MiB announced: refused once the header is in, the body unread.
+    let mut t = b.connect(&alice);
+    t.send_raw(&[0, 0x10, 0, 0, 0x01, 0, 0, 0, 4]).unwrap();
+    expect_error_then_close(&mut t, ErrorCode::TooLarge, 4);
 
     // A broker message sent by a terminal is a state error, not fatal.
     let mut t = b.connect(&alice);
@@ -320,7 +331,7 @@ fn silent_peer_hits_the_idle_timeout() {
     let b = env.broker();
     let mut t = b.connect(&alice);
     // idle_timeout_ms = 3000 in the test config.
-    expect_error_then_close(&mut t, ErrorCode::Timeout);
+    expect_error_then_close(&mut t, ErrorCode::Timeout, 0);
 }
 
 #[test]

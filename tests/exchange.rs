@@ -151,14 +151,26 @@ fn a_users_sessions_share_one_released_key_and_each_proves_the_password() {
 
 #[test]
 fn without_a_linger_the_key_goes_with_the_last_session() {
-    let env = Env::new("[hsm]\nkey_linger_s = 0");
+    assert_eq!(unwraps_across(0, Duration::from_millis(200)), 2.0);
+}
+
+#[test]
+fn a_lingering_key_goes_when_the_linger_has_passed() {
+    // The linger (1 s) plus a sweep (every second at the least).
+    assert_eq!(unwraps_across(1, Duration::from_millis(2500)), 2.0);
+}
+
+/// Unwraps for two sessions of one user, `pause` apart, on a broker with
+/// `hsm.key_linger_s = linger_s`.
+fn unwraps_across(linger_s: u64, pause: Duration) -> f64 {
+    let env = Env::new(&format!("[hsm]\nkey_linger_s = {linger_s}"));
     let alice = env.user("alice");
     let _m = env.market("m1", "alice");
     let b = env.broker();
     released(&b, &alice, "alice").exchange("m1").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(pause);
     released(&b, &alice, "alice").exchange("m1").unwrap();
-    assert_eq!(unwraps(&b), 2.0);
+    unwraps(&b)
 }
 
 /// Home-card keys the broker has unwrapped in the HSM, from `/metrics`.
@@ -278,4 +290,45 @@ fn cli_exchange_in_both_modes_answers_on_the_direct_channel() {
             out.stdout()
         );
     }
+}
+
+#[test]
+fn an_idle_market_link_stays_up_and_a_dead_market_is_seen_without_an_exchange() {
+    let env = Env::new(
+        "[exchange]\nkeepalive_ms = 300\nmarket_timeout_ms = 1000\nreconnect_min_ms = 50\nreconnect_max_ms = 200\n",
+    );
+    let alice = env.user("alice");
+    // The market closes a channel silent for 1 s; the broker pings every 0.3 s.
+    let m = env.market_with("m1", "*", "idle_timeout_ms = 1000\n", None);
+    let b = env.broker();
+    let up = || metric(b.admin, "keybroker_market_up{market=\"m1\"}");
+    let mut t = released(&b, &alice, "alice");
+    t.exchange("m1").expect("first exchange");
+    // Idle for twice the market's idle timeout (under the access channel's
+    // 3 s): the link is still up and the next exchange succeeds first time.
+    std::thread::sleep(Duration::from_millis(2_000));
+    assert_eq!(up(), 2.0, "both cores' links stay up while idle");
+    t.exchange("m1").expect("the exchange after an idle spell");
+
+    // The market dies: market_up falls to 0 within a keepalive interval and
+    // a timeout, with no exchange to notice it.
+    let config = m.config.clone();
+    drop(m);
+    let t0 = Instant::now();
+    wait_until("market_up 0", Duration::from_secs(5), || up() == 0.0);
+    assert!(
+        t0.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        refused(released(&b, &alice, "alice").exchange("m1")),
+        ErrorCode::MarketUnavailable
+    );
+    // Back on the same ports: the broker redials by itself.
+    let _m = env.start_market(&config);
+    wait_until("market_up 2", Duration::from_secs(5), || up() == 2.0);
+    released(&b, &alice, "alice")
+        .exchange("m1")
+        .expect("an exchange after the market came back");
 }

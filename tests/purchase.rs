@@ -216,8 +216,10 @@ fn many_terminals_buying_at_once_never_overdraw() {
         10_000 / 300,
         "every purchase the balance covered succeeds"
     );
+    // A new session: `t` may have idled out (3 s in tests) while the
+    // buyers ran on a loaded machine.
     assert_eq!(
-        t.balance().unwrap(),
+        released(&b, &alice, "alice").balance().unwrap(),
         vec![("EUR".to_owned(), 10_000 - bought * 300)]
     );
     assert!(

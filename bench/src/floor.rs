@@ -146,8 +146,7 @@ fn handshake(
         "resumed = {resumed}, wanted {want_resumed}"
     );
     let t = ThreadTime::now();
-    let mut xp = [0u8; 32];
-    s.export_keying_material(&mut xp, keybroker::proto::XPRIME_LABEL, None)?;
+    std::hint::black_box(keybroker::crypto::AccessKeys::export(&*s)?);
     cpu += t.elapsed();
     Ok(cpu)
 }
@@ -197,7 +196,7 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
     let peer = Ephemeral::generate(Group::X25519);
     let peer_p256 = Ephemeral::generate(Group::P256);
     let t = [9u8; 32];
-    let xprime = [3u8; 32];
+    let wrap_key = [3u8; 32];
     let x = [5u8; 32];
 
     let sign = measure(batch_ms, || {
@@ -217,7 +216,7 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
         None
     });
     let wrap = measure(batch_ms, || {
-        std::hint::black_box(exchange::wrap(&xprime, &x));
+        std::hint::black_box(exchange::wrap(&wrap_key, &x));
         None
     });
     let unwrap_user = measure(batch_ms, || {
@@ -243,11 +242,11 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
     // Terminal share: unwrap X, the direct channel's handshake (the
     // initiator's half) and one sealed record. The market's half of the
     // handshake runs in between, uncounted here, counted in `direct_market`.
-    let wrapped = exchange::wrap(&xprime, &x);
+    let wrapped = exchange::wrap(&wrap_key, &x);
     let sid = [1u8; 16];
     let terminal = measure(batch_ms, || {
         let t0 = ThreadTime::now();
-        let x = exchange::unwrap(&xprime, &wrapped).expect("unwrap");
+        let x = exchange::unwrap(&wrap_key, &wrapped).expect("unwrap");
         let mut hello = Vec::with_capacity(80);
         let init = direct::Initiator::start(&x, sid, &mut hello);
         let mut counted = t0.elapsed();

@@ -13,26 +13,29 @@ use super::exchange::{self, Released};
 use super::link::Link;
 use super::revoke::{Batch, Live};
 use super::{Shared, ms};
+use crate::crypto::AccessKeys;
 use crate::net::sources::{Source, Sources};
 use crate::net::tls_io::TlsIo;
+use crate::proto::ErrorCode;
 use crate::proto::access::{Frame, FrameDecoder, Message, encode};
 use crate::proto::session::{AccessSession, Action};
-use crate::proto::{ErrorCode, XPRIME_LABEL, XPRIME_LEN};
 use compio::net::{TcpListener, TcpStream};
 use rustls::ServerConnection;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use zeroize::Zeroizing;
 
 pub(super) struct Core {
     pub shared: Arc<Shared>,
     /// This core's own HSM session when `hsm.dispatch = "inline"`.
     pub hsm_inline: Option<RefCell<super::HsmWorker>>,
     pub index: usize,
-    /// This core's connection to each market, made on first use.
-    pub links: RefCell<HashMap<String, Link>>,
+    /// This core's connection to each market, with the registration it
+    /// was made for, made on first use.
+    pub links: RefCell<HashMap<String, (Arc<super::link::MarketInfo>, Link)>>,
+    /// The markets' epoch `links` was last checked against.
+    pub links_epoch: Cell<u64>,
     pub next_request: Cell<u64>,
     /// This core's connections, to wake when their terminal is revoked.
     pub live: Rc<Live>,
@@ -63,17 +66,17 @@ pub(super) fn run_core(
             shared,
             index,
             links: RefCell::new(HashMap::new()),
+            links_epoch: Cell::new(0),
             next_request: Cell::new(0),
             live: Rc::new(Live::default()),
             sources: Sources::new(shared_limits),
         });
         compio::runtime::spawn(core.live.clone().listen(revocations)).detach();
         let metrics = crate::metrics::attach_core(index);
-        // Dial every market now, so the first exchanges find the link up
-        // and `keybroker_market_up` tells the truth from the start.
-        for id in core.shared.markets.keys() {
-            let _ = core.link(id);
-        }
+        // Dial every market now, and each one added later within a poll,
+        // so exchanges find the link up and `keybroker_market_up` tells the
+        // truth from the start.
+        compio::runtime::spawn(core.clone().follow_markets()).detach();
         let max = core.shared.cfg.broker.max_connections_per_core;
         let live = Rc::new(Cell::new(0));
         crate::net::accept_loop(listener, live, max, move |stream| {
@@ -93,18 +96,44 @@ pub(super) fn run_core(
 impl Core {
     /// This core's link to `market`, started on first use.
     pub fn link(&self, market: &str) -> Result<Link, ErrorCode> {
-        if let Some(l) = self.links.borrow().get(market) {
+        self.sync_links();
+        if let Some((_, l)) = self.links.borrow().get(market) {
             return Ok(l.clone());
         }
         let info = self
             .shared
             .markets
             .get(market)
-            .ok_or(ErrorCode::UnknownMarket)?
-            .clone();
-        let l = Link::spawn(info, self.shared.cfg.exchange.clone());
-        self.links.borrow_mut().insert(market.to_owned(), l.clone());
+            .ok_or(ErrorCode::UnknownMarket)?;
+        let l = Link::spawn(info.clone(), self.shared.cfg.exchange.clone());
+        self.links
+            .borrow_mut()
+            .insert(market.to_owned(), (info, l.clone()));
         Ok(l)
+    }
+
+    /// Drops the links of markets removed or changed in the registry since
+    /// this core last looked (one atomic load when nothing changed).
+    fn sync_links(&self) {
+        let epoch = self.shared.markets.epoch();
+        if self.links_epoch.replace(epoch) == epoch {
+            return;
+        }
+        let now = self.shared.markets.snapshot();
+        self.links
+            .borrow_mut()
+            .retain(|id, (info, _)| now.get(id).is_some_and(|n| Arc::ptr_eq(n, info)));
+    }
+
+    /// Keeps a link up to every registered market, and none to a removed one.
+    async fn follow_markets(self: Rc<Self>) {
+        loop {
+            self.sync_links();
+            for id in self.shared.markets.snapshot().keys() {
+                let _ = self.link(id);
+            }
+            compio::time::sleep(super::markets::POLL).await;
+        }
     }
 
     /// A request id unique across cores and connections of this process.
@@ -119,7 +148,8 @@ struct Conn {
     io: TlsIo<ServerConnection>,
     out: Vec<u8>,
     fingerprint: [u8; 32],
-    xprime: Zeroizing<[u8; XPRIME_LEN]>,
+    /// X': the confirmation went into the session; the wrap key is kept.
+    keys: AccessKeys,
     released: Option<Released>,
     /// The terminal's address (from the PROXY header behind HAProxy),
     /// formatted once for the connection's audit lines.
@@ -296,22 +326,19 @@ async fn serve(core: &Core, mut stream: TcpStream) {
     else {
         return; // rustls already required a client certificate
     };
-    let mut xprime = Zeroizing::new([0u8; XPRIME_LEN]);
-    if io
-        .conn
-        .export_keying_material(&mut *xprime, XPRIME_LABEL, None)
-        .is_err()
-    {
+    let Ok(keys) = AccessKeys::export(&*io.conn) else {
         return;
-    }
-    let confirm = crate::crypto::confirm(&*xprime);
-    let mut session = AccessSession::new(confirm);
+    };
+    // A resumption skips the client verifier: the restored certificate's
+    // dates are checked here (broker/tickets.rs).
+    let expired = super::tickets::resumed_past_validity(&io.conn);
+    let mut session = AccessSession::new(keys.confirm());
     let mut decoder = FrameDecoder::new(cfg.max_frame);
     let mut c = Conn {
         io,
         out: Vec::with_capacity(256),
         fingerprint,
-        xprime,
+        keys,
         peer: peer.map_or_else(|| "unknown".into(), |a| a.to_string().into()),
         released: None,
         hold: false,
@@ -319,6 +346,14 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         revocations_seen: 0,
         retry_ms: None,
     };
+    if expired {
+        c.queue(&Frame {
+            id: 0,
+            msg: Message::error(ErrorCode::TerminalRevoked, "terminal certificate expired"),
+        });
+        c.io.close().await;
+        return;
+    }
     let (_registered, mut revoked) = core.live.register(fingerprint);
     let mut buf = vec![0u8; 4096];
     // When the first byte of a still-incomplete frame arrived: a frame must
@@ -347,11 +382,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                     break;
                 }
                 Err(e) => {
-                    let code = e.code();
-                    c.queue(&Frame {
-                        id: 0,
-                        msg: Message::error(code, e.to_string()),
-                    });
+                    c.queue(&e.answer());
                     c.io.close().await;
                     return;
                 }
@@ -392,6 +423,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
                 zeroize::Zeroize::zeroize(&mut buf[..n]);
             }
             Err(_) => {
+                // Silence answers no frame: id 0 (docs/PROTOCOL.md §1.3).
                 c.queue(&Frame {
                     id: 0,
                     msg: Message::error(ErrorCode::Timeout, "idle"),
@@ -472,7 +504,8 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                         continue;
                     }
                     (Some(rel), Ok(())) => {
-                        exchange::exchange(core, rel, &user, &market, ephemeral, &c.xprime).await
+                        exchange::exchange(core, rel, &user, &market, ephemeral, c.keys.wrap_key())
+                            .await
                     }
                 };
                 let mode = if ephemeral.is_some() {

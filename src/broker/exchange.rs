@@ -1,5 +1,5 @@
 //! One brokered exchange on a core: sign in the HSM, batch to the market,
-//! derive X, wrap it under X'.
+//! derive X, wrap it under X'wrap.
 //!
 //! ```text
 //! kx=software: aws-lc-rs ephemeral ─► HSM: sign T ─► market ─► aws-lc-rs ECDH+HMAC ─► wrap
@@ -136,7 +136,7 @@ pub async fn exchange(
     user: &str,
     market: &str,
     terminal_eph: Option<Point>,
-    xprime: &[u8; 32],
+    wrap_key: &[u8; 32],
 ) -> Result<Message, ErrorCode> {
     let started = Instant::now();
     let shared = &core.shared;
@@ -260,7 +260,7 @@ pub async fn exchange(
             )
         }
     };
-    let wrapped_x = exchange::wrap(xprime, &x);
+    let wrapped_x = exchange::wrap(wrap_key, &x);
     crate::metrics::exchange_done(
         if kx == Kx::Hsm { "hsm" } else { "software" },
         started.elapsed(),

@@ -12,7 +12,9 @@
 //! market is down, new requests fail at once with `market_unavailable`; a
 //! batch in flight when it dies fails with `market_unavailable` (or
 //! `market_timeout` when it went silent) and nothing else. Reconnects back
-//! off exponentially.
+//! off exponentially. An idle channel is pinged every `keepalive_ms`, so a
+//! market that closed it (idle timeout) or died is found and redialled
+//! before an exchange needs it, and `keybroker_market_up` follows.
 
 use crate::config::ExchangeConfig;
 use crate::net::tls_io::TlsIo;
@@ -136,12 +138,16 @@ async fn run(
     let max = Duration::from_millis(cfg.reconnect_max_ms);
     let timeout = Duration::from_millis(cfg.market_timeout_ms);
     let mut backoff = min;
+    // One warning per state change: the first failed dial after the link
+    // was up (or at start), then the retries at debug level.
+    let mut warned = false;
     loop {
         let connected = connect(&info, timeout).await;
         tried.set(true);
         match connected {
             Ok((mut io, binding)) => {
                 tracing::info!(market = %info.id, "market channel up");
+                warned = false;
                 state.set(Some(binding));
                 crate::metrics::market_link(&info.id, true);
                 backoff = min;
@@ -155,8 +161,12 @@ async fn run(
                 }
                 tracing::warn!(market = %info.id, "market channel lost");
             }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(market = %info.id, error = %e, "market unreachable; retrying with backoff (further failures at debug level)")
+            }
             Err(e) => {
-                tracing::warn!(market = %info.id, error = %e, retry_ms = backoff.as_millis() as u64, "market unreachable")
+                tracing::debug!(market = %info.id, error = %e, retry_ms = backoff.as_millis() as u64, "market unreachable")
             }
         }
         // Down: fail whatever still arrives, until the backoff ends.
@@ -188,9 +198,17 @@ async fn serve(
     let mut out = Vec::with_capacity(16 * 1024);
     let mut buf = vec![0u8; 16 * 1024];
     let mut split = Splitter::default();
+    let keepalive = Duration::from_millis(cfg.keepalive_ms);
     loop {
-        let Some(first) = rx.next().await else {
-            return true;
+        let first = match compio::time::timeout(keepalive, rx.next()).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return true,
+            Err(_) => {
+                if !ping(io, &mut split, &mut buf, timeout).await {
+                    return false;
+                }
+                continue;
+            }
         };
         batch.push(first);
         let deadline = Instant::now() + delay;
@@ -245,6 +263,33 @@ async fn serve(
             return false;
         }
         crate::metrics::market_round_trip(started.elapsed());
+    }
+}
+
+/// Pings an idle channel and waits up to `timeout` for the Pong: a market
+/// that closed the channel or died is found now, not by the next exchange.
+async fn ping(
+    io: &mut TlsIo<ClientConnection>,
+    split: &mut Splitter,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> bool {
+    let mut out = Vec::with_capacity(8);
+    market::encode_keepalive(market::TYPE_PING, &mut out);
+    if io.send(&out).await.is_err() {
+        return false;
+    }
+    let until = Instant::now() + timeout;
+    loop {
+        match split.next_frame() {
+            Ok(Some(f)) => return market::is_keepalive(&f, market::TYPE_PONG),
+            Ok(None) => {}
+            Err(_) => return false,
+        }
+        match compio::time::timeout_at(until, io.read_some(buf)).await {
+            Ok(Ok(n)) if n > 0 => split.push(&buf[..n]),
+            _ => return false,
+        }
     }
 }
 

@@ -11,9 +11,10 @@ pub mod auth;
 mod conn;
 mod exchange;
 pub mod link;
+mod markets;
 mod released;
 mod revoke;
-mod tickets;
+pub(crate) mod tickets;
 pub mod tls;
 mod verify_cache;
 mod wallet;
@@ -25,7 +26,6 @@ use crate::store::Store;
 use anyhow::{Context, Result};
 use cryptoki::session::Session;
 use rustls::ServerConfig;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,8 +70,8 @@ pub struct Shared {
     pub exchanges: std::sync::Mutex<crate::limits::Buckets<String>>,
     pub hsm_pool: Pool<HsmWorker>,
     pub hsm: Arc<Hsm>,
-    /// Registered markets, loaded at start.
-    pub markets: HashMap<String, Arc<link::MarketInfo>>,
+    /// Registered markets, kept in step with the registry.
+    pub markets: Arc<markets::Markets>,
     pub ledger: Arc<dyn crate::wallet::Ledger>,
     /// The voucher issuer's public key (SPKI DER), if top-ups are enabled.
     pub voucher_issuer: Option<Vec<u8>>,
@@ -101,6 +101,8 @@ pub struct Broker {
     pub ledger: Arc<dyn crate::wallet::Ledger>,
     /// Drains the notification outbox; stops with the broker.
     _mailer: crate::wallet::mailer::Mailer,
+    /// Wakes the markets watcher (SIGHUP).
+    reload: crossbeam_channel::Sender<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -133,28 +135,18 @@ impl Broker {
         ));
         drop(session);
         certifier.spawn_rotation(hsm.clone(), resolver.clone(), provider.clone());
-        let mut markets = HashMap::new();
-        for m in store.market_list()? {
-            let host = m
-                .endpoint
-                .rsplit_once(':')
-                .map_or(m.endpoint.as_str(), |(h, _)| h);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let info = link::MarketInfo {
-                server_name: rustls::pki_types::ServerName::try_from(host.to_owned())
-                    .with_context(|| format!("market {} endpoint host", m.id))?,
-                client: tls::market_client(provider.clone(), &m.ca_pem, resolver.clone())
-                    .with_context(|| format!("market {} CA", m.id))?,
-                id: m.id.clone(),
-                endpoint: m.endpoint,
-                ca_pem: m.ca_pem,
-            };
-            crate::metrics::market_known(&m.id);
-            markets.insert(m.id, Arc::new(info));
-        }
+        let builder = markets::Builder {
+            provider: provider.clone(),
+            resolver: resolver.clone(),
+        };
+        let markets = Arc::new(markets::Markets::default());
+        let (reload, reloads) = crossbeam_channel::bounded(1);
+        markets::spawn_watcher(cfg.db_path(), markets.clone(), builder, reloads)
+            .context("watching the registry for markets")?;
         drop(store);
-        // Each core links to each market: a descriptor apiece.
-        let links = (cfg.cores() * markets.len()) as u64;
+        // Each core links to each market: a descriptor apiece, for the
+        // markets registered and room for 16 (they can be added live).
+        let links = (cfg.cores() * markets.snapshot().len().max(16)) as u64;
         cfg.broker.max_connections_per_core = crate::net::fds::fit_caps(
             cfg.cores(),
             links,
@@ -164,7 +156,12 @@ impl Broker {
             )],
         )?[0];
         let period = Duration::from_secs(cfg.broker.ticket_hours * 3600);
-        let ticketer = tickets::HsmTicketer::new(&hsm, period)?;
+        let ticketer = tickets::HsmTicketer::new(
+            &hsm,
+            period,
+            cfg.broker.ticket_lifetime(),
+            cfg.broker.ticket_replay_entries,
+        )?;
         spawn_ticket_refresh(hsm.clone(), ticketer.clone(), period);
         let tls = tls::server_config(provider, &terminal_ca, resolver, ticketer)?;
 
@@ -230,8 +227,19 @@ impl Broker {
             admin_addr,
             ledger,
             _mailer: mailer,
+            reload,
             threads,
         })
+    }
+
+    /// A handle that makes the broker re-read the registry's markets now
+    /// rather than at the next poll (SIGHUP). Users and terminals are read
+    /// at every login anyway.
+    pub fn registry_reloader(&self) -> impl Fn() + Send + 'static {
+        let tx = self.reload.clone();
+        move || {
+            let _ = tx.try_send(());
+        }
     }
 
     /// Blocks until every core thread ends (they run until the process exits).

@@ -174,7 +174,8 @@ pub fn server_config(
     cfg.ignore_client_order = true;
     cfg.ticketer = ticketer;
     // One ticket: a terminal resumes one connection at a time, and each
-    // resumption brings a fresh ticket (TLS 1.3 tickets are single use).
+    // resumption brings a fresh ticket (a ticket resumes once on a node:
+    // broker/tickets.rs).
     cfg.send_tls13_tickets = 1;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.max_early_data_size = 0;

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! Purchase ─► ledger (group commit: debit + decision + mail, one transaction) ─► HSM signs receipt
-//! Cancel   ─► market's authorisation verified (cert → market CA, signature) ─► ledger refund
+//! Cancel   ─► market's authorisation verified (cert → market CA by webpki, signature) ─► ledger refund
 //! TopUp    ─► second password (auth pool) ─► voucher verified (issuer key) ─► ledger credit
 //! ```
 
@@ -137,7 +137,7 @@ async fn purchase(
     idempotency_key: String,
 ) -> Result<Message, ErrorCode> {
     let shared = &core.shared;
-    if !shared.markets.contains_key(&market) {
+    if !shared.markets.contains(&market) {
         return Err(ErrorCode::UnknownMarket);
     }
     let amount = Amount::new(amount_minor, currency_str(&currency)?).map_err(|e| code(&e))?;
@@ -180,10 +180,16 @@ async fn purchase(
     })
 }
 
+/// What a market certificate that signs cancellations must be good for:
+/// id-kp-documentSigning (RFC 9336), which `market init` gives the cancel
+/// key's certificate and never its TLS certificate.
+const CANCEL_CERT_USAGE: webpki::KeyUsage =
+    webpki::KeyUsage::required(crate::cancel_auth::EKU_DOCUMENT_SIGNING);
+
 /// The market a cancellation authorisation comes from: its certificate
-/// must chain to that market's registered CA, name it, and carry the
-/// document-signing EKU (so the market's TLS key cannot authorise a
-/// refund). Returns the market id and its public key.
+/// must chain to that market's registered CA (webpki, `pki::verify_issued`),
+/// name it, and carry the document-signing EKU, so the market's TLS key
+/// cannot authorise a refund. Returns the market id and its public key.
 fn authorising_market(shared: &Shared, cert_der: &[u8]) -> Result<(String, Vec<u8>), ErrorCode> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(cert_der).map_err(|_| ErrorCode::BadAuthorisation)?;
@@ -197,21 +203,15 @@ fn authorising_market(shared: &Shared, cert_der: &[u8]) -> Result<(String, Vec<u
         .to_owned();
     let info = shared.markets.get(&id).ok_or(ErrorCode::BadAuthorisation)?;
     let ca_der = crate::pki::read_cert_pem(&info.ca_pem).map_err(|_| ErrorCode::Internal)?;
-    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(|_| ErrorCode::Internal)?;
-    cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| ErrorCode::BadAuthorisation)?;
-    if !cert.validity().is_valid() {
-        return Err(ErrorCode::BadAuthorisation);
-    }
-    let document_signing = cert.extended_key_usage().ok().flatten().is_some_and(|e| {
-        e.value
-            .other
-            .iter()
-            .any(|oid| oid.as_bytes() == crate::cancel_auth::EKU_DOCUMENT_SIGNING)
-    });
-    if !document_signing {
-        return Err(ErrorCode::BadAuthorisation);
-    }
+    let now = rustls::pki_types::UnixTime::now();
+    crate::pki::verify_issued(cert_der, &ca_der, CANCEL_CERT_USAGE, now).map_err(|e| {
+        tracing::info!(
+            market = id,
+            error = format!("{e:#}"),
+            "cancel certificate refused"
+        );
+        ErrorCode::BadAuthorisation
+    })?;
     Ok((id, cert.public_key().subject_public_key.data.to_vec()))
 }
 

@@ -224,6 +224,14 @@ async fn serve_channel(state: &MarketState, tls: Arc<ServerConfig>, stream: TcpS
                 Ok(None) => break,
                 Err(_) => return io.close().await,
             };
+            if market::is_keepalive(&frame, market::TYPE_PING) {
+                out.clear();
+                market::encode_keepalive(market::TYPE_PONG, &mut out);
+                if io.send(&out).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let Ok(reqs) = market::decode_requests(&frame) else {
                 tracing::warn!("malformed batch from the broker; closing");
                 return io.close().await;

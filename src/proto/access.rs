@@ -192,6 +192,32 @@ impl FrameError {
     }
 }
 
+/// A frame that cannot be handled, with the id its answer echoes.
+///
+/// The id is the frame's own whenever its header (`len`, `type`, `id`) was
+/// read, so a terminal that pipelines knows which request was refused; it is
+/// 0 only when the header itself is cut short (`len` < 5).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{error}")]
+pub struct BadFrame {
+    pub id: u32,
+    pub error: FrameError,
+}
+
+impl BadFrame {
+    pub fn code(&self) -> ErrorCode {
+        self.error.code()
+    }
+
+    /// The `Error` frame that answers it; the broker then closes.
+    pub fn answer(&self) -> Frame {
+        Frame {
+            id: self.id,
+            msg: Message::error(self.code(), self.error.to_string()),
+        }
+    }
+}
+
 /// Appends the encoding of `frame` to `out`.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     let start = out.len();
@@ -289,10 +315,24 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
 }
 
 /// Decodes one frame body (`type | id | body`, without the length).
-pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
+pub fn decode_body(body: &[u8]) -> Result<Frame, BadFrame> {
     let mut r = Reader::new(body);
-    let ty = r.u8("type")?;
-    let id = r.u32("id")?;
+    let (ty, id) = match (r.u8("type"), r.u32("id")) {
+        (Ok(ty), Ok(id)) => (ty, id),
+        _ => {
+            return Err(BadFrame {
+                id: 0,
+                error: WireError::Truncated("header").into(),
+            });
+        }
+    };
+    decode_message(ty, r)
+        .map(|msg| Frame { id, msg })
+        .map_err(|error| BadFrame { id, error })
+}
+
+/// The message of type `ty` in the rest of a frame, consumed exactly.
+fn decode_message(ty: u8, mut r: Reader<'_>) -> Result<Message, FrameError> {
     let msg = match ty {
         0x01 => {
             let user = id_str(&mut r, "user")?;
@@ -375,7 +415,7 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         other => return Err(FrameError::UnknownType(other)),
     };
     r.finish()?;
-    Ok(Frame { id, msg })
+    Ok(msg)
 }
 
 /// A non-empty id (user or market) of at most [`MAX_USER`] bytes.
@@ -423,28 +463,49 @@ impl FrameDecoder {
         Some(u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize)
     }
 
+    /// The next frame's id, once its whole header has arrived.
+    fn next_id(&self) -> Option<u32> {
+        let id = self.buf.get(self.start + 5..self.start + HEADER)?;
+        Some(u32::from_be_bytes(id.try_into().expect("4 bytes")))
+    }
+
     /// Whether [`FrameDecoder::next_frame`] would return something now: a
     /// complete frame, or an error.
     pub fn ready(&self) -> bool {
         self.next_len().is_some_and(|len| {
-            len > self.max_frame || len < HEADER - 4 || self.pending() >= 4 + len
+            len < HEADER - 4
+                || (len > self.max_frame && self.pending() >= HEADER)
+                || self.pending() >= 4 + len
         })
     }
 
     /// The next complete frame, `None` if more bytes are needed. A
-    /// [`FrameError`] is final: the stream cannot be resynchronised.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+    /// [`BadFrame`] is final: the stream cannot be resynchronised.
+    ///
+    /// A `len` above the limit is refused as soon as the header is in, so
+    /// the answer can echo the id, and before any of the body is buffered.
+    /// A `len` too short to hold a header is refused at once, with id 0.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, BadFrame> {
         let Some(len) = self.next_len() else {
             return Ok(None);
         };
-        if len > self.max_frame {
-            return Err(FrameError::TooLarge {
-                len,
-                max: self.max_frame,
+        if len < HEADER - 4 {
+            return Err(BadFrame {
+                id: 0,
+                error: WireError::Truncated("header").into(),
             });
         }
-        if len < HEADER - 4 {
-            return Err(WireError::Truncated("header").into());
+        if len > self.max_frame {
+            let Some(id) = self.next_id() else {
+                return Ok(None);
+            };
+            return Err(BadFrame {
+                id,
+                error: FrameError::TooLarge {
+                    len,
+                    max: self.max_frame,
+                },
+            });
         }
         if self.pending() < 4 + len {
             return Ok(None);
@@ -587,33 +648,56 @@ mod tests {
     }
 
     #[test]
-    fn oversized_frame_is_refused_before_buffering() {
+    fn oversized_frame_is_refused_once_its_header_is_in() {
         let mut dec = FrameDecoder::new(100);
         dec.push(&1000u32.to_be_bytes());
+        assert!(!dec.ready(), "the id has not arrived yet");
+        assert_eq!(dec.next_frame(), Ok(None));
+        dec.push(&[0x05, 0, 0, 0]);
+        assert_eq!(dec.next_frame(), Ok(None));
+        dec.push(&[7]);
         assert!(dec.ready(), "an error to report is ready too");
+        let err = dec.next_frame().expect_err("too large");
         assert_eq!(
-            dec.next_frame(),
-            Err(FrameError::TooLarge {
-                len: 1000,
-                max: 100
-            })
+            err,
+            BadFrame {
+                id: 7,
+                error: FrameError::TooLarge {
+                    len: 1000,
+                    max: 100
+                }
+            }
         );
+        assert_eq!(err.answer().id, 7);
+        assert_eq!(err.code(), ErrorCode::TooLarge);
     }
 
     #[test]
-    fn malformed_frames_are_typed() {
-        let cases: Vec<Vec<u8>> = vec![
-            vec![0, 0, 0, 1, 0x01],                   // shorter than a header
-            vec![0, 0, 0, 5, 0x42, 0, 0, 0, 1],       // unknown type
-            vec![0, 0, 0, 7, 0x01, 0, 0, 0, 1, 0, 9], // user length past the end
-            vec![0, 0, 0, 6, 0x03, 0, 0, 0, 1, 0],    // trailing byte
-            vec![0, 0, 0, 11, 0xFF, 0, 0, 0, 1, 3, 231, 0, 0, 0, 0], // unknown code 999 + trailing
+    fn malformed_frames_are_typed_and_echo_the_id_once_the_header_is_in() {
+        let cases: Vec<(Vec<u8>, u32)> = vec![
+            (vec![0, 0, 0, 1, 0x01], 0),                   // shorter than a header
+            (vec![0, 0, 0, 4, 0x01, 0, 0, 0], 0),          // still shorter than a header
+            (vec![0, 0, 0, 5, 0x42, 0, 0, 0, 1], 1),       // unknown type
+            (vec![0, 0, 0, 7, 0x01, 0, 0, 0, 2, 0, 9], 2), // user length past the end
+            (vec![0, 0, 0, 6, 0x03, 0, 0, 0, 3, 0], 3),    // trailing byte
+            (vec![0, 0, 0, 11, 0xFF, 0, 0, 0, 4, 3, 231, 0, 0, 0, 0], 4), // unknown code 999
         ];
-        for wire in cases {
+        for (wire, id) in cases {
             let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
             dec.push(&wire);
+            assert!(dec.ready(), "{wire:?}");
             let err = dec.next_frame().expect_err("must fail");
             assert_eq!(err.code(), ErrorCode::Malformed, "{wire:?}");
+            assert_eq!(err.id, id, "{wire:?}");
+            let answer = err.answer();
+            assert_eq!(answer.id, id);
+            assert!(matches!(
+                answer.msg,
+                Message::Error {
+                    code: ErrorCode::Malformed,
+                    ..
+                }
+            ));
         }
     }
 

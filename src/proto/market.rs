@@ -15,6 +15,10 @@ use crate::exchange::{Mode, Point};
 
 pub const TYPE_REQUESTS: u8 = 0x10;
 pub const TYPE_REPLIES: u8 = 0x90;
+/// Keepalive: the broker pings an idle channel, the market answers. Both
+/// are a bare header with count 0.
+pub const TYPE_PING: u8 = 0x11;
+pub const TYPE_PONG: u8 = 0x91;
 /// Most exchanges in one frame.
 pub const MAX_BATCH: usize = 1024;
 /// Largest market-channel frame.
@@ -63,6 +67,17 @@ fn header(out: &mut Vec<u8>, ty: u8, count: usize) -> usize {
 fn finish(out: &mut [u8], start: usize) {
     let len = u32::try_from(out.len() - start - 4).expect("frame fits u32");
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// A Ping or Pong frame: `len = 3 ‖ type ‖ count = 0`.
+pub fn encode_keepalive(ty: u8, out: &mut Vec<u8>) {
+    let start = header(out, ty, 0);
+    finish(out, start);
+}
+
+/// Whether a complete frame (after `len`) is the keepalive `ty`.
+pub fn is_keepalive(frame: &[u8], ty: u8) -> bool {
+    frame == [ty, 0, 0]
 }
 
 pub fn encode_requests<'a>(
@@ -202,6 +217,17 @@ impl Splitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keepalives_are_a_bare_header_and_no_batch() {
+        let mut out = Vec::new();
+        encode_keepalive(TYPE_PING, &mut out);
+        assert_eq!(out, [0, 0, 0, 3, TYPE_PING, 0, 0]);
+        assert!(is_keepalive(&out[4..], TYPE_PING));
+        assert!(!is_keepalive(&out[4..], TYPE_PONG));
+        // Not a batch: count 0 is refused by the batch decoders.
+        assert!(decode_requests(&out[4..]).is_err());
+    }
 
     fn req(id: u64) -> ExchangeRequest {
         ExchangeRequest {

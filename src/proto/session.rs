@@ -14,6 +14,12 @@
 //! [`Action::CheckRelease`] and their results go back in through
 //! [`AccessSession::login_done`] / [`AccessSession::release_done`]. At most
 //! one check is in flight; the state machine never touches I/O.
+//!
+//! The broker feeds a frame only once the one before it is answered
+//! (pipelined frames wait in the decoder), so the `busy` that
+//! [`AccessSession::handle`] gives a frame arriving during a check guards
+//! the state machine against another runtime; terminals never see it.
+//! Their `busy` comes from a full bounded queue (docs/PROTOCOL.md §1.6).
 
 use super::access::{Frame, Message, Password};
 use super::code::ErrorCode;

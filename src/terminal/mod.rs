@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! Identity::load(dir) ─► TerminalConfig (rustls client, ticket cache)
-//!   ─► Terminal::connect ─► TLS 1.3 + client cert ─► X' = exporter
-//!   ─► login(first password) ─► check LoginOk.confirm = HMAC(X', label)
-//!   ─► release(second password)
+//!   ─► Terminal::connect ─► TLS 1.3 + client cert ─► X' = two exporter values
+//!   ─► login(first password) ─► check LoginOk.confirm = HMAC(X'confirm, label)
+//!   ─► release(second password) ─► exchange: unwrap X with X'wrap
 //! ```
 //!
 //! Blocking std sockets: a terminal holds one session, and the CLI, the
@@ -15,9 +15,10 @@ pub mod direct;
 
 pub use direct::{Brokered, Direct};
 
+use crate::crypto::AccessKeys;
 use crate::exchange::{Ephemeral, Group};
+use crate::proto::ErrorCode;
 use crate::proto::access::{self, Frame, FrameDecoder, Message, Password};
-use crate::proto::{ErrorCode, XPRIME_LABEL, XPRIME_LEN};
 use anyhow::Context;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
@@ -27,7 +28,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use zeroize::Zeroizing;
 
 #[derive(Debug, Error)]
 pub enum TerminalError {
@@ -122,7 +122,7 @@ fn handshake(tls: &mut StreamOwned<ClientConnection, TcpStream>) -> Result<(), T
 /// One access-channel session.
 pub struct Terminal {
     tls: StreamOwned<ClientConnection, TcpStream>,
-    xprime: Zeroizing<[u8; XPRIME_LEN]>,
+    keys: AccessKeys,
     decoder: FrameDecoder,
     next_id: u32,
     resumed: bool,
@@ -200,22 +200,20 @@ impl Terminal {
         let mut tls = StreamOwned::new(conn, sock);
         handshake(&mut tls)?;
         let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        let mut xprime = Zeroizing::new([0u8; XPRIME_LEN]);
-        tls.conn
-            .export_keying_material(&mut *xprime, XPRIME_LABEL, None)
-            .map_err(|e| TerminalError::Protocol(e.to_string()))?;
+        let keys =
+            AccessKeys::export(&*tls.conn).map_err(|e| TerminalError::Protocol(e.to_string()))?;
         Ok(Self {
             tls,
-            xprime,
+            keys,
             decoder: FrameDecoder::new(access::DEFAULT_MAX_FRAME),
             next_id: 1,
             resumed,
         })
     }
 
-    /// X', the key this terminal shares with the broker.
-    pub fn xprime(&self) -> &[u8; XPRIME_LEN] {
-        &self.xprime
+    /// X', the keys this terminal shares with the broker.
+    pub fn keys(&self) -> &AccessKeys {
+        &self.keys
     }
 
     /// Whether the TLS session was resumed from a ticket.
@@ -275,11 +273,15 @@ impl Terminal {
         id
     }
 
-    /// The next frame, which must answer request `id`.
+    /// The next frame, which must answer request `id`. An error may also
+    /// carry id 0: the broker's answer when no id could be read, or to
+    /// silence (docs/PROTOCOL.md §1.3).
     fn answer(&mut self, id: u32) -> Result<Message, TerminalError> {
         let reply = self.recv()?;
         match reply.msg {
-            Message::Error { code, detail } => Err(TerminalError::Refused { code, detail }),
+            Message::Error { code, detail } if reply.id == id || reply.id == 0 => {
+                Err(TerminalError::Refused { code, detail })
+            }
             _ if reply.id != id => Err(TerminalError::Protocol(format!(
                 "answer for request {} while waiting for {id}",
                 reply.id
@@ -300,7 +302,7 @@ impl Terminal {
     fn logged_in(&self, answer: Message) -> Result<(), TerminalError> {
         match answer {
             Message::LoginOk { confirm } => {
-                if crate::crypto::ct_eq(&confirm, &crate::crypto::confirm(&*self.xprime)) {
+                if crate::crypto::ct_eq(&confirm, &self.keys.confirm()) {
                     Ok(())
                 } else {
                     Err(TerminalError::Protocol(
@@ -373,7 +375,7 @@ impl Terminal {
     }
 
     /// Full proxy: the broker agrees X with `market` and sends it wrapped
-    /// under X'; this unwraps it.
+    /// under X'wrap; this unwraps it.
     pub fn exchange(&mut self, market: &str) -> Result<Brokered, TerminalError> {
         match self.call(Message::Exchange {
             market: market.into(),
@@ -384,9 +386,10 @@ impl Terminal {
                 endpoint,
                 wrapped_x,
             } => {
-                let x = crate::exchange::unwrap(&self.xprime, &wrapped_x).ok_or_else(|| {
-                    TerminalError::Protocol("wrapped X failed its integrity check".into())
-                })?;
+                let x =
+                    crate::exchange::unwrap(self.keys.wrap_key(), &wrapped_x).ok_or_else(|| {
+                        TerminalError::Protocol("wrapped X failed its integrity check".into())
+                    })?;
                 Ok(Brokered {
                     session_id,
                     x,

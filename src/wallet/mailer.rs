@@ -125,6 +125,10 @@ impl Mailer {
                             }
                         }
                     }
+                    match outbox.pending() {
+                        Ok(n) => crate::metrics::mail_pending(n),
+                        Err(e) => tracing::warn!(error = %e, "counting the outbox"),
+                    }
                     match stop_rx.recv_timeout(cfg.poll) {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => break,

@@ -14,6 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
+/// Tests reconnect and log in with one terminal many times a second: its
+/// check rate is raised (tests/adversarial.rs tests the default).
+pub const AUTH_RATE: &str = "checks_per_terminal_per_s = 1000\nchecks_burst_per_terminal = 1000\n";
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Env {
@@ -79,7 +82,7 @@ impl Env {
             format!(
                 "data_dir = {data:?}\n{extra}\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nhandshake_timeout_ms = 2000\nidle_timeout_ms = 3000\nframe_timeout_ms = 1500\n{broker}\n\
-                 [auth]\nmax_failures = 3\nargon2_m_kib = 64\nargon2_t = 1\n"
+                 [auth]\nmax_failures = 3\nargon2_m_kib = 64\nargon2_t = 1\n{AUTH_RATE}"
             ),
         )
         .unwrap();
