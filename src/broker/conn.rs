@@ -14,7 +14,7 @@ use super::link::Link;
 use super::revoke::{Batch, Live};
 use super::{Shared, ms};
 use crate::crypto::AccessKeys;
-use crate::net::sources::{Source, Sources};
+use crate::net::sources::{Pending, Source, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
 use crate::proto::access::{Frame, FrameDecoder, Message, encode};
@@ -79,14 +79,22 @@ pub(super) fn run_core(
         compio::runtime::spawn(core.clone().follow_markets()).detach();
         let max = core.shared.cfg.broker.max_connections_per_core;
         let live = Rc::new(Cell::new(0));
+        let proxied = core.shared.cfg.broker.proxy_protocol;
         crate::net::accept_loop(listener, live, max, move |stream| {
+            // Without PROXY headers the source is known now: admit it here.
+            let admitted = if proxied {
+                None
+            } else {
+                let peer = stream.peer_addr().ok();
+                Some((peer, admit(&core, peer)?))
+            };
             let core = core.clone();
             let metrics = metrics.clone();
-            async move {
+            Some(async move {
                 metrics.connections.inc();
-                serve(&core, stream).await;
+                serve(&core, stream, admitted).await;
                 metrics.connections.dec();
-            }
+            })
         })
         .await;
         Ok(())
@@ -268,32 +276,48 @@ fn tls_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-async fn serve(core: &Core, mut stream: TcpStream) {
+/// Counts a new connection from `peer` against its source, or refuses it.
+fn admit(core: &Core, peer: Option<std::net::SocketAddr>) -> Option<Pending> {
+    let source = Source::of(peer.map(|a| a.ip()));
+    match core.sources.admit(source, crate::limits::mono_ms()) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            refuse(core, source, peer, why.reason());
+            None
+        }
+    }
+}
+
+/// One terminal connection; `admitted`: its peer and pending slot when
+/// admitted at accept, None behind HAProxy (the PROXY header names it).
+async fn serve(
+    core: &Core,
+    mut stream: TcpStream,
+    admitted: Option<(Option<std::net::SocketAddr>, Pending)>,
+) {
     let shared = &core.shared;
     let cfg = &shared.cfg.broker;
-    // Behind HAProxy the terminal's address comes in a PROXY header.
-    let (peer, preload) = if cfg.proxy_protocol {
-        match compio::time::timeout(
-            ms(cfg.handshake_timeout_ms),
-            crate::net::proxy::read_header(&mut stream),
-        )
-        .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(_)) | Err(_) => {
+    let (peer, preload, pending) = match admitted {
+        Some((peer, pending)) => (peer, Vec::new(), pending),
+        None => {
+            // Behind HAProxy the terminal's address comes in a PROXY header.
+            let header = compio::time::timeout(
+                ms(cfg.handshake_timeout_ms),
+                crate::net::proxy::read_header(&mut stream),
+            )
+            .await;
+            let Ok(Ok((peer, preload))) = header else {
                 let from = stream.peer_addr().ok();
                 refuse(core, Source::of(from.map(|a| a.ip())), from, "proxy_header");
                 return;
-            }
+            };
+            let Some(pending) = admit(core, peer) else {
+                return;
+            };
+            (peer, preload, pending)
         }
-    } else {
-        (stream.peer_addr().ok(), Vec::new())
     };
-    let source = Source::of(peer.map(|a| a.ip()));
-    let pending = match core.sources.admit(source, crate::limits::mono_ms()) {
-        Ok(p) => p,
-        Err(why) => return refuse(core, source, peer, why.reason()),
-    };
+    let source = pending.source();
     let conn = match ServerConnection::new(shared.tls.clone()) {
         Ok(c) => c,
         Err(e) => {

@@ -8,7 +8,7 @@
 use super::direct::{DirectConn, Refusal};
 use super::{MarketConfig, MarketState, now_ms};
 use crate::exchange::BINDING_LABEL;
-use crate::net::sources::{Source, SourceLimits, Sources};
+use crate::net::sources::{Pending, Source, SourceLimits, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
 use crate::proto::access::MAX_USER;
@@ -177,9 +177,10 @@ fn run_core(
             Rc::new(Cell::new(0)),
             max_direct,
             move |stream| {
+                // Refused at accept over the source's cap: no task made.
+                let pending = admit_direct(&sources, &stream)?;
                 let s = s.clone();
-                let sources = sources.clone();
-                async move { serve_direct(&s, &sources, stream).await }
+                Some(async move { serve_direct(&s, pending, stream).await })
             },
         ))
         .detach();
@@ -187,7 +188,7 @@ fn run_core(
         crate::net::accept_loop(chan, live, max_channels, move |stream| {
             let s = state.clone();
             let tls = tls.clone();
-            async move { serve_channel(&s, tls, stream).await }
+            Some(async move { serve_channel(&s, tls, stream).await })
         })
         .await;
         Ok(())
@@ -286,27 +287,31 @@ async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, peer: &str, why: Refusal)
     let _ = write(sock, out).await;
 }
 
-/// One direct connection: `DirectConn` decides, this moves the bytes. The
-/// answers to frames that arrived together leave together, in one write.
-async fn serve_direct(state: &MarketState, sources: &Rc<Sources>, mut sock: TcpStream) {
+/// Counts a direct connection against its source until its Hello
+/// completes, or refuses it (one log line per source and interval).
+fn admit_direct(sources: &Rc<Sources>, sock: &TcpStream) -> Option<Pending> {
     let addr = sock.peer_addr().ok();
-    let peer = addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
     let source = Source::of(addr.map(|a| a.ip()));
     let now = crate::limits::mono_ms();
-    let mut pending = match sources.admit(source, now) {
+    match sources.admit(source, now) {
         Ok(p) => Some(p),
         Err(why) => {
             if let Some(suppressed) = sources.log_refusal(source, why.reason(), now) {
-                tracing::warn!(
-                    peer = %peer,
-                    reason = why.reason(),
-                    suppressed,
-                    "direct connection refused"
-                );
+                let peer = addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+                tracing::warn!(peer = %peer, reason = why.reason(), suppressed, "direct connection refused");
             }
-            return;
+            None
         }
-    };
+    }
+}
+
+/// One direct connection: `DirectConn` decides, this moves the bytes. The
+/// answers to frames that arrived together leave together, in one write.
+async fn serve_direct(state: &MarketState, pending: Pending, mut sock: TcpStream) {
+    let peer = sock
+        .peer_addr()
+        .map_or_else(|_| "-".to_owned(), |a| a.to_string());
+    let mut pending = Some(pending);
     let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
     let hello_by = Instant::now() + Duration::from_millis(state.cfg.hello_timeout_ms);
     let mut dec = Decoder::default();

@@ -34,7 +34,10 @@ fn out_of_resources(e: &std::io::Error) -> bool {
 
 /// Accepts connections (multishot accept) and serves each in its own task,
 /// holding at most `max` at once on this core; over the limit a connection
-/// is closed before any work is spent on it.
+/// is closed before any work is spent on it. `serve` is called at accept
+/// and may refuse there (`None`: the connection is closed, no task made),
+/// so a burst of connections from a refused source neither spawns tasks
+/// nor fills `live` before they could run.
 ///
 /// When accept fails for want of descriptors (EMFILE, ENFILE) or memory,
 /// the loop pauses, 5 ms at first and doubling to 100 ms, as Go's net/http
@@ -43,7 +46,7 @@ fn out_of_resources(e: &std::io::Error) -> bool {
 /// in 15 s before). Failures are logged once a second with a count.
 pub async fn accept_loop<F, Fut>(listener: TcpListener, live: Rc<Cell<usize>>, max: usize, serve: F)
 where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(TcpStream) -> Option<Fut>,
     Fut: Future<Output = ()> + 'static,
 {
     let mut incoming = listener.incoming();
@@ -72,12 +75,15 @@ where
             crate::metrics::refused_connection();
             continue;
         }
+        let Some(fut) = serve(stream) else {
+            continue;
+        };
         live.set(live.get() + 1);
         let live = live.clone();
         // Boxed where it is made: a connection's future is several KiB,
         // and spawning moved it by value through four frames (perf under
         // `resume`: 40% of the core threads' memcpy). Now a pointer moves.
-        let fut = Box::pin(serve(stream));
+        let fut = Box::pin(fut);
         compio::runtime::spawn(async move {
             fut.await;
             live.set(live.get() - 1);
@@ -124,12 +130,14 @@ mod tests {
         let rt = compio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
             let l = compio::net::TcpListener::from_std(l).unwrap();
-            super::accept_loop(l, Rc::new(Cell::new(0)), 100_000, |mut s| async move {
-                let BufResult(r, b) = s.read(Vec::with_capacity(1)).await;
-                if matches!(r, Ok(n) if n > 0) {
-                    let _ = s.write_all(b).await;
-                }
-                let _ = s.read(Vec::with_capacity(1)).await;
+            super::accept_loop(l, Rc::new(Cell::new(0)), 100_000, |mut s| {
+                Some(async move {
+                    let BufResult(r, b) = s.read(Vec::with_capacity(1)).await;
+                    if matches!(r, Ok(n) if n > 0) {
+                        let _ = s.write_all(b).await;
+                    }
+                    let _ = s.read(Vec::with_capacity(1)).await;
+                })
             })
             .await;
         });
