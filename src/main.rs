@@ -382,10 +382,10 @@ fn run(cli: Cli) -> Result<()> {
     let cfg = Config::load(cli.config.as_deref(), cli.data_dir.as_deref())?;
     keybroker::hsm::export_softhsm_conf(&cfg);
     // Every command that opens the data directory checks its modes first;
-    // init makes it (owner-only), the terminal's and voucher commands and
-    // the reference market do not use it.
+    // init makes it (owner-only), and status (the admin port), the
+    // terminal's and voucher commands and the reference market do not use it.
     let uses_data_dir = match &cli.cmd {
-        Cmd::Init | Cmd::Voucher(_) => false,
+        Cmd::Init | Cmd::Voucher(_) | Cmd::Status { .. } => false,
         Cmd::Market(c) => !matches!(c, MarketCmd::Init { .. } | MarketCmd::Serve { .. }),
         Cmd::Terminal(c) => matches!(
             c,
