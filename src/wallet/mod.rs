@@ -20,9 +20,11 @@
 //! its notification (or the reverse) cannot be committed.
 //!
 //! Modules: [`ledger`] (the writer and reads), [`chain`] (the HMAC chain),
+//! [`anchor`] (the chain's head, MAC'd and kept outside the database),
 //! [`voucher`] (signed top-up vouchers), [`cancel`] (market-signed
 //! cancellation authorisations), [`mailer`] (the outbox drain).
 
+pub mod anchor;
 mod apply;
 pub mod chain;
 pub mod ledger;
