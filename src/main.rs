@@ -57,6 +57,14 @@ enum Cmd {
     Wallet(WalletCmd),
     #[command(subcommand)]
     Voucher(VoucherCmd),
+    /// After putting a ledger backup back (broker stopped): verify its
+    /// chain and record the restore in the anchor file, so that the audit
+    /// accepts its head. Without this, the audit reports the lost tail.
+    Restore {
+        /// Why, for the record (1-200 printable ASCII characters).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -65,8 +73,14 @@ enum WalletCmd {
     Balance { user: String },
     /// A user's ledger entries, oldest first.
     History { user: String },
-    /// Re-verify the HMAC chain and every balance; exits 1 on any mismatch.
-    Audit,
+    /// Re-verify the HMAC chain and every balance, and check the ledger
+    /// against its anchors; exits 1 on any mismatch.
+    Audit {
+        /// A log holding anchor lines too (`journalctl -o cat -u keybroker
+        /// > FILE`), checked besides wallet.anchor_file. Repeatable.
+        #[arg(long)]
+        anchor_log: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -429,6 +443,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Market(c) => market(&cfg, c)?,
         Cmd::Wallet(c) => wallet(&cfg, c)?,
         Cmd::Voucher(c) => voucher(c)?,
+        Cmd::Restore { reason } => restore(&cfg, &reason)?,
     }
     Ok(())
 }
@@ -578,8 +593,14 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
 
 fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
     let hsm = std::sync::Arc::new(keybroker::hsm::Hsm::open(cfg)?);
-    // The configured back end (`wallet.backend`); no mailer here.
-    let (ledger, _) = keybroker::broker::open_ledger(cfg, hsm)?;
+    // The configured back end (`wallet.backend`); no mailer here. It reads
+    // the anchors and appends none: the running broker owns the file.
+    let mut anchor = keybroker::broker::anchor_config(cfg);
+    anchor.write = false;
+    if let WalletCmd::Audit { anchor_log } = &c {
+        anchor.logs.clone_from(anchor_log);
+    }
+    let (ledger, _) = keybroker::broker::open_ledger(cfg, hsm, anchor)?;
     match c {
         WalletCmd::Balance { user } => {
             for a in ledger.balance(&user)? {
@@ -600,20 +621,56 @@ fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
                 );
             }
         }
-        WalletCmd::Audit => {
-            let report = ledger.audit()?;
-            for p in &report.problems {
-                println!("problem: {p}");
-            }
-            println!(
-                "audit {}: {} entries",
-                if report.ok { "ok" } else { "FAILED" },
-                report.entries
-            );
-            if !report.ok {
-                anyhow::bail!("the ledger failed its audit");
-            }
-        }
+        WalletCmd::Audit { .. } => print_audit(&ledger.audit()?)?,
+    }
+    Ok(())
+}
+
+/// Prints an audit's findings and its verdict; an error if it failed.
+fn print_audit(report: &keybroker::wallet::AuditReport) -> Result<()> {
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    for p in &report.problems {
+        println!("problem: {p}");
+    }
+    println!(
+        "audit {}: {} entries, {} anchors",
+        if report.ok { "ok" } else { "FAILED" },
+        report.entries,
+        report.anchors
+    );
+    if !report.ok {
+        bail!("the ledger failed its audit");
+    }
+    Ok(())
+}
+
+/// `keybroker restore --reason`: the restore record (src/wallet/anchor.rs).
+fn restore(cfg: &Config, reason: &str) -> Result<()> {
+    let hsm = std::sync::Arc::new(keybroker::hsm::Hsm::open(cfg)?);
+    let (ledger, _) =
+        keybroker::broker::open_ledger(cfg, hsm, keybroker::broker::anchor_config(cfg))?;
+    let r = ledger.restore(reason)?;
+    if r.record.is_none() {
+        print_audit(&r.audit)?;
+    }
+    let head = |a: &keybroker::wallet::anchor::Anchor| {
+        let h = a.head(0).map_or(0, |h| h.seq);
+        format!(
+            "entry {h} (anchored {})",
+            keybroker::wallet::anchor::utc(a.t_ms)
+        )
+    };
+    if let Some(s) = &r.superseded {
+        println!("supersedes the newest anchor: {}", head(s));
+    }
+    if let Some(a) = &r.record {
+        println!(
+            "restore recorded: the ledger's head is {} after {} entries",
+            head(a),
+            r.audit.entries
+        );
     }
     Ok(())
 }

@@ -263,11 +263,20 @@ pub type StartMailer = Box<
     ) -> crate::wallet::WalletResult<crate::wallet::mailer::Mailer>,
 >;
 
+/// Where the configured ledger anchors its head; a writer that anchors.
+pub fn anchor_config(cfg: &Config) -> crate::wallet::anchor::AnchorConfig {
+    let mut a = crate::wallet::anchor::AnchorConfig::new(cfg.path(&cfg.wallet.anchor_file));
+    a.interval = Duration::from_millis(cfg.wallet.anchor_interval_ms);
+    a
+}
+
 /// The configured ledger (`wallet.backend`), its writer owning an HSM
-/// session for the HMAC chain, and the outbox its mailer drains.
+/// session for the HMAC chain and anchoring as `anchor` says, and the
+/// outbox its mailer drains.
 pub fn open_ledger(
     cfg: &Config,
     hsm: Arc<Hsm>,
+    anchor: crate::wallet::anchor::AnchorConfig,
 ) -> Result<(Arc<dyn crate::wallet::Ledger>, StartMailer)> {
     use crate::config::LedgerBackend;
     use crate::wallet::{
@@ -279,6 +288,7 @@ pub fn open_ledger(
         queue: w.queue,
         group_max: w.group_max,
         currencies: w.currencies.clone(),
+        anchor: Some(anchor),
     };
     let mac: crate::wallet::ledger::MacFactory =
         Box::new(move || Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn ChainMac>));
@@ -315,7 +325,10 @@ pub fn open_ledger(
 fn open_wallet(cfg: &Config, hsm: Arc<Hsm>) -> Result<Wallet> {
     use crate::wallet::mailer;
     let w = &cfg.wallet;
-    let (ledger, start_mailer) = open_ledger(cfg, hsm)?;
+    let (ledger, start_mailer) = open_ledger(cfg, hsm, anchor_config(cfg))?;
+    if let Some(why) = ledger.refusing() {
+        anyhow::bail!("the ledger refuses writes: {why}");
+    }
     let transport = if w.smtp_relay.is_empty() {
         mailer::Transport::Maildir(cfg.data_dir.join("mail"))
     } else {
