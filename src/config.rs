@@ -52,6 +52,16 @@ pub struct WalletConfig {
     pub queue: usize,
     /// Most writes committed in one group. Default 512.
     pub group_max: usize,
+    /// The append-only file where the writer anchors the ledger's head,
+    /// relative to data_dir. Default `ledger.anchors`. Put it where
+    /// whoever can write the database cannot truncate it: another disk or
+    /// host, or `chattr +a` (docs/OPERATIONS.md, "Ledger anchors").
+    pub anchor_file: PathBuf,
+    /// Longest time a committed head stays unanchored. Default 1000,
+    /// 10..=60000. Cost: two HSM HMACs, one line (~300 bytes) and one
+    /// fsync (about 1 ms) per interval while purchases come in, none when
+    /// idle.
+    pub anchor_interval_ms: u64,
 }
 
 impl Default for WalletConfig {
@@ -69,6 +79,8 @@ impl Default for WalletConfig {
                 .to_vec(),
             queue: 8192,
             group_max: 512,
+            anchor_file: PathBuf::from("ledger.anchors"),
+            anchor_interval_ms: 1000,
         }
     }
 }
@@ -129,6 +141,13 @@ pub struct ExchangeConfig {
     pub reconnect_max_ms: u64,
     /// Exchanges queued per core per market before `busy`. Default 4096.
     pub queue: usize,
+    /// Exchanges a user may start a second, over all its sessions and the
+    /// cores; over it the user gets `busy` with a retry hint and nobody
+    /// else waits. Each costs an HSM signature and a session at the market
+    /// (which keeps it `session_ttl_s`). 0 = no limit; default 50.
+    pub per_user_per_s: u32,
+    /// Exchanges a user may save up for a burst. 1..=100000; default 200.
+    pub per_user_burst: u32,
     /// An idle market channel is pinged this often, ms; a ping unanswered
     /// within `market_timeout_ms` marks the market down and reconnects.
     /// Keep it below the market's `idle_timeout_ms` (60000 for the
@@ -147,6 +166,8 @@ impl Default for ExchangeConfig {
             reconnect_min_ms: 50,
             reconnect_max_ms: 5_000,
             queue: 4096,
+            per_user_per_s: 50,
+            per_user_burst: 200,
             keepalive_ms: 15_000,
         }
     }
@@ -227,6 +248,18 @@ pub struct BrokerConfig {
     /// Expect a PROXY protocol v2 header (HAProxy `send-proxy-v2`) first
     /// on every connection. Default false.
     pub proxy_protocol: bool,
+    /// Connections one source address (the PROXY header's, behind HAProxy;
+    /// IPv6 by /64) may have in their TLS handshake at once, on each core.
+    /// Each holds a descriptor and a few KiB until `handshake_timeout_ms`.
+    /// 0 = no limit; default 64.
+    pub max_pending_per_source: u32,
+    /// New connections one source may open a second, on each core: each is
+    /// a TLS handshake (a full one costs the broker about 0.3 ms of CPU).
+    /// A handshake that times out costs its source 4 more. 0 = no limit;
+    /// default 200.
+    pub handshakes_per_source_per_s: u32,
+    /// ...and may save up for a burst. 1..=100000; default 400.
+    pub handshake_burst_per_source: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -240,8 +273,18 @@ pub struct AuthConfig {
     pub argon2_t: u32,
     /// Password-check threads (argon2 is CPU-bound by design). Default 2.
     pub workers: usize,
-    /// Bound of the password-check queue. Default 1024.
+    /// Bound of the password-check queue, all terminals together. Default 1024.
     pub queue: usize,
+    /// Checks one terminal may have queued; the workers take the queued
+    /// terminals in turn, so one terminal's checks never wait behind
+    /// another's backlog. Over it: `busy`. 1..=queue; default 4.
+    pub queue_per_terminal: usize,
+    /// Password checks (login and release) one terminal may start a
+    /// second; each costs one argon2id, milliseconds of a worker. Over it:
+    /// `busy` with a retry hint, before any argon2. 0 = no limit; default 2.
+    pub checks_per_terminal_per_s: u32,
+    /// ...and may save up for a burst. 1..=100000; default 10.
+    pub checks_burst_per_terminal: u32,
 }
 
 impl Default for Config {
@@ -291,6 +334,9 @@ impl Default for BrokerConfig {
             ticket_lifetime_s: None,
             ticket_replay_entries: 1 << 20,
             proxy_protocol: false,
+            max_pending_per_source: 64,
+            handshakes_per_source_per_s: 200,
+            handshake_burst_per_source: 400,
         }
     }
 }
@@ -310,6 +356,9 @@ impl Default for AuthConfig {
             argon2_t: 2,
             workers: 2,
             queue: 1024,
+            queue_per_terminal: 4,
+            checks_per_terminal_per_s: 2,
+            checks_burst_per_terminal: 10,
         }
     }
 }
@@ -392,6 +441,24 @@ impl Config {
         if a.argon2_m_kib < 8 || a.argon2_t == 0 {
             bail!("auth.argon2_m_kib must be >= 8 and auth.argon2_t >= 1");
         }
+        if !(1..=a.queue).contains(&a.queue_per_terminal) {
+            bail!("auth.queue_per_terminal must be 1..=auth.queue");
+        }
+        let burst = 1..=100_000;
+        if !burst.contains(&a.checks_burst_per_terminal)
+            || !burst.contains(&b.handshake_burst_per_source)
+            || !burst.contains(&self.exchange.per_user_burst)
+        {
+            bail!(
+                "auth.checks_burst_per_terminal, broker.handshake_burst_per_source and \
+                 exchange.per_user_burst must be 1..=100000"
+            );
+        }
+        if !(10..=60_000).contains(&self.wallet.anchor_interval_ms)
+            || self.wallet.anchor_file.as_os_str().is_empty()
+        {
+            bail!("wallet.anchor_interval_ms must be 10..=60000 and wallet.anchor_file set");
+        }
         let x = &self.exchange;
         if !(1..=crate::proto::market::MAX_BATCH).contains(&x.batch_max)
             || x.batch_delay_us > 100_000
@@ -428,6 +495,18 @@ impl Config {
 
     pub fn pki_dir(&self) -> PathBuf {
         self.data_dir.join("pki")
+    }
+
+    /// The per-source limits of the access port.
+    pub fn source_limits(&self) -> crate::net::sources::SourceLimits {
+        let b = &self.broker;
+        crate::net::sources::SourceLimits {
+            max_pending: b.max_pending_per_source,
+            rate: crate::limits::Rate {
+                per_s: b.handshakes_per_source_per_s,
+                burst: b.handshake_burst_per_source,
+            },
+        }
     }
 
     pub fn cores(&self) -> usize {

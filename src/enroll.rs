@@ -56,6 +56,9 @@ fn random_hex(bytes: usize) -> String {
 
 /// Prepares the data directory and the token files. Idempotent.
 fn prepare_dirs(cfg: &Config) -> Result<()> {
+    // 0700 whatever the umask or an earlier mode (crate::fsmode).
+    crate::fsmode::private_dir(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let hsm_dir = cfg.data_dir.join("hsm");
     let tokens = hsm_dir.join("tokens");
     std::fs::create_dir_all(&tokens).with_context(|| format!("creating {}", tokens.display()))?;
@@ -65,7 +68,7 @@ fn prepare_dirs(cfg: &Config) -> Result<()> {
         if !conf.exists() {
             let abs = std::fs::canonicalize(&tokens)?;
             let text = SOFTHSM_TEMPLATE.replace("@TOKENDIR@", &abs.display().to_string());
-            std::fs::write(&conf, text)?;
+            write_private(&conf, text.as_bytes())?;
         }
     }
     let user_pin = cfg.path(&cfg.hsm.pin_file);

@@ -20,6 +20,7 @@
 //! the ledger, not the log, is the durable record of money.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -181,6 +182,97 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Batched {
     }
 }
 
+/// Lets one log line of a cause through per interval and counts the ones
+/// held back, so a cause that repeats (accept failing with EMFILE, a scan's
+/// refused handshakes) writes a line an interval, not a line an event: the
+/// 4.9 million identical warnings (498 MB in 15 s) of an accept loop out of
+/// descriptors become one line a second, each with the count since the last.
+///
+/// ```text
+/// static EMFILE: Throttle = Throttle::new(Duration::from_secs(1));
+/// if let Some(suppressed) = EMFILE.pass() { tracing::warn!(suppressed, "accept failed"); }
+/// ```
+pub struct Throttle {
+    every_ms: u64,
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every_ms: every.as_millis() as u64,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: log now, saying `n` lines were held back since the last.
+    pub fn pass(&self) -> Option<u64> {
+        self.pass_at(crate::limits::mono_ms())
+    }
+
+    fn pass_at(&self, now_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + self.every_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// A [`Throttle`] per key (a source address and a cause), for one thread.
+/// At most `max` keys are followed; a line for a key beyond them goes
+/// through `others`, one throttle for them all, so a scan from many
+/// addresses is bounded too: at most `max` lines an interval plus one.
+pub struct KeyedThrottle<K> {
+    every_ms: u64,
+    max: usize,
+    keys: std::collections::HashMap<K, (u64, u64)>,
+    others: Throttle,
+}
+
+impl<K: std::hash::Hash + Eq> KeyedThrottle<K> {
+    pub fn new(every: Duration, max: usize) -> Self {
+        Self {
+            every_ms: every.as_millis() as u64,
+            max,
+            keys: std::collections::HashMap::new(),
+            others: Throttle::new(every),
+        }
+    }
+
+    /// As [`Throttle::pass`], for `key`.
+    pub fn pass(&mut self, key: K, now_ms: u64) -> Option<u64> {
+        if self.keys.len() >= self.max && !self.keys.contains_key(&key) {
+            // Keys whose interval passed with nothing held back hold no state.
+            self.keys
+                .retain(|_, (next, held)| *next > now_ms || *held > 0);
+            if self.keys.len() >= self.max {
+                return self.others.pass_at(now_ms);
+            }
+        }
+        let (next, held) = self.keys.entry(key).or_insert((0, 0));
+        if now_ms >= *next {
+            *next = now_ms + self.every_ms;
+            return Some(std::mem::take(held));
+        }
+        *held += 1;
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +356,30 @@ mod tests {
         drop(held);
         logs.flush();
         assert_eq!(sink.text(), "queued\n");
+    }
+
+    #[test]
+    fn a_throttle_passes_one_line_an_interval_with_the_count_held_back() {
+        let t = Throttle::new(Duration::from_secs(1));
+        assert_eq!(t.pass_at(10), Some(0));
+        for ms in 11..1010 {
+            assert_eq!(t.pass_at(ms), None);
+        }
+        assert_eq!(t.pass_at(1010), Some(999));
+        assert_eq!(t.pass_at(1011), None);
+    }
+
+    #[test]
+    fn keyed_throttles_are_apart_and_bounded() {
+        let mut k = KeyedThrottle::new(Duration::from_secs(10), 2);
+        assert_eq!(k.pass("a", 0), Some(0));
+        assert_eq!(k.pass("b", 0), Some(0));
+        assert_eq!(k.pass("a", 1), None);
+        // A third key goes through the shared throttle of the others.
+        assert_eq!(k.pass("c", 2), Some(0));
+        assert_eq!(k.pass("d", 3), None);
+        assert_eq!(k.pass("a", 10_000), Some(1));
+        // Once b's interval passed with nothing held, its place is free.
+        assert_eq!(k.pass("e", 20_001), Some(0));
     }
 }

@@ -59,6 +59,14 @@ enum Cmd {
     Voucher(VoucherCmd),
     /// Check every registry row against its HSM MAC; exits 1 if any fails.
     Check,
+    /// After putting a ledger backup back (broker stopped): verify its
+    /// chain and record the restore in the anchor file, so that the audit
+    /// accepts its head. Without this, the audit reports the lost tail.
+    Restore {
+        /// Why, for the record (1-200 printable ASCII characters).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -67,8 +75,14 @@ enum WalletCmd {
     Balance { user: String },
     /// A user's ledger entries, oldest first.
     History { user: String },
-    /// Re-verify the HMAC chain and every balance; exits 1 on any mismatch.
-    Audit,
+    /// Re-verify the HMAC chain and every balance, and check the ledger
+    /// against its anchors; exits 1 on any mismatch.
+    Audit {
+        /// A log holding anchor lines too (`journalctl -o cat -u keybroker
+        /// > FILE`), checked besides wallet.anchor_file. Repeatable.
+        #[arg(long)]
+        anchor_log: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -362,6 +376,9 @@ fn reload_on_sighup(
 }
 
 fn main() {
+    // Owner-only, whatever the caller's umask: the data directory holds
+    // password hashes, balances, PINs and the token (keybroker::fsmode).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(keybroker::fsmode::UMASK));
     let cli = Cli::parse();
     let logs = init_logs(cli.json_logs);
     if let Err(e) = stop_on_signals(logs.clone()) {
@@ -380,6 +397,21 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let cfg = Config::load(cli.config.as_deref(), cli.data_dir.as_deref())?;
     keybroker::hsm::export_softhsm_conf(&cfg);
+    // Every command that opens the data directory checks its modes first;
+    // init makes it (owner-only), and status (the admin port), the
+    // terminal's and voucher commands and the reference market do not use it.
+    let uses_data_dir = match &cli.cmd {
+        Cmd::Init | Cmd::Voucher(_) | Cmd::Status { .. } => false,
+        Cmd::Market(c) => !matches!(c, MarketCmd::Init { .. } | MarketCmd::Serve { .. }),
+        Cmd::Terminal(c) => matches!(
+            c,
+            TerminalCmd::Enroll { .. } | TerminalCmd::List { .. } | TerminalCmd::Revoke { .. }
+        ),
+        _ => true,
+    };
+    if uses_data_dir {
+        keybroker::fsmode::check(&cfg)?;
+    }
     let stdin = std::io::stdin();
     let mut stdin = stdin.lock();
     match cli.cmd {
@@ -414,6 +446,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Wallet(c) => wallet(&cfg, c)?,
         Cmd::Voucher(c) => voucher(c)?,
         Cmd::Check => check(cfg)?,
+        Cmd::Restore { reason } => restore(&cfg, &reason)?,
     }
     Ok(())
 }
@@ -596,8 +629,14 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
 
 fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
     let hsm = std::sync::Arc::new(keybroker::hsm::Hsm::open(cfg)?);
-    // The configured back end (`wallet.backend`); no mailer here.
-    let (ledger, _) = keybroker::broker::open_ledger(cfg, hsm)?;
+    // The configured back end (`wallet.backend`); no mailer here. It reads
+    // the anchors and appends none: the running broker owns the file.
+    let mut anchor = keybroker::broker::anchor_config(cfg);
+    anchor.write = false;
+    if let WalletCmd::Audit { anchor_log } = &c {
+        anchor.logs.clone_from(anchor_log);
+    }
+    let (ledger, _) = keybroker::broker::open_ledger(cfg, hsm, anchor)?;
     match c {
         WalletCmd::Balance { user } => {
             for a in ledger.balance(&user)? {
@@ -618,20 +657,56 @@ fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
                 );
             }
         }
-        WalletCmd::Audit => {
-            let report = ledger.audit()?;
-            for p in &report.problems {
-                println!("problem: {p}");
-            }
-            println!(
-                "audit {}: {} entries",
-                if report.ok { "ok" } else { "FAILED" },
-                report.entries
-            );
-            if !report.ok {
-                anyhow::bail!("the ledger failed its audit");
-            }
-        }
+        WalletCmd::Audit { .. } => print_audit(&ledger.audit()?)?,
+    }
+    Ok(())
+}
+
+/// Prints an audit's findings and its verdict; an error if it failed.
+fn print_audit(report: &keybroker::wallet::AuditReport) -> Result<()> {
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    for p in &report.problems {
+        println!("problem: {p}");
+    }
+    println!(
+        "audit {}: {} entries, {} anchors",
+        if report.ok { "ok" } else { "FAILED" },
+        report.entries,
+        report.anchors
+    );
+    if !report.ok {
+        bail!("the ledger failed its audit");
+    }
+    Ok(())
+}
+
+/// `keybroker restore --reason`: the restore record (src/wallet/anchor.rs).
+fn restore(cfg: &Config, reason: &str) -> Result<()> {
+    let hsm = std::sync::Arc::new(keybroker::hsm::Hsm::open(cfg)?);
+    let (ledger, _) =
+        keybroker::broker::open_ledger(cfg, hsm, keybroker::broker::anchor_config(cfg))?;
+    let r = ledger.restore(reason)?;
+    if r.record.is_none() {
+        print_audit(&r.audit)?;
+    }
+    let head = |a: &keybroker::wallet::anchor::Anchor| {
+        let h = a.head(0).map_or(0, |h| h.seq);
+        format!(
+            "entry {h} (anchored {})",
+            keybroker::wallet::anchor::utc(a.t_ms)
+        )
+    };
+    if let Some(s) = &r.superseded {
+        println!("supersedes the newest anchor: {}", head(s));
+    }
+    if let Some(a) = &r.record {
+        println!(
+            "restore recorded: the ledger's head is {} after {} entries",
+            head(a),
+            r.audit.entries
+        );
     }
     Ok(())
 }
@@ -743,8 +818,8 @@ fn demo_enroll(cfg: &Config) -> Result<()> {
         }
         if !dir.join("terminal.crt").exists() {
             enroll::terminal_enroll(&admin, user, &dir)?;
-            std::fs::write(dir.join("access.pw"), &p1)?;
-            std::fs::write(dir.join("release.pw"), &p2)?;
+            enroll::write_private(&dir.join("access.pw"), p1.as_bytes())?;
+            enroll::write_private(&dir.join("release.pw"), p2.as_bytes())?;
         }
         println!("demo user {user}: terminal files in {}", dir.display());
     }

@@ -53,11 +53,35 @@ fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric")
 }
 
+/// Why the broker refused a terminal's TLS handshake: the `reason` label
+/// of `keybroker_handshake_refused_total` (docs/OPERATIONS.md, "Limits").
+pub const HANDSHAKE_REFUSALS: [&str; 9] = [
+    // No client certificate (alert certificate_required, 116).
+    "no_certificate",
+    // A certificate from another CA, or self-signed (unknown_ca, 48).
+    "unknown_ca",
+    // Any other certificate fault: expired, wrong usage, bad signature.
+    "bad_certificate",
+    // Not TLS 1.3, no common cipher or group, malformed messages.
+    "protocol",
+    // Not done within handshake_timeout_ms.
+    "timeout",
+    // The peer closed or reset the connection before finishing.
+    "closed",
+    // No valid PROXY v2 header (with broker.proxy_protocol).
+    "proxy_header",
+    // The source has max_pending_per_source handshakes open already.
+    "source_pending",
+    // The source opened connections faster than handshakes_per_source_per_s.
+    "source_rate",
+];
+
 /// What one core thread records. Only that core writes it.
 pub struct CoreMetrics {
     registry: Registry,
     exchange: HistogramVec,
     handshake: Histogram,
+    handshake_refused: IntCounterVec,
     errors: IntCounterVec,
     tickets: IntCounterVec,
     pub connections: IntGauge,
@@ -76,6 +100,11 @@ impl CoreMetrics {
         let handshake = histogram(
             "keybroker_handshake_duration_seconds",
             "Terminal TLS handshake time on the access channel",
+        );
+        let handshake_refused = counter_vec(
+            "keybroker_handshake_refused_total",
+            "Terminal connections refused before or during the TLS handshake, by reason",
+            "reason",
         );
         let errors = counter_vec(
             "keybroker_errors_total",
@@ -111,8 +140,12 @@ impl CoreMetrics {
         for kx in ["software", "hsm", "partial"] {
             exchange.with_label_values(&[kx]);
         }
+        for reason in HANDSHAKE_REFUSALS {
+            handshake_refused.with_label_values(&[reason]);
+        }
         reg(Box::new(exchange.clone()));
         reg(Box::new(handshake.clone()));
+        reg(Box::new(handshake_refused.clone()));
         reg(Box::new(errors.clone()));
         reg(Box::new(tickets.clone()));
         reg(Box::new(connections.clone()));
@@ -121,6 +154,7 @@ impl CoreMetrics {
             registry,
             exchange,
             handshake,
+            handshake_refused,
             errors,
             tickets,
             connections,
@@ -164,6 +198,11 @@ pub fn inflight(delta: i64) {
 
 pub fn handshake_done(d: Duration) {
     local(|m| m.handshake.observe(d.as_secs_f64()));
+}
+
+/// A terminal's handshake refused, `reason` one of [`HANDSHAKE_REFUSALS`].
+pub fn handshake_refused(reason: &'static str) {
+    local(|m| m.handshake_refused.with_label_values(&[reason]).inc());
 }
 
 pub fn error(code: crate::proto::ErrorCode) {
@@ -259,6 +298,20 @@ static REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
 
 pub fn refused_connection() {
     REFUSED.inc();
+}
+
+static ACCEPT_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    shared(
+        IntCounter::new(
+            "keybroker_accept_failures_total",
+            "Failed accept calls (EMFILE, ENFILE: out of descriptors; the loop then pauses)",
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub fn accept_failed() {
+    ACCEPT_FAILURES.inc();
 }
 
 pub fn pool_wait(pool: &str, d: Duration) {
@@ -403,6 +456,7 @@ pub fn init() {
     LazyLock::force(&MARKET_UP);
     LazyLock::force(&LOCKOUTS);
     LazyLock::force(&REFUSED);
+    LazyLock::force(&ACCEPT_FAILURES);
     LazyLock::force(&LEDGER_COMMIT);
     LazyLock::force(&LEDGER_GROUP);
     LazyLock::force(&MAIL_DELIVERY);

@@ -16,7 +16,9 @@
 //! `hsm.key_linger_s = 0` unless `KB_LINGER` says otherwise, so every
 //! release unwraps the key in the HSM: the dearest release; with a linger
 //! a returning user's release skips the unwrap. `KB_ARGON2` lists the
-//! argon2id costs to run, `m_kib:t,...` (default `19456:2,64:1`).
+//! argon2id costs to run, `m_kib:t,...` (default `19456:2,64:1`). This
+//! build's broker gets the tests' check rate (`AUTH_RATE`); an older
+//! binary that has one gets it from `KB_BEFORE_AUTH`.
 
 mod common;
 
@@ -46,12 +48,14 @@ struct Node {
     tc: keybroker::terminal::TerminalConfig,
 }
 
-fn node(name: &str, bin: &Path, m_kib: u32, t: u32, linger_s: u64) -> Node {
+/// `auth`: more `[auth]` lines (this build's check rate, which an older
+/// binary may not know).
+fn node(name: &str, bin: &Path, m_kib: u32, t: u32, linger_s: u64, auth: &str) -> Node {
     let env = Env::of(bin, |data| {
         format!(
             "data_dir = {data:?}\n[hsm]\nkey_linger_s = {linger_s}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\n\
-             [auth]\nmax_failures = 3\nargon2_m_kib = {m_kib}\nargon2_t = {t}\n"
+             [auth]\nmax_failures = 3\nargon2_m_kib = {m_kib}\nargon2_t = {t}\n{auth}"
         )
     });
     let tc = env.user("u");
@@ -119,9 +123,20 @@ fn login_and_release_cost() {
         .collect();
     for (m_kib, t) in params {
         let after = std::env::var("KB_AFTER").unwrap_or(BIN.into());
-        let mut nodes = vec![node("this build", after.as_ref(), m_kib, t, linger_s)];
+        let mut nodes = vec![node(
+            "this build",
+            after.as_ref(),
+            m_kib,
+            t,
+            linger_s,
+            AUTH_RATE,
+        )];
         if let Ok(before) = std::env::var("KB_BEFORE") {
-            nodes.insert(0, node("before", before.as_ref(), m_kib, t, linger_s));
+            let auth = std::env::var("KB_BEFORE_AUTH").unwrap_or_default();
+            nodes.insert(
+                0,
+                node("before", before.as_ref(), m_kib, t, linger_s, &auth),
+            );
         }
         for n in &nodes {
             batch(n, 10); // warm up: caches, prepared statements, key handles

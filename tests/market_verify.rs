@@ -225,3 +225,46 @@ fn a_market_full_of_live_sessions_answers_busy_until_they_expire() {
     m.exchange(&fourth, [1; 32], later).expect("room again");
     assert_eq!(m.session_count(), 1);
 }
+
+#[test]
+fn a_user_over_its_quota_loses_its_oldest_unused_session_and_no_one_elses_room() {
+    let (ca, ca_key) = setup();
+    let alice = user(&ca, &ca_key, "alice");
+    let mallory = user(&ca, &ca_key, "mallory");
+    let mut cfg = config(&["*"]);
+    cfg.max_sessions = 6;
+    cfg.max_sessions_per_user = 3;
+    let m = MarketState::new(cfg, &ca, "127.0.0.1:1".into()).unwrap();
+    let now = now_ms();
+    // Five of mallory's, a millisecond apart: the quota keeps her last three.
+    let ids: Vec<[u8; 16]> = (1..=5u8)
+        .map(|n| {
+            let t = now + u64::from(n);
+            let req = request(&mallory, "mallory", [1; 32], t, [n; 16]);
+            m.exchange(&req, [1; 32], t)
+                .expect("within her quota")
+                .session_id
+        })
+        .collect();
+    assert_eq!(m.session_count(), 3);
+    let t = now + 10;
+    assert_eq!(
+        m.session(&ids[0], t).map(|_| ()),
+        Err(ErrorCode::UnknownSession)
+    );
+    // Her forgotten nonces cannot be replayed: stamped under her floor.
+    let replay = request(&mallory, "mallory", [1; 32], now + 1, [1; 16]);
+    assert_eq!(m.exchange(&replay, [1; 32], t), Err(ErrorCode::Stale));
+    // The rest of the table is everyone else's.
+    for n in 11..=13u8 {
+        let req = request(&alice, "alice", [1; 32], t, [n; 16]);
+        m.exchange(&req, [1; 32], t).expect("alice's room");
+    }
+    assert_eq!(m.session_count(), 6);
+    // Sessions in use are kept: with all three of hers connected, she is busy.
+    for id in &ids[2..] {
+        m.count_connection(id, t).unwrap();
+    }
+    let more = request(&mallory, "mallory", [1; 32], t + 1, [20; 16]);
+    assert_eq!(m.exchange(&more, [1; 32], t + 1), Err(ErrorCode::Busy));
+}

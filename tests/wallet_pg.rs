@@ -7,8 +7,9 @@ mod common;
 
 use common::pg::{PgServer, server};
 use common::wallet::{
-    assert_audit_ok, balance, buy, cancel, check_bad_input, check_cancel_rules,
-    check_idempotent_retries, eur, fund, mail,
+    anchored, assert_audit_ok, assert_gap, assert_honest_restore, balance, buy, cancel,
+    check_bad_input, check_cancel_rules, check_idempotent_retries, eur, five_anchored_entries,
+    fund, mail, three_more_anchored, wait_anchored,
 };
 use keybroker::wallet::mailer::{Mailer, MailerConfig, Outbox, Transport};
 use keybroker::wallet::pg::PgOutbox;
@@ -236,6 +237,127 @@ fn tampering_is_detected_by_the_audit() {
         f.ledger.purchase(buy("ivan", 1, "after")).unwrap_err(),
         WalletError::Storage(m) if m.contains("went back")
     ));
+}
+
+// ---- anchors: truncation and rollback (docs/OPERATIONS.md, "Ledger anchors") ----
+
+/// A database, and a node whose writer anchors into a file of its own.
+struct PgAnchored {
+    ledger: Option<PgLedger>,
+    db: PgConnect,
+    name: String,
+    dir: tempfile::TempDir,
+    pg: Arc<PgServer>,
+}
+
+impl PgAnchored {
+    fn new() -> Self {
+        let pg = server();
+        let name = pg.new_db("anchor");
+        let mut f = Self {
+            ledger: None,
+            db: PgConnect::new(&pg.url(&name)),
+            name,
+            dir: tempfile::tempdir().unwrap(),
+            pg,
+        };
+        f.start();
+        f
+    }
+    fn anchors(&self) -> std::path::PathBuf {
+        self.dir.path().join("ledger.anchors")
+    }
+    fn start(&mut self) {
+        self.ledger = Some(open(&self.db, anchored(&self.anchors())));
+    }
+    fn stop(&mut self) {
+        self.ledger.take();
+    }
+    fn l(&self) -> &PgLedger {
+        self.ledger.as_ref().unwrap()
+    }
+    /// Drops the append-only trigger, deletes the entries after `keep`
+    /// and their decisions, and sets `user`'s balance to `balance`.
+    fn truncate(&self, keep: i64, user: &str, balance: i64) {
+        let mut c = self.db.connect().unwrap();
+        c.batch_execute("DROP TRIGGER IF EXISTS entries_no_delete ON entries")
+            .unwrap();
+        c.execute("DELETE FROM entries WHERE seq > $1", &[&keep])
+            .unwrap();
+        c.execute("DELETE FROM decisions WHERE seq > $1", &[&keep])
+            .unwrap();
+        c.execute(
+            r#"UPDATE accounts SET balance = $1 WHERE "user" = $2"#,
+            &[&balance, &user],
+        )
+        .unwrap();
+    }
+    /// Runs `sql` on the server's maintenance database (the ledger's own
+    /// must have no connection for these).
+    fn admin(&self, sql: &str) {
+        PgConnect::new(&self.pg.url("postgres"))
+            .connect()
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_removed_tail_fails_the_audit_on_postgres_running_and_stopped() {
+    let mut f = PgAnchored::new();
+    five_anchored_entries(f.l(), &f.anchors(), "olga");
+    let d = f.l().purchase(buy("olga", 400, "run-1")).unwrap();
+    wait_anchored(&f.anchors(), d.seq);
+    // A second node, with its own anchor file, sees the same chain. It
+    // joins a ledger that has entries, so it starts from a deliberate
+    // record of the head it found.
+    let dir_b = tempfile::tempdir().unwrap();
+    let anchors_b = dir_b.path().join("ledger.anchors");
+    let node_b = open(&f.db, anchored(&anchors_b));
+    assert!(node_b.refusing().unwrap().contains("holds no anchor"));
+    let r = node_b.restore("node b joins the cluster").unwrap();
+    assert_eq!(r.record.unwrap().head(0).unwrap().seq, 6);
+    node_b.purchase(buy("olga", 100, "run-2")).unwrap();
+    wait_anchored(&anchors_b, 7);
+    // While both run: the two purchases removed, their money given back.
+    f.truncate(5, "olga", 700);
+    assert_gap(&f.l().audit().unwrap(), 5, 6);
+    assert_gap(&node_b.audit().unwrap(), 5, 7);
+    assert!(matches!(
+        f.l().purchase(buy("olga", 1, "run-3")).unwrap_err(),
+        WalletError::Storage(_)
+    ));
+    drop(node_b);
+    f.stop();
+    f.start();
+    assert!(f.l().refusing().unwrap().contains("behind entry 6"));
+    assert_gap(&f.l().audit().unwrap(), 5, 6);
+    let b = open(&f.db, anchored(&anchors_b));
+    assert!(b.refusing().unwrap().contains("behind entry 7"));
+}
+
+#[test]
+fn an_older_copy_fails_the_audit_on_postgres_and_an_honest_restore_passes() {
+    let mut f = PgAnchored::new();
+    five_anchored_entries(f.l(), &f.anchors(), "pete");
+    f.stop();
+    // The backup: a copy of the whole database.
+    let copy = format!("{}_backup", f.name);
+    f.admin(&format!("CREATE DATABASE {copy} TEMPLATE {}", f.name));
+    f.start();
+    three_more_anchored(f.l(), &f.anchors(), "pete");
+    f.stop();
+    f.admin(&format!("DROP DATABASE {}", f.name));
+    f.admin(&format!("ALTER DATABASE {copy} RENAME TO {}", f.name));
+    f.start();
+    assert!(f.l().refusing().is_some());
+    assert_gap(&f.l().audit().unwrap(), 5, 8);
+    assert_honest_restore(f.l(), "pete", 5, 8);
+    f.stop();
+    f.start();
+    assert!(f.l().refusing().is_none());
+    assert_audit_ok(f.l());
 }
 
 #[test]

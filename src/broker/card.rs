@@ -17,7 +17,7 @@
 //! way once, then bound: a fresh salt, the key wrapped again under its KEK
 //! inside the HSM, and the row rewritten (`Store::rebind`).
 
-use super::auth::{AuthWorker, Which, internal};
+use super::auth::{AuthWorker, Refused, Which, internal};
 use super::conn::Core;
 use super::exchange::{self, pool_code};
 use super::released::{Opened, UserKey};
@@ -49,7 +49,7 @@ impl AuthWorker {
         user: &str,
         password: &Password,
     ) -> Result<Plan, ErrorCode> {
-        let record = self.gate(fingerprint, user)?;
+        let record = self.gate(fingerprint, user, password)?;
         let (bound, verifier) = match passwords::stored(&record.pw_release) {
             Some(Stored::Bound(b, v)) => (b, v),
             Some(Stored::Hash(_)) => {
@@ -83,14 +83,13 @@ pub(super) async fn open(
     fingerprint: [u8; 32],
     user: &str,
     password: Password,
-) -> Result<(Arc<UserKey>, UserRecord), ErrorCode> {
+) -> Result<(Arc<UserKey>, UserRecord), Refused> {
     let shared = &core.shared;
     let u = user.to_owned();
     let plan = shared
         .auth
-        .run(move |w| w.plan(&fingerprint, &u, &password))
-        .await
-        .map_err(pool_code)??;
+        .checked(fingerprint, move |w| w.plan(&fingerprint, &u, &password))
+        .await?;
     let Plan {
         record,
         secret,
@@ -103,10 +102,10 @@ pub(super) async fn open(
         // The row the key came from: this password's proof is the one
         // that opened it, or the password is wrong.
         if crate::crypto::ct_eq(&k.opened.proof, &secret.proof(&record.wrapped_key)) {
-            settle(core, &record, None).await?;
+            settle(core, fingerprint, &record, None).await?;
             return Ok((k, record));
         }
-        return Err(wrong(core, user).await);
+        return Err(wrong(core, fingerprint, user).await.into());
     }
     let data = secret.kek_data.clone();
     let stored = record.wrapped_key.clone();
@@ -135,7 +134,7 @@ pub(super) async fn open(
                     "the second password was accepted but the key did not unwrap: \
                      the row was rewritten by someone with the HSM, or the HSM failed");
             }
-            return Err(wrong(core, user).await);
+            return Err(wrong(core, fingerprint, user).await.into());
         }
     };
     let (binding, rebind) = match check {
@@ -150,7 +149,7 @@ pub(super) async fn open(
         row: row_digest(&blob, &binding),
     };
     let k = shared.released.insert(shared, user, key, opened);
-    settle(core, &record, rebind).await?;
+    settle(core, fingerprint, &record, rebind).await?;
     Ok((k, record))
 }
 
@@ -164,12 +163,13 @@ fn row_digest(wrapped: &[u8], binding: &str) -> [u8; 32] {
     d.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
-/// Counts a wrong second password; the refusal to answer with.
-async fn wrong(core: &Core, user: &str) -> ErrorCode {
+/// Counts a wrong second password, in the terminal's turn; the refusal
+/// to answer with.
+async fn wrong(core: &Core, terminal: [u8; 32], user: &str) -> ErrorCode {
     let u = user.to_owned();
     core.shared
         .auth
-        .run(move |w| w.count_failure(&u, Which::Release))
+        .run(terminal, move |w| w.count_failure(&u, Which::Release))
         .await
         .unwrap_or_else(pool_code)
 }
@@ -179,6 +179,7 @@ async fn wrong(core: &Core, user: &str) -> ErrorCode {
 /// delays it to the next release.
 async fn settle(
     core: &Core,
+    terminal: [u8; 32],
     record: &UserRecord,
     rebind: Option<(Vec<u8>, String)>,
 ) -> Result<(), ErrorCode> {
@@ -188,7 +189,7 @@ async fn settle(
     let u = record.clone();
     core.shared
         .auth
-        .run(move |w| {
+        .run(terminal, move |w| {
             if let Some((blob, binding)) = &rebind {
                 match w.store.rebind(&u.id, &u.wrapped_key, blob, binding) {
                     Ok(true) => {

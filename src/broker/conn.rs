@@ -8,12 +8,13 @@
 //! A terminal revoked while connected is cut off (`revoke.rs`): before each
 //! frame, and while the connection waits for one.
 
-use super::auth::Which;
-use super::exchange::{self, Released, pool_code};
+use super::auth::{Refused, Which};
+use super::exchange::{self, Released};
 use super::link::Link;
 use super::revoke::{Batch, Live};
 use super::{Shared, ms};
 use crate::crypto::AccessKeys;
+use crate::net::sources::{Pending, Source, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
 use crate::proto::access::{Frame, FrameDecoder, Message, encode};
@@ -38,6 +39,8 @@ pub(super) struct Core {
     pub next_request: Cell<u64>,
     /// This core's connections, to wake when their terminal is revoked.
     pub live: Rc<Live>,
+    /// Handshakes pending and started per source address on this core.
+    pub sources: Rc<Sources>,
 }
 
 pub(super) fn run_core(
@@ -57,6 +60,7 @@ pub(super) fn run_core(
             )?)),
             crate::config::Dispatch::Pool => None,
         };
+        let shared_limits = shared.cfg.source_limits();
         let core = Rc::new(Core {
             hsm_inline,
             shared,
@@ -65,6 +69,7 @@ pub(super) fn run_core(
             links_epoch: Cell::new(0),
             next_request: Cell::new(0),
             live: Rc::new(Live::default()),
+            sources: Sources::new(shared_limits),
         });
         compio::runtime::spawn(core.live.clone().listen(revocations)).detach();
         let metrics = crate::metrics::attach_core(index);
@@ -74,14 +79,22 @@ pub(super) fn run_core(
         compio::runtime::spawn(core.clone().follow_markets()).detach();
         let max = core.shared.cfg.broker.max_connections_per_core;
         let live = Rc::new(Cell::new(0));
+        let proxied = core.shared.cfg.broker.proxy_protocol;
         crate::net::accept_loop(listener, live, max, move |stream| {
+            // Without PROXY headers the source is known now: admit it here.
+            let admitted = if proxied {
+                None
+            } else {
+                let peer = stream.peer_addr().ok();
+                Some((peer, admit(&core, peer)?))
+            };
             let core = core.clone();
             let metrics = metrics.clone();
-            async move {
+            Some(async move {
                 metrics.connections.inc();
-                serve(&core, stream).await;
+                serve(&core, stream, admitted).await;
                 metrics.connections.dec();
-            }
+            })
         })
         .await;
         Ok(())
@@ -156,6 +169,8 @@ struct Conn {
     held: bool,
     /// The revocation epoch this connection last checked its terminal at.
     revocations_seen: u64,
+    /// The retry hint of the `busy` about to be sent (over a rate).
+    retry_ms: Option<u64>,
 }
 
 impl Conn {
@@ -202,32 +217,107 @@ impl Conn {
             crate::metrics::error(*code);
         }
         self.out.clear();
-        encode(frame, &mut self.out);
+        match (&frame.msg, self.retry_ms.take()) {
+            // docs/PROTOCOL.md §1.6: a rate's busy says when to come back.
+            (
+                Message::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                },
+                Some(ms),
+            ) => encode(
+                &Frame {
+                    id: frame.id,
+                    msg: Message::error(ErrorCode::Busy, format!("retry_after_ms={ms}")),
+                },
+                &mut self.out,
+            ),
+            _ => encode(frame, &mut self.out),
+        }
         self.io.queue(&self.out).is_ok()
+    }
+
+    /// The code of a refused check; its retry hint goes with the answer.
+    fn refused(&mut self, why: Refused) -> ErrorCode {
+        self.retry_ms = why.retry_ms;
+        why.code
     }
 }
 
-async fn serve(core: &Core, mut stream: TcpStream) {
+/// Counts a refused handshake and logs it, once per source and reason per
+/// interval (`net::sources`), so a certificate-probing scan shows with its
+/// source and cannot fill the disk.
+fn refuse(core: &Core, source: Source, peer: Option<std::net::SocketAddr>, reason: &'static str) {
+    crate::metrics::handshake_refused(reason);
+    let now = crate::limits::mono_ms();
+    if let Some(suppressed) = core.sources.log_refusal(source, reason, now) {
+        let peer = peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        tracing::warn!(peer = %peer, reason, suppressed, "TLS handshake refused");
+    }
+}
+
+/// The `keybroker_handshake_refused_total` reason of a failed handshake.
+fn tls_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    use std::io::ErrorKind;
+    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::NoCertificatesPresented) => "no_certificate",
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => "unknown_ca",
+        Some(Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(_) => "protocol",
+        None if matches!(
+            e.kind(),
+            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+        ) =>
+        {
+            "closed"
+        }
+        None => "protocol",
+    }
+}
+
+/// Counts a new connection from `peer` against its source, or refuses it.
+fn admit(core: &Core, peer: Option<std::net::SocketAddr>) -> Option<Pending> {
+    let source = Source::of(peer.map(|a| a.ip()));
+    match core.sources.admit(source, crate::limits::mono_ms()) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            refuse(core, source, peer, why.reason());
+            None
+        }
+    }
+}
+
+/// One terminal connection; `admitted`: its peer and pending slot when
+/// admitted at accept, None behind HAProxy (the PROXY header names it).
+async fn serve(
+    core: &Core,
+    mut stream: TcpStream,
+    admitted: Option<(Option<std::net::SocketAddr>, Pending)>,
+) {
     let shared = &core.shared;
     let cfg = &shared.cfg.broker;
-    // Behind HAProxy the terminal's address comes in a PROXY header.
-    let (peer, preload) = if cfg.proxy_protocol {
-        match compio::time::timeout(
-            ms(cfg.handshake_timeout_ms),
-            crate::net::proxy::read_header(&mut stream),
-        )
-        .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "no valid PROXY header");
+    let (peer, preload, pending) = match admitted {
+        Some((peer, pending)) => (peer, Vec::new(), pending),
+        None => {
+            // Behind HAProxy the terminal's address comes in a PROXY header.
+            let header = compio::time::timeout(
+                ms(cfg.handshake_timeout_ms),
+                crate::net::proxy::read_header(&mut stream),
+            )
+            .await;
+            let Ok(Ok((peer, preload))) = header else {
+                let from = stream.peer_addr().ok();
+                refuse(core, Source::of(from.map(|a| a.ip())), from, "proxy_header");
                 return;
-            }
-            Err(_) => return,
+            };
+            let Some(pending) = admit(core, peer) else {
+                return;
+            };
+            (peer, preload, pending)
         }
-    } else {
-        (stream.peer_addr().ok(), Vec::new())
     };
+    let source = pending.source();
     let conn = match ServerConnection::new(shared.tls.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -236,19 +326,19 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         }
     };
     let mut io = TlsIo::new(stream, conn);
-    if io.preload(&preload).is_err() {
-        return;
+    if let Err(e) = io.preload(&preload) {
+        return refuse(core, source, peer, tls_reason(&e));
     }
     let started = std::time::Instant::now();
     match compio::time::timeout(ms(cfg.handshake_timeout_ms), io.accept()).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => pending.done(),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
-            return;
+            return refuse(core, source, peer, tls_reason(&e));
         }
         Err(_) => {
-            tracing::debug!("TLS handshake timed out");
-            return;
+            pending.timed_out(crate::limits::mono_ms());
+            return refuse(core, source, peer, "timeout");
         }
     }
     crate::metrics::handshake_done(started.elapsed());
@@ -278,6 +368,7 @@ async fn serve(core: &Core, mut stream: TcpStream) {
         hold: false,
         held: false,
         revocations_seen: 0,
+        retry_ms: None,
     };
     if expired {
         c.queue(&Frame {
@@ -368,6 +459,10 @@ async fn serve(core: &Core, mut stream: TcpStream) {
     }
 }
 
+/// Exchanges refused over their user's rate, logged once a second.
+static OVER_RATE: crate::logs::Throttle =
+    crate::logs::Throttle::new(std::time::Duration::from_secs(1));
+
 /// Runs a closure when dropped, so a gauge comes back down on every path.
 struct Defer<F: FnMut()>(F);
 
@@ -396,13 +491,12 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 return false;
             }
             Action::CheckLogin { id, user, password } => {
-                let fp = c.fingerprint;
-                let u = user.clone();
                 let r = shared
                     .auth
-                    .run(move |w| w.check(Which::Access, &fp, &u, &password).map(drop))
+                    .check(Which::Access, c.fingerprint, &user, password)
                     .await
-                    .unwrap_or_else(|e| Err(pool_code(e)));
+                    .map(drop)
+                    .map_err(|why| c.refused(why));
                 if r.is_ok() {
                     tracing::info!(target: "audit", user, peer = %c.peer, "login");
                 }
@@ -421,12 +515,22 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 market,
                 ephemeral,
             } => {
-                let r = match &c.released {
-                    Some(rel) => {
+                let r = match (&c.released, shared.exchange_allowed(&user)) {
+                    (None, _) => Err(ErrorCode::NotReleased),
+                    (Some(_), Err(ms)) => {
+                        // Not an exchange: one line a second for them all.
+                        if let Some(suppressed) = OVER_RATE.pass() {
+                            tracing::info!(target: "audit", user, peer = %c.peer, suppressed,
+                                "exchanges over the user's rate refused");
+                        }
+                        c.retry_ms = Some(ms);
+                        next = Some(done(c, session, id, Err(ErrorCode::Busy)));
+                        continue;
+                    }
+                    (Some(rel), Ok(())) => {
                         exchange::exchange(core, rel, &user, &market, ephemeral, c.keys.wrap_key())
                             .await
                     }
-                    None => Err(ErrorCode::NotReleased),
                 };
                 let mode = if ephemeral.is_some() {
                     "partial"
@@ -474,7 +578,9 @@ async fn release(
     user: &str,
     password: crate::proto::access::Password,
 ) -> Result<(), ErrorCode> {
-    let (key, record) = super::card::open(core, c.fingerprint, user, password).await?;
+    let (key, record) = super::card::open(core, c.fingerprint, user, password)
+        .await
+        .map_err(|why| c.refused(why))?;
     c.released = Some(Released {
         key,
         terminal: c.fingerprint,

@@ -65,7 +65,11 @@ impl HsmWorker {
 pub struct Shared {
     pub cfg: Config,
     pub tls: Arc<ServerConfig>,
-    pub auth: Pool<auth::AuthWorker>,
+    /// Password checks (and other registry or ledger reads) on the fair
+    /// auth pool, within each terminal's rate.
+    pub auth: auth::Checks,
+    /// Exchanges each user may start (`exchange.per_user_per_s`).
+    pub exchanges: std::sync::Mutex<crate::limits::Buckets<String>>,
     pub hsm_pool: Pool<HsmWorker>,
     pub hsm: Arc<Hsm>,
     /// Registered markets, kept in step with the registry.
@@ -77,6 +81,19 @@ pub struct Shared {
     pub released: released::Keys,
     /// Terminals revoked since start, which open sessions must not outlive.
     pub revoked: Arc<revoke::Revoked>,
+}
+
+/// Users whose exchange rate is followed (`limits::Buckets`).
+const MAX_RATED_USERS: usize = 100_000;
+
+impl Shared {
+    /// Takes one exchange from `user`'s rate; `Err(ms)`: wait that long.
+    pub fn exchange_allowed(&self, user: &str) -> Result<(), u64> {
+        self.exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(user, 1, crate::limits::mono_ms())
+    }
 }
 
 /// A running broker.
@@ -94,7 +111,7 @@ pub struct Broker {
 impl Broker {
     /// Opens the HSM and the registry, issues the TLS key, binds, and starts
     /// the core threads.
-    pub fn start(cfg: Config) -> Result<Self> {
+    pub fn start(mut cfg: Config) -> Result<Self> {
         let hsm = Arc::new(Hsm::open(&cfg).context("opening the HSM")?);
         let keys = hsm.key_handles()?;
         // Rows verified by any thread of this process, and the newest
@@ -138,6 +155,17 @@ impl Broker {
         let (reload, reloads) = crossbeam_channel::bounded(1);
         markets::spawn_watcher(store, markets.clone(), builder, reloads)
             .context("watching the registry for markets")?;
+        // Each core links to each market: a descriptor apiece, for the
+        // markets registered and room for 16 (they can be added live).
+        let links = (cfg.cores() * markets.snapshot().len().max(16)) as u64;
+        cfg.broker.max_connections_per_core = crate::net::fds::fit_caps(
+            cfg.cores(),
+            links,
+            &[(
+                "broker.max_connections_per_core",
+                cfg.broker.max_connections_per_core,
+            )],
+        )?[0];
         let period = Duration::from_secs(cfg.broker.ticket_hours * 3600);
         let ticketer = tickets::HsmTicketer::new(
             &hsm,
@@ -148,13 +176,14 @@ impl Broker {
         spawn_ticket_refresh(hsm.clone(), ticketer.clone(), period);
         let tls = tls::server_config(provider, &terminal_ca, resolver, ticketer)?;
 
-        let max_failures = cfg.auth.max_failures;
-        let auth = Pool::start("auth", cfg.auth.workers, cfg.auth.queue, move |_| {
-            sealed().map(|store| auth::AuthWorker {
-                store,
-                max_failures,
-            })
-        })?;
+        let auth = auth::Checks::start(&cfg, sealed)?;
+        let exchanges = std::sync::Mutex::new(crate::limits::Buckets::new(
+            crate::limits::Rate {
+                per_s: cfg.exchange.per_user_per_s,
+                burst: cfg.exchange.per_user_burst,
+            },
+            MAX_RATED_USERS,
+        ));
         let h = hsm.clone();
         let hsm_pool = Pool::start("hsm", cfg.hsm.workers, cfg.hsm.queue, move |_| {
             HsmWorker::new(h.clone(), keys)
@@ -179,6 +208,7 @@ impl Broker {
             cfg,
             tls,
             auth,
+            exchanges,
             hsm_pool,
             hsm,
             markets,
@@ -244,11 +274,20 @@ pub type StartMailer = Box<
     ) -> crate::wallet::WalletResult<crate::wallet::mailer::Mailer>,
 >;
 
+/// Where the configured ledger anchors its head; a writer that anchors.
+pub fn anchor_config(cfg: &Config) -> crate::wallet::anchor::AnchorConfig {
+    let mut a = crate::wallet::anchor::AnchorConfig::new(cfg.path(&cfg.wallet.anchor_file));
+    a.interval = Duration::from_millis(cfg.wallet.anchor_interval_ms);
+    a
+}
+
 /// The configured ledger (`wallet.backend`), its writer owning an HSM
-/// session for the HMAC chain, and the outbox its mailer drains.
+/// session for the HMAC chain and anchoring as `anchor` says, and the
+/// outbox its mailer drains.
 pub fn open_ledger(
     cfg: &Config,
     hsm: Arc<Hsm>,
+    anchor: crate::wallet::anchor::AnchorConfig,
 ) -> Result<(Arc<dyn crate::wallet::Ledger>, StartMailer)> {
     use crate::config::LedgerBackend;
     use crate::wallet::{
@@ -260,6 +299,7 @@ pub fn open_ledger(
         queue: w.queue,
         group_max: w.group_max,
         currencies: w.currencies.clone(),
+        anchor: Some(anchor),
     };
     let mac: crate::wallet::ledger::MacFactory =
         Box::new(move || Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn ChainMac>));
@@ -296,7 +336,10 @@ pub fn open_ledger(
 fn open_wallet(cfg: &Config, hsm: Arc<Hsm>) -> Result<Wallet> {
     use crate::wallet::mailer;
     let w = &cfg.wallet;
-    let (ledger, start_mailer) = open_ledger(cfg, hsm)?;
+    let (ledger, start_mailer) = open_ledger(cfg, hsm, anchor_config(cfg))?;
+    if let Some(why) = ledger.refusing() {
+        anyhow::bail!("the ledger refuses writes: {why}");
+    }
     let transport = if w.smtp_relay.is_empty() {
         mailer::Transport::Maildir(cfg.data_dir.join("mail"))
     } else {

@@ -60,9 +60,11 @@ pub async fn handle(
         Message::Balance => {
             let ledger = shared.ledger.clone();
             let u = user.to_owned();
+            // A ledger read in the user's turn on the auth pool.
+            let key = crate::exchange::sha256(user.as_bytes());
             let balances = shared
                 .auth
-                .run(move |_| ledger.balance(&u))
+                .run(key, move |_| ledger.balance(&u))
                 .await
                 .map_err(pool_code)?
                 .map_err(|e| code(&e))?;
@@ -257,7 +259,9 @@ async fn top_up(
 ) -> Result<Message, ErrorCode> {
     let shared = &core.shared;
     let issuer = shared.voucher_issuer.clone().ok_or(ErrorCode::BadVoucher)?;
-    super::card::open(core, rel.terminal, user, password).await?;
+    super::card::open(core, rel.terminal, user, password)
+        .await
+        .map_err(|why| why.code)?;
     let v = wallet::voucher::verify(&issuer, &voucher, wallet::now_ms()).map_err(|e| code(&e))?;
     if v.user != user {
         return Err(ErrorCode::BadVoucher);

@@ -61,6 +61,9 @@ pub enum HsmError {
     KeyNotFound { token: String, label: String },
     #[error("HSM PIN unavailable: {0}")]
     Pin(String),
+    /// A file or directory of the token that this process may not read.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     #[error("HSM returned {0}")]
     Format(&'static str),
     /// The key was released into a session the HSM has since lost.
@@ -216,8 +219,16 @@ impl Hsm {
     pub fn open(cfg: &Config) -> HsmResult<Self> {
         let ctx = load_module(&cfg.hsm.module)?;
         let token = cfg.hsm.token_label.clone();
-        let slot =
-            find_slot(&ctx, &token)?.ok_or_else(|| HsmError::TokenNotFound(token.clone()))?;
+        let slot = find_slot(&ctx, &token)?.ok_or_else(|| {
+            // SoftHSM skips a token directory it cannot read: say so.
+            let dir = crate::fsmode::token_dir(cfg);
+            match std::fs::read_dir(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    HsmError::PermissionDenied(dir.display().to_string())
+                }
+                _ => HsmError::TokenNotFound(token.clone()),
+            }
+        })?;
         let anchor = ctx.open_rw_session(slot).op("C_OpenSession")?;
         let pin = user_pin(cfg)?;
         login(&anchor, &pin)?;

@@ -81,6 +81,11 @@ impl<K: Hash + Eq + Copy, V> Expiring<K, V> {
         Ok(self.map.get_mut(key).map(|(e, v)| (v, *e)))
     }
 
+    /// Drops `key` before its expiry (its queue slot goes at that expiry).
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        self.map.remove(key).map(|(_, v)| v)
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }

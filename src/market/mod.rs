@@ -97,6 +97,23 @@ pub struct MarketConfig {
     /// cap, so terminals cannot crowd out the broker. Default 10000.
     #[serde(default = "direct_per_core")]
     pub max_direct_connections_per_core: usize,
+    /// Direct connections one source address may have before their Hello
+    /// completes, on each core (0: no limit). Default 64.
+    #[serde(default = "pending_per_source")]
+    pub max_pending_per_source: u32,
+    /// Live sessions one user may hold. A new exchange over it expires the
+    /// user's oldest session no connection has used; when every one is in
+    /// use it is refused `busy`. So one user cannot fill `max_sessions`
+    /// for everyone. Default 1000.
+    #[serde(default = "sessions_per_user")]
+    pub max_sessions_per_user: usize,
+}
+
+fn pending_per_source() -> u32 {
+    64
+}
+fn sessions_per_user() -> usize {
+    1000
 }
 
 fn cancel_key() -> PathBuf {
@@ -190,8 +207,89 @@ pub struct MarketState {
     pub endpoint: String,
     user_ca_spki: Vec<u8>,
     certs: Mutex<HashMap<[u8; 32], UserKey>>,
-    replay: Mutex<Expiring<[u8; 16], ()>>,
+    replay: Mutex<Replay>,
     sessions: Mutex<Expiring<[u8; 16], Session>>,
+    /// Each user's session ids, oldest first (the quota's order). Locked
+    /// after `sessions`, only to add a session.
+    by_user: Mutex<UserIndex<std::collections::VecDeque<[u8; 16]>>>,
+}
+
+/// Something kept per user (its session ids, its nonces), oldest first.
+/// What expired stays until its user adds again or the sweep that runs
+/// once every `max_sessions` additions, so the index holds at most twice
+/// what is live.
+struct UserIndex<T> {
+    users: HashMap<String, T>,
+    added: usize,
+}
+
+impl<T> Default for UserIndex<T> {
+    fn default() -> Self {
+        Self {
+            users: HashMap::new(),
+            added: 0,
+        }
+    }
+}
+
+impl<T: Default> UserIndex<T> {
+    /// Counts one addition; every `every` of them, keeps only the users
+    /// for which `keep` (which may prune) is true.
+    fn sweep(&mut self, every: usize, keep: impl FnMut(&mut T) -> bool) {
+        self.added += 1;
+        if self.added >= every {
+            self.added = 0;
+            let mut keep = keep;
+            self.users.retain(|_, t| keep(t));
+        }
+    }
+
+    fn of(&mut self, user: &str) -> &mut T {
+        if !self.users.contains_key(user) {
+            self.users.insert(user.to_owned(), T::default());
+        }
+        self.users.get_mut(user).expect("inserted above")
+    }
+}
+
+/// The nonces of the exchanges accepted in the last `2 × freshness_ms`.
+struct Replay {
+    seen: Expiring<[u8; 16], ()>,
+    users: UserIndex<UserNonces>,
+}
+
+/// One user's nonces, oldest first: (nonce, request time, expiry).
+#[derive(Default)]
+struct UserNonces {
+    order: std::collections::VecDeque<([u8; 16], u64, u64)>,
+    /// Requests stamped at or before this were forgotten: `stale`.
+    floor_ms: u64,
+}
+
+impl UserNonces {
+    fn prune(&mut self, now: u64) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, _, expiry)| *expiry <= now)
+        {
+            self.order.pop_front();
+        }
+    }
+}
+
+/// Drops the ids at the front of `ids` whose sessions are gone.
+fn prune(
+    ids: &mut std::collections::VecDeque<[u8; 16]>,
+    live: &mut Expiring<[u8; 16], Session>,
+    now: u64,
+) {
+    while let Some(front) = ids.front() {
+        if matches!(live.get(front, now), Ok(Some(_))) {
+            break;
+        }
+        ids.pop_front();
+    }
 }
 
 /// A session lookup's answer as the direct channel's typed errors.
@@ -216,8 +314,12 @@ impl MarketState {
         let (_, ca) = x509_parser::parse_x509_certificate(user_ca_der)
             .map_err(|e| anyhow::anyhow!("user CA: {e}"))?;
         Ok(Self {
-            replay: Mutex::new(Expiring::new(cfg.max_sessions)),
+            replay: Mutex::new(Replay {
+                seen: Expiring::new(cfg.max_sessions),
+                users: UserIndex::default(),
+            }),
             sessions: Mutex::new(Expiring::new(cfg.max_sessions)),
+            by_user: Mutex::default(),
             cfg,
             signer: None,
             orders: Mutex::new(orders::Orders::in_memory()?),
@@ -301,7 +403,7 @@ impl MarketState {
         if !exchange::verify_signature(&key.point, &preimage, &req.signature) {
             return Err(ErrorCode::BadSignature);
         }
-        self.check_replay(req.nonce, now)?;
+        self.check_replay(&req.user, req.nonce, req.time_ms, now)?;
         let digest = exchange::sha256(&preimage);
         let eph = Ephemeral::generate(req.ephemeral.group());
         let x = eph
@@ -330,15 +432,58 @@ impl MarketState {
 
     /// Remembers each nonce for twice the freshness window; a nonce seen
     /// again inside it is a replay. Older ones are refused as stale anyway.
-    fn check_replay(&self, nonce: [u8; 16], now: u64) -> Result<(), ErrorCode> {
-        let mut seen = self.replay.lock().expect("replay cache");
-        match seen.insert(nonce, (), now + 2 * self.cfg.freshness_ms, now) {
-            Ok(None) => Ok(()),
+    ///
+    /// One user keeps at most `max_sessions_per_user` nonces, so a user
+    /// flooding exchanges cannot fill the cache for everyone (it filled
+    /// before the sessions did: a nonce stays 60 s, an evicted session's
+    /// too). At that quota the user's oldest nonce is forgotten and the
+    /// user's floor rises to its time: from then on a request of that user
+    /// stamped at or before the floor is `stale`, so the forgotten nonce
+    /// cannot be replayed. Only the flooding user's late-arriving requests
+    /// can meet the floor; everyone else's window is untouched.
+    fn check_replay(
+        &self,
+        user: &str,
+        nonce: [u8; 16],
+        time_ms: u64,
+        now: u64,
+    ) -> Result<(), ErrorCode> {
+        let mut r = self.replay.lock().expect("replay cache");
+        let Replay { seen, users } = &mut *r;
+        let keep = 2 * self.cfg.freshness_ms;
+        users.sweep(self.cfg.max_sessions, |u| {
+            u.prune(now);
+            !u.order.is_empty() || u.floor_ms + keep > now
+        });
+        let u = users.of(user);
+        u.prune(now);
+        if time_ms <= u.floor_ms {
+            return Err(ErrorCode::Stale);
+        }
+        if matches!(seen.get(&nonce, now), Ok(Some(_))) {
+            return Err(ErrorCode::Replay);
+        }
+        if u.order.len() >= self.cfg.max_sessions_per_user
+            && let Some((old, t, _)) = u.order.pop_front()
+        {
+            seen.remove(&old);
+            u.floor_ms = u.floor_ms.max(t);
+        }
+        match seen.insert(nonce, (), now + keep, now) {
+            Ok(None) => {
+                u.order.push_back((nonce, time_ms, now + keep));
+                Ok(())
+            }
             Ok(Some(())) => Err(ErrorCode::Replay),
             Err(expiring::Full) => Err(ErrorCode::Busy),
         }
     }
 
+    /// Adds a session, within its user's quota (`max_sessions_per_user`):
+    /// at the quota the user's oldest session that no direct connection
+    /// has used makes room; if every one is in use, `busy`. Unused ones go
+    /// first because they are what a flood of exchanges leaves behind, and
+    /// a terminal that has connected is using its session.
     fn insert_session(
         &self,
         id: [u8; 16],
@@ -347,8 +492,30 @@ impl MarketState {
         now: u64,
     ) -> Result<(), ErrorCode> {
         let mut sessions = self.sessions.lock().expect("sessions");
+        let mut index = self.by_user.lock().expect("sessions by user");
+        index.sweep(self.cfg.max_sessions, |ids| {
+            prune(ids, &mut sessions, now);
+            !ids.is_empty()
+        });
+        let ids = index.of(&s.user);
+        // Oldest first, so the expired (and the evicted) are at the front.
+        prune(ids, &mut sessions, now);
+        if ids.len() >= self.cfg.max_sessions_per_user {
+            let unused = ids.iter().position(
+                |old| matches!(sessions.get(old, now), Ok(Some((s, _))) if s.connections == 0),
+            );
+            let Some(i) = unused else {
+                return Err(ErrorCode::Busy);
+            };
+            if let Some(old) = ids.remove(i) {
+                sessions.remove(&old);
+            }
+        }
         match sessions.insert(id, s, expiry, now) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                ids.push_back(id);
+                Ok(())
+            }
             Err(expiring::Full) => Err(ErrorCode::Busy),
         }
     }

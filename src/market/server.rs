@@ -8,6 +8,7 @@
 use super::direct::{DirectConn, Refusal};
 use super::{MarketConfig, MarketState, now_ms};
 use crate::exchange::BINDING_LABEL;
+use crate::net::sources::{Pending, Source, SourceLimits, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
 use crate::proto::access::MAX_USER;
@@ -26,6 +27,10 @@ use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Refused exchanges, logged once a second with a count: a user flooding
+/// the market must not flood its log too.
+static REFUSED: crate::logs::Throttle = crate::logs::Throttle::new(Duration::from_secs(1));
 
 /// Market-channel connections per core: one per broker core per market.
 const MAX_CHANNELS_PER_CORE: usize = 1024;
@@ -78,6 +83,21 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
     } else {
         cfg.cores
     };
+    let caps = crate::net::fds::fit_caps(
+        cores,
+        0,
+        &[
+            (
+                "the market channel's connections per core",
+                MAX_CHANNELS_PER_CORE,
+            ),
+            (
+                "max_direct_connections_per_core",
+                cfg.max_direct_connections_per_core,
+            ),
+        ],
+    )?;
+    let (max_channels, max_direct) = (caps[0], caps[1]);
     let place = crate::net::cores::Placement::for_cores(cores, cfg.pin_cores);
     let steer = place.steered();
     let (chan, addr) = crate::net::listen::reuseport_group(cfg.listen, cores, 1024, steer)
@@ -118,7 +138,7 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
             std::thread::Builder::new()
                 .name(format!("market-{i}"))
                 .spawn(move || {
-                    if let Err(e) = run_core(cpus, c, d, state, tls) {
+                    if let Err(e) = run_core(cpus, c, d, state, tls, (max_channels, max_direct)) {
                         tracing::error!(error = %e, "market core stopped");
                     }
                 })?,
@@ -139,27 +159,36 @@ fn run_core(
     dir: std::net::TcpListener,
     state: Arc<MarketState>,
     tls: Arc<ServerConfig>,
+    (max_channels, max_direct): (usize, usize),
 ) -> Result<()> {
     let rt = crate::broker::core_runtime(cpus)?;
     rt.block_on(async move {
         let chan = TcpListener::from_std(chan)?;
         let dir = TcpListener::from_std(dir)?;
         let s = state.clone();
+        // Connections still in their Hello, per source: no rate limit here
+        // (a Hello costs no signature), only the cap on what one host holds.
+        let sources = Sources::new(SourceLimits {
+            max_pending: state.cfg.max_pending_per_source,
+            rate: crate::limits::Rate { per_s: 0, burst: 1 },
+        });
         compio::runtime::spawn(crate::net::accept_loop(
             dir,
             Rc::new(Cell::new(0)),
-            state.cfg.max_direct_connections_per_core,
+            max_direct,
             move |stream| {
+                // Refused at accept over the source's cap: no task made.
+                let pending = admit_direct(&sources, &stream)?;
                 let s = s.clone();
-                async move { serve_direct(&s, stream).await }
+                Some(async move { serve_direct(&s, pending, stream).await })
             },
         ))
         .detach();
         let live = Rc::new(Cell::new(0));
-        crate::net::accept_loop(chan, live, MAX_CHANNELS_PER_CORE, move |stream| {
+        crate::net::accept_loop(chan, live, max_channels, move |stream| {
             let s = state.clone();
             let tls = tls.clone();
-            async move { serve_channel(&s, tls, stream).await }
+            Some(async move { serve_channel(&s, tls, stream).await })
         })
         .await;
         Ok(())
@@ -215,7 +244,11 @@ async fn serve_channel(state: &MarketState, tls: Arc<ServerConfig>, stream: TcpS
                     let result = state.exchange(r, binding, now);
                     match &result {
                         Ok(_) => tracing::debug!(user = %r.user, request = r.request_id, "exchange accepted"),
-                        Err(code) => tracing::info!(user = %r.user, request = r.request_id, %code, "exchange refused"),
+                        Err(code) => {
+                            if let Some(suppressed) = REFUSED.pass() {
+                                tracing::info!(user = %r.user, request = r.request_id, %code, suppressed, "exchange refused");
+                            }
+                        }
                     }
                     ExchangeReply {
                         request_id: r.request_id,
@@ -254,12 +287,31 @@ async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, peer: &str, why: Refusal)
     let _ = write(sock, out).await;
 }
 
+/// Counts a direct connection against its source until its Hello
+/// completes, or refuses it (one log line per source and interval).
+fn admit_direct(sources: &Rc<Sources>, sock: &TcpStream) -> Option<Pending> {
+    let addr = sock.peer_addr().ok();
+    let source = Source::of(addr.map(|a| a.ip()));
+    let now = crate::limits::mono_ms();
+    match sources.admit(source, now) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            if let Some(suppressed) = sources.log_refusal(source, why.reason(), now) {
+                let peer = addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+                tracing::warn!(peer = %peer, reason = why.reason(), suppressed, "direct connection refused");
+            }
+            None
+        }
+    }
+}
+
 /// One direct connection: `DirectConn` decides, this moves the bytes. The
 /// answers to frames that arrived together leave together, in one write.
-async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
+async fn serve_direct(state: &MarketState, pending: Pending, mut sock: TcpStream) {
     let peer = sock
         .peer_addr()
         .map_or_else(|_| "-".to_owned(), |a| a.to_string());
+    let mut pending = Some(pending);
     let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
     let hello_by = Instant::now() + Duration::from_millis(state.cfg.hello_timeout_ms);
     let mut dec = Decoder::default();
@@ -276,6 +328,11 @@ async fn serve_direct(state: &MarketState, mut sock: TcpStream) {
             if let Err(why) = conn.handle(state, ty, &payload, now_ms(), &mut out) {
                 return alert(&mut sock, out, &peer, why).await;
             }
+        }
+        if conn.established()
+            && let Some(p) = pending.take()
+        {
+            p.done();
         }
         if !out.is_empty() {
             match write(&mut sock, std::mem::take(&mut out)).await {

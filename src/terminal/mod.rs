@@ -138,7 +138,20 @@ impl Terminal {
         cfg: &TerminalConfig,
         timeout: Duration,
     ) -> Result<Self, TerminalError> {
-        let mut t = Self::open(addr, cfg, timeout)?;
+        let mut t = Self::open(addr, cfg, timeout, None)?;
+        t.tls.flush()?;
+        Ok(t)
+    }
+
+    /// As [`Terminal::connect`], from the local address `from` (a host
+    /// with several addresses; the tests use 127.0.0.2 as a second source).
+    pub fn connect_from(
+        from: std::net::IpAddr,
+        addr: SocketAddr,
+        cfg: &TerminalConfig,
+        timeout: Duration,
+    ) -> Result<Self, TerminalError> {
+        let mut t = Self::open(addr, cfg, timeout, Some(from))?;
         t.tls.flush()?;
         Ok(t)
     }
@@ -154,7 +167,7 @@ impl Terminal {
         user: &str,
         password: &[u8],
     ) -> Result<Self, TerminalError> {
-        let mut t = Self::open(addr, cfg, timeout)?;
+        let mut t = Self::open(addr, cfg, timeout, None)?;
         t.login(user, password)?;
         Ok(t)
     }
@@ -164,8 +177,21 @@ impl Terminal {
         addr: SocketAddr,
         cfg: &TerminalConfig,
         timeout: Duration,
+        from: Option<std::net::IpAddr>,
     ) -> Result<Self, TerminalError> {
-        let sock = TcpStream::connect_timeout(&addr, timeout)?;
+        let sock = match from {
+            None => TcpStream::connect_timeout(&addr, timeout)?,
+            Some(ip) => {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                s.bind(&SocketAddr::new(ip, 0).into())?;
+                s.connect_timeout(&addr.into(), timeout)?;
+                s.into()
+            }
+        };
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
         sock.set_nodelay(true)?;
@@ -304,7 +330,7 @@ impl Terminal {
         first: &[u8],
         second: &[u8],
     ) -> Result<Self, TerminalError> {
-        let mut t = Self::open(addr, cfg, timeout)?;
+        let mut t = Self::open(addr, cfg, timeout, None)?;
         let login = t.take_id();
         let release = t.take_id();
         let mut out = zeroize::Zeroizing::new(Vec::new());

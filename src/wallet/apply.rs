@@ -5,17 +5,23 @@
 //! run_group: BEGIN IMMEDIATE ─► for each request: checks (no writes) ─► writes
 //!            ─► COMMIT ─► answers        (storage/MAC error: ROLLBACK, all get it)
 //! append:    seq = head+1, prev_mac = head mac, mac = ChainMac(prev ‖ entry) ─► INSERT
+//! anchor:    committed head ahead of the newest anchor, interval passed ─► anchor file
+//! audit:     anchor sources (first) ─► one snapshot of entries and accounts
 //! ```
 
+use super::anchor::{
+    self, Anchor, AnchorConfig, AnchorFile, AnchorKind, Head, MAX_REASON, Pin, utc,
+};
 use super::chain::{GENESIS, entry_mac};
 use super::ledger::Request;
 use super::store::{NewMail, Scanned, Store};
 use super::{
     Amount, AuditReport, CancelRequest, ChainMac, Currency, Decision, Entry, EntryKind, MAX_AMOUNT,
-    PurchaseRequest, TopUpRequest, WalletError, WalletResult, check_id, check_mail, check_text,
-    now_ms,
+    PurchaseRequest, Restored, TopUpRequest, WalletError, WalletResult, check_id, check_mail,
+    check_text, now_ms,
 };
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 /// A decision id: 48 bits of milliseconds, then 80 random bits (the layout
 /// of a UUIDv7), as 32 hex digits. Ids in time order land on the right edge
@@ -51,9 +57,86 @@ pub(crate) struct Writer<S> {
     currencies: Vec<Currency>,
     /// Last committed (or, inside a group, last appended) seq and MAC.
     head: (i64, [u8; 32]),
-    /// The newest committed head this writer has seen (read or written).
-    /// The chain may grow past it (other writers) but never lose it.
+    /// The newest committed head this writer has seen (read, written or
+    /// anchored). The chain may grow past it (other writers) but never
+    /// lose it.
     known: (i64, [u8; 32]),
+    anchor: Option<Anchoring>,
+    /// Set at start when the anchors show that appending would fork or
+    /// bless a damaged history; cleared by a restore.
+    refuse: Option<String>,
+}
+
+/// The writer's side of the anchor file.
+struct Anchoring {
+    cfg: AnchorConfig,
+    /// Open (and locked) only if this writer appends anchors.
+    file: Option<AnchorFile>,
+    /// The file's newest record whose MAC verifies: the next one links to it.
+    last: Option<Anchor>,
+    /// When this writer last tried to append one.
+    tried: Option<Instant>,
+}
+
+impl Anchoring {
+    /// The newest anchored head of shard 0 (seq 0 if none).
+    fn anchored(&self) -> (i64, [u8; 32]) {
+        self.last
+            .as_ref()
+            .and_then(|a| a.head(0))
+            .map_or((0, GENESIS), |h| (h.seq, h.mac))
+    }
+
+    /// Appends a record of `head` after the file's newest one and logs
+    /// it: a restore record with `restore = Some(reason)`, else a head
+    /// record, which is skipped if the file holds this head or a later
+    /// one already (another writer on the same file anchored it). Returns
+    /// the newest record before, and the one written.
+    fn append(
+        &mut self,
+        mac: &dyn ChainMac,
+        restore: Option<&str>,
+        head: (i64, [u8; 32]),
+    ) -> WalletResult<(Option<Anchor>, Option<Anchor>)> {
+        let file = self.file.as_mut().ok_or_else(|| {
+            WalletError::Storage("the anchor file is not open for writing here".into())
+        })?;
+        let started = Instant::now();
+        let (before, written) = file.append_with(mac, |newest| {
+            let newest_head = newest.and_then(|n| n.head(0));
+            let kind = match restore {
+                Some(reason) => AnchorKind::Restore {
+                    reason: reason.to_owned(),
+                    supersedes: newest.map_or_else(Vec::new, |n| n.heads.clone()),
+                },
+                None if newest_head.is_some_and(|h| h.seq >= head.0) => return Ok(None),
+                None => AnchorKind::Head,
+            };
+            let heads = vec![Head {
+                shard: 0,
+                seq: head.0,
+                mac: head.1,
+            }];
+            let prev = newest.map_or(GENESIS, |n| n.mac);
+            Anchor::seal(mac, kind, now_ms(), prev, heads).map(Some)
+        })?;
+        // The second place: journald under systemd, out of reach of
+        // whoever can write the database or the data directory.
+        if let Some(w) = &written {
+            let (line, us) = (w.to_line(), started.elapsed().as_micros());
+            match &w.kind {
+                AnchorKind::Head => {
+                    tracing::info!(target: "audit", anchor = %line, us, "ledger anchor")
+                }
+                AnchorKind::Restore { reason, .. } => {
+                    tracing::warn!(target: "audit", seq = head.0, reason = %reason, anchor = %line,
+                        "ledger restore recorded")
+                }
+            }
+        }
+        self.last = written.clone().or_else(|| before.clone());
+        Ok((before, written))
+    }
 }
 
 impl<S: Store> Writer<S> {
@@ -61,6 +144,7 @@ impl<S: Store> Writer<S> {
         store: S,
         mac: Box<dyn ChainMac>,
         currencies: Vec<Currency>,
+        anchor: Option<AnchorConfig>,
     ) -> WalletResult<Self> {
         let mut w = Self {
             store,
@@ -68,14 +152,123 @@ impl<S: Store> Writer<S> {
             currencies,
             head: (0, GENESIS),
             known: (0, GENESIS),
+            anchor: None,
+            refuse: None,
         };
         w.load_head()?;
+        if let Some(cfg) = anchor {
+            w.open_anchors(cfg)?;
+        }
         Ok(w)
     }
 
-    /// Reads the chain head. A chain shorter than one already seen lost
-    /// entries: appending to it would fork the history, so it is refused.
+    /// Opens the anchor file (for appending, if this writer anchors) and
+    /// learns its newest head. The writer refuses to append (see
+    /// `load_head`), until `keybroker restore` records a restore, to a
+    /// ledger that is behind that head (entries removed, or an older copy
+    /// put back), and, if it anchors, to a ledger with entries but no
+    /// anchor (the file removed or emptied): anchoring that ledger as it
+    /// is would bless whatever was done to it. Reads, audits and the
+    /// restore itself still work.
+    fn open_anchors(&mut self, cfg: AnchorConfig) -> WalletResult<()> {
+        let file = if cfg.write {
+            Some(AnchorFile::open(&cfg.path)?)
+        } else {
+            None
+        };
+        let last = anchor::newest(&cfg.path, self.mac.as_ref())?;
+        let a = Anchoring {
+            cfg,
+            file,
+            last,
+            tried: None,
+        };
+        let (seq, mac) = a.anchored();
+        let file = a.cfg.path.display();
+        let at = utc(a.last.as_ref().map_or(0, |l| l.t_ms));
+        let head = self.known.0;
+        let then = "run `keybroker wallet audit`, and `keybroker restore --reason` if a backup was put back on purpose";
+        // The anchored entry itself, not only the head's seq: a ledger put
+        // back and appended to by a writer that did not know the anchors
+        // is ahead of them, and forked.
+        let at_seq = if seq == 0 {
+            Some(GENESIS.to_vec())
+        } else {
+            self.store.mac_at(seq)?
+        };
+        self.refuse = if at_seq.is_none() {
+            Some(format!(
+                "the ledger ends at entry {head}, behind entry {seq} anchored at {at} in {file}: entries were removed or an older copy put back; {then}"
+            ))
+        } else if at_seq.as_deref() != Some(&mac[..]) {
+            Some(format!(
+                "entry {seq} is not the entry anchored at {at} in {file}: the ledger was rolled back and appended to since; {then}"
+            ))
+        } else if a.cfg.write && a.last.is_none() && head > 0 {
+            Some(format!(
+                "the ledger has {head} entries but {file} holds no anchor: it was removed or emptied; if it is new (the first start with anchors, or a broker stopped before its first anchor), run `keybroker restore --reason`"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = &self.refuse {
+            tracing::error!(target: "audit", reason = %why, "the ledger writer refuses to append");
+        }
+        self.anchor = Some(a);
+        Ok(())
+    }
+
+    /// Why this writer refuses to append, if it does (as of its start).
+    pub(crate) fn refusing(&self) -> Option<String> {
+        self.refuse.clone()
+    }
+
+    /// How long until the committed head must be anchored; `None` when
+    /// it is anchored already (or this writer does not anchor).
+    pub(crate) fn anchor_due_in(&self, now: Instant) -> Option<Duration> {
+        let a = self.anchor.as_ref().filter(|a| a.file.is_some())?;
+        if self.known.0 <= a.anchored().0 || self.refuse.is_some() {
+            return None;
+        }
+        Some(a.tried.map_or(Duration::ZERO, |t| {
+            (t + a.cfg.interval).saturating_duration_since(now)
+        }))
+    }
+
+    /// Anchors the committed head if it is due.
+    pub(crate) fn anchor_if_due(&mut self, now: Instant) {
+        if self.anchor_due_in(now) == Some(Duration::ZERO) {
+            self.anchor_now();
+        }
+    }
+
+    /// Anchors the committed head if it is ahead of the newest anchor.
+    /// `known` is always a head this writer saw in the chain (read or
+    /// committed), so the record is true even if the chain has lost it
+    /// since. A failure is logged and retried after the interval: the
+    /// ledger keeps serving, the window grows, the log says so.
+    pub(crate) fn anchor_now(&mut self) {
+        let known = self.known;
+        let Some(a) = self.anchor.as_mut().filter(|a| a.file.is_some()) else {
+            return;
+        };
+        if known.0 <= a.anchored().0 || self.refuse.is_some() {
+            return;
+        }
+        a.tried = Some(Instant::now());
+        if let Err(e) = a.append(self.mac.as_ref(), None, known) {
+            tracing::error!(target: "audit", error = %e, seq = known.0,
+                "anchoring the ledger head failed; retrying after wallet.anchor_interval_ms");
+        }
+    }
+
+    /// Reads the chain head. A chain shorter than one already seen (or
+    /// anchored) lost entries: appending to it would fork the history, so
+    /// it is refused.
     fn load_head(&mut self) -> WalletResult<()> {
+        if let Some(why) = &self.refuse {
+            return Err(WalletError::Storage(why.clone()));
+        }
         let head = match self.store.head()? {
             None => (0, GENESIS),
             Some((seq, mac)) => (
@@ -87,7 +280,9 @@ impl<S: Store> Writer<S> {
         };
         if head.0 < self.known.0 || (head.0 == self.known.0 && head.1 != self.known.1) {
             return Err(WalletError::Storage(format!(
-                "the chain head went back from entry {} to {}: entries were removed; run the audit",
+                "the chain head went back from entry {} to {}: entries were removed or an older \
+                 copy restored; run `keybroker wallet audit` (and `keybroker restore --reason` \
+                 if a backup was put back on purpose)",
                 self.known.0, head.0
             )));
         }
@@ -100,6 +295,7 @@ impl<S: Store> Writer<S> {
     pub(crate) fn run_group(&mut self, group: &mut Vec<Request>) {
         let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
         let mut audits = Vec::new();
+        let mut restores = Vec::new();
         // The head is re-read under the write lock: another writer (a second
         // process or node on the same ledger) may have appended since.
         let mut fatal = self
@@ -110,6 +306,7 @@ impl<S: Store> Writer<S> {
         for req in group.drain(..) {
             match req {
                 Request::Audit(reply) => audits.push(reply),
+                Request::Restore(reason, reply) => restores.push((reason, reply)),
                 Request::Purchase(r, reply) => {
                     let res = self.guarded(&fatal, |w| w.purchase(&r));
                     fatal = fatal.or_else(|| res.as_ref().err().filter(|e| is_fatal(e)).cloned());
@@ -150,8 +347,14 @@ impl<S: Store> Writer<S> {
         for a in answers {
             a(fatal.as_ref());
         }
+        // Before the audits: one asked for in the same group as the
+        // first writes then sees them anchored.
+        self.anchor_if_due(Instant::now());
         for reply in audits {
             reply.send(self.audit());
+        }
+        for (reason, reply) in restores {
+            reply.send(self.restore(&reason));
         }
     }
 
@@ -368,9 +571,21 @@ impl<S: Store> Writer<S> {
     }
 
     /// Re-verifies every MAC and link, recomputes every balance from the
-    /// entries, and compares with `accounts`. Reads one snapshot.
+    /// entries, compares with `accounts`, and checks the entries against
+    /// the anchors. The anchors are read first, then one snapshot of the
+    /// ledger: every head anchored was committed before, so a running
+    /// writer's new anchors cannot make an honest ledger fail.
     pub(crate) fn audit(&mut self) -> WalletResult<AuditReport> {
-        let mut a = Audit::new(self.mac.as_ref(), self.known);
+        let anchors = match &self.anchor {
+            Some(a) => Some(Anchors::read(&a.cfg, self.mac.as_ref())?),
+            None => None,
+        };
+        Ok(self.scan(anchors)?.0)
+    }
+
+    /// The audit of one snapshot, and the chain head it ended at.
+    fn scan(&mut self, anchors: Option<Anchors>) -> WalletResult<(AuditReport, (i64, [u8; 32]))> {
+        let mut a = Audit::new(self.mac.as_ref(), self.known, anchors);
         self.store.scan(&mut |s| match s {
             Scanned::Entry(e) => a.entry(e),
             Scanned::Account(user, currency, stored) => {
@@ -379,6 +594,93 @@ impl<S: Store> Writer<S> {
             }
         })?;
         Ok(a.finish())
+    }
+
+    /// `keybroker restore`: audits the chain as it is (anchors aside: they
+    /// are what a restore overrides), and if it verifies, appends a
+    /// restore record pinning its head and superseding every record
+    /// before. From then on this writer appends to that head.
+    pub(crate) fn restore(&mut self, reason: &str) -> WalletResult<Restored> {
+        check_text("restore reason", reason, MAX_REASON, false)?;
+        if self.anchor.as_ref().is_none_or(|a| a.file.is_none()) {
+            return Err(WalletError::Storage(
+                "no anchor file open for writing: nothing to record the restore in".into(),
+            ));
+        }
+        // The chain's own audit: the writer's memory of a longer chain
+        // (`known`) is what is being overridden, so it is left out.
+        let known = self.known;
+        self.known = (0, GENESIS);
+        let scanned = self.scan(None);
+        self.known = known;
+        let (audit, head) = scanned?;
+        let Some(a) = self.anchor.as_mut() else {
+            unreachable!("checked above")
+        };
+        if !audit.ok {
+            return Ok(Restored {
+                audit,
+                record: None,
+                superseded: a.last.clone(),
+            });
+        }
+        let (superseded, record) = a.append(self.mac.as_ref(), Some(reason), head)?;
+        self.known = head;
+        self.refuse = None;
+        Ok(Restored {
+            audit,
+            record,
+            superseded,
+        })
+    }
+}
+
+/// What the anchor sources say the ledger must hold.
+struct Anchors {
+    pins: Vec<(Pin, bool)>,
+    records: u64,
+    problems: Vec<String>,
+    notes: Vec<String>,
+    file: String,
+    file_exists: bool,
+    /// Entries older than this (ms since the epoch) should be anchored.
+    due_before_ms: i64,
+    /// This writer anchors (and anchored before the audit): no other
+    /// writer can have entries in flight, unanchored, on this file.
+    strict: bool,
+}
+
+impl Anchors {
+    /// Slack beyond the interval for a writer that is slow to anchor (an
+    /// fsync, an HSM operation, a group in progress).
+    const GRACE_MS: i64 = 5_000;
+
+    fn read(cfg: &AnchorConfig, mac: &dyn ChainMac) -> WalletResult<Self> {
+        let (sources, file_exists) = anchor::check_all(cfg, mac)?;
+        let mut a = Self {
+            pins: Vec::new(),
+            records: 0,
+            problems: Vec::new(),
+            notes: Vec::new(),
+            file: cfg.path.display().to_string(),
+            file_exists,
+            due_before_ms: now_ms()
+                - i64::try_from(cfg.interval.as_millis()).unwrap_or(i64::MAX / 2)
+                - Self::GRACE_MS,
+            strict: cfg.write,
+        };
+        for s in sources {
+            a.records += s.records;
+            a.problems.extend(s.problems);
+            a.notes.extend(s.notes);
+            a.pins.extend(s.pin.map(|p| (p, false)));
+        }
+        Ok(a)
+    }
+
+    /// The highest anchored seq.
+    fn top(&self) -> i64 {
+        self.pins.iter().map(|(p, _)| p.head.seq).max().unwrap_or(0)
     }
 }
 
@@ -394,22 +696,107 @@ struct Audit<'m> {
     prev: [u8; 32],
     expect: i64,
     count: u64,
+    /// The last entry's seq.
+    last_seq: i64,
+    anchors: Option<Anchors>,
+    /// The first entry after every anchored seq: (seq, created_ms).
+    unanchored: Option<(i64, i64)>,
 }
 
 impl<'m> Audit<'m> {
     const MAX_PROBLEMS: usize = 100;
 
-    fn new(mac: &'m dyn ChainMac, written: (i64, [u8; 32])) -> Self {
+    fn new(mac: &'m dyn ChainMac, written: (i64, [u8; 32]), anchors: Option<Anchors>) -> Self {
+        // A head the anchors pin already is checked there, with a better
+        // message.
+        let pinned = anchors.as_ref().is_some_and(|a| {
+            a.pins
+                .iter()
+                .any(|(p, _)| (p.head.seq, p.head.mac) == written)
+        });
         Self {
             mac,
             written,
-            written_seen: written.0 == 0,
+            written_seen: written.0 == 0 || pinned,
             problems: Vec::new(),
             balances: BTreeMap::new(),
             prev: GENESIS,
             expect: 1,
             count: 0,
+            last_seq: 0,
+            anchors,
+            unanchored: None,
         }
+    }
+
+    /// Checks `e` against every pinned head at its seq.
+    fn pinned(&mut self, e: &Entry) {
+        let Some(a) = self.anchors.as_mut() else {
+            return;
+        };
+        let mut found = Vec::new();
+        for (p, seen) in &mut a.pins {
+            if p.head.seq == e.seq {
+                *seen = true;
+                if p.head.mac != e.mac {
+                    found.push(format!(
+                        "entry {} is not the entry anchored at {} ({}): the ledger was rolled back and rewritten after it",
+                        e.seq,
+                        utc(p.t_ms),
+                        p.at
+                    ));
+                }
+            }
+        }
+        if self.unanchored.is_none() && e.seq > a.top() {
+            self.unanchored = Some((e.seq, e.created_ms));
+        }
+        for p in found {
+            self.note(p);
+        }
+    }
+
+    /// The anchors' findings once every entry is seen: a pinned head the
+    /// ledger lacks is the gap that truncation or a rollback leaves.
+    fn finish_anchors(&mut self) -> (u64, Vec<String>) {
+        let Some(mut a) = self.anchors.take() else {
+            return (0, Vec::new());
+        };
+        for p in std::mem::take(&mut a.problems) {
+            self.note(p);
+        }
+        let last = self.last_seq;
+        for (p, seen) in &a.pins {
+            if !seen && p.head.seq > last {
+                self.note(format!(
+                    "the ledger ends at entry {last}, but entry {} was anchored at {} ({}): entries {}..={} are missing; its tail was removed or an older copy restored (if a backup was put back on purpose, run `keybroker restore --reason`)",
+                    p.head.seq,
+                    utc(p.t_ms),
+                    p.at,
+                    last + 1,
+                    p.head.seq
+                ));
+            }
+        }
+        if let Some((seq, created)) = self.unanchored {
+            let what = format!(
+                "entries {seq}..={last} (the first of {}) are not anchored",
+                utc(created)
+            );
+            let due = created < a.due_before_ms;
+            if a.pins.is_empty() && (a.strict || due) {
+                self.note(format!(
+                    "{what}, and {} holds no anchor: it was {}, or the writer stopped before its first anchor; once you know which, `keybroker restore --reason` starts the anchors from this head",
+                    a.file,
+                    if a.file_exists { "emptied or replaced" } else { "removed" }
+                ));
+            } else if due {
+                a.notes.push(format!(
+                    "{what} yet: the writer stopped before anchoring them (starting it anchors them), or the newest records of the anchor file were removed"
+                ));
+            }
+        }
+        (a.records, a.notes)
     }
 
     fn note(&mut self, p: String) {
@@ -445,7 +832,9 @@ impl<'m> Audit<'m> {
         if e.seq == self.written.0 && e.mac == self.written.1 {
             self.written_seen = true;
         }
+        self.pinned(&e);
         self.prev = e.mac;
+        self.last_seq = e.seq;
         if e.amount.minor <= 0 {
             self.note(format!("entry {}: non-positive amount", e.seq));
         }
@@ -489,7 +878,8 @@ impl<'m> Audit<'m> {
         }
     }
 
-    fn finish(mut self) -> AuditReport {
+    fn finish(mut self) -> (AuditReport, (i64, [u8; 32])) {
+        let (anchors, notes) = self.finish_anchors();
         if !self.written_seen {
             self.note(format!(
                 "the chain lacks entry {} as this writer last saw it",
@@ -501,11 +891,14 @@ impl<'m> Audit<'m> {
                 self.note(format!("account {user}/{cur}: missing, entries give {bal}"));
             }
         }
-        AuditReport {
+        let report = AuditReport {
             entries: self.count,
             ok: self.problems.is_empty(),
             problems: self.problems,
-        }
+            anchors,
+            notes,
+        };
+        (report, (self.last_seq, self.prev))
     }
 }
 

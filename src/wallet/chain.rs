@@ -1,6 +1,7 @@
 //! The ledger's HMAC chain: each entry's MAC covers the previous entry's
 //! MAC and the entry's own fields, so changing, removing or reordering any
-//! entry breaks every MAC after it.
+//! entry breaks every MAC after it. Removing the last entries breaks none:
+//! that is what the anchors (`super::anchor`) catch.
 //!
 //! ```text
 //! prev_mac (32 zero bytes for seq 1) ─┐
@@ -12,7 +13,10 @@
 //! use the token cannot forge entries. Each entry is MACed with that day's
 //! key, `HMAC(kb-ledger-mac, "keybroker ledger day key v1" ‖ day)`, derived
 //! in the HSM once per day and held by the writer (docs/DECISIONS.md, "The
-//! wallet"). [`SoftChainMac`] exists for unit tests of the chain logic only.
+//! wallet"). Anchors of the chain's head (`super::anchor`) are MAC'd with
+//! `kb-ledger-mac` itself, in the HSM, one `C_Sign` each
+//! ([`ChainMac::anchor_mac`]). [`SoftChainMac`] exists for unit tests of
+//! the chain logic only.
 
 use super::{Entry, WalletError, WalletResult};
 use crate::hsm::{Ctx, Hsm, HsmError, labels};
@@ -31,6 +35,15 @@ const DOMAIN: &[u8] = b"keybroker ledger entry v1";
 pub trait ChainMac: Send + Sync {
     /// The MAC of `data` for an entry made on `day` (days since the epoch).
     fn mac(&self, day: i64, data: &[u8]) -> Result<[u8; 32], WalletError>;
+    /// The MAC of an anchor record's canonical form
+    /// ([`super::anchor::Anchor::mac_input`]), made with the long-term key
+    /// itself, not a day key: a day key read from memory forges no anchor.
+    fn anchor_mac(&self, data: &[u8]) -> Result<[u8; 32], WalletError>;
+}
+
+fn tag32(tag: &[u8]) -> WalletResult<[u8; 32]> {
+    tag.try_into()
+        .map_err(|_| WalletError::Mac("HMAC-SHA256 tag is not 32 bytes".into()))
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -89,10 +102,10 @@ impl SoftChainMac {
 
 impl ChainMac for SoftChainMac {
     fn mac(&self, _day: i64, data: &[u8]) -> WalletResult<[u8; 32]> {
-        let tag = aws_lc_rs::hmac::sign(&self.0, data);
-        tag.as_ref()
-            .try_into()
-            .map_err(|_| WalletError::Mac("HMAC-SHA256 tag is not 32 bytes".into()))
+        tag32(aws_lc_rs::hmac::sign(&self.0, data).as_ref())
+    }
+    fn anchor_mac(&self, data: &[u8]) -> WalletResult<[u8; 32]> {
+        self.mac(0, data)
     }
 }
 
@@ -147,23 +160,15 @@ impl HsmChainMac {
         })
     }
 
-    /// The day's key, derived in the HSM on first use.
-    fn day_key(&self, day: i64) -> WalletResult<aws_lc_rs::hmac::Key> {
-        let mut days = self
-            .days
-            .lock()
-            .map_err(|_| WalletError::Mac("day key lock poisoned".into()))?;
-        if let Some(k) = days.get(&day) {
-            return Ok(k.clone());
-        }
+    /// `HMAC(kb-ledger-mac, input)`, computed in the HSM.
+    fn sign(&self, input: &[u8]) -> WalletResult<zeroize::Zeroizing<Vec<u8>>> {
         let mut s = self
             .session
             .lock()
             .map_err(|_| WalletError::Mac("session lock poisoned".into()))?;
-        let input = [DAY_KEY, &day.to_be_bytes()].concat();
         let derive = |m: &MacSession| {
             m.session
-                .sign(&Mechanism::Sha256Hmac, m.key, &input)
+                .sign(&Mechanism::Sha256Hmac, m.key, input)
                 .op("C_Sign (SHA256_HMAC)")
         };
         let mac_err = |e: HsmError| WalletError::Mac(e.to_string());
@@ -178,7 +183,19 @@ impl HsmChainMac {
             }
             r => r.map_err(mac_err)?,
         };
-        let raw = zeroize::Zeroizing::new(raw);
+        Ok(zeroize::Zeroizing::new(raw))
+    }
+
+    /// The day's key, derived in the HSM on first use.
+    fn day_key(&self, day: i64) -> WalletResult<aws_lc_rs::hmac::Key> {
+        let mut days = self
+            .days
+            .lock()
+            .map_err(|_| WalletError::Mac("day key lock poisoned".into()))?;
+        if let Some(k) = days.get(&day) {
+            return Ok(k.clone());
+        }
+        let raw = self.sign(&[DAY_KEY, &day.to_be_bytes()].concat())?;
         let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &raw);
         if days.len() >= MAX_DAY_KEYS {
             days.clear();
@@ -190,10 +207,10 @@ impl HsmChainMac {
 
 impl ChainMac for HsmChainMac {
     fn mac(&self, day: i64, data: &[u8]) -> WalletResult<[u8; 32]> {
-        let tag = aws_lc_rs::hmac::sign(&self.day_key(day)?, data);
-        tag.as_ref()
-            .try_into()
-            .map_err(|_| WalletError::Mac("HMAC-SHA256 tag is not 32 bytes".into()))
+        tag32(aws_lc_rs::hmac::sign(&self.day_key(day)?, data).as_ref())
+    }
+    fn anchor_mac(&self, data: &[u8]) -> WalletResult<[u8; 32]> {
+        tag32(&self.sign(data)?)
     }
 }
 

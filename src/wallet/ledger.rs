@@ -10,6 +10,8 @@
 //!                                 then answer each caller (oneshot or blocking channel)
 //! balance / history ──► read connection (WAL: never blocks the writer)
 //! audit ──► writer queue (runs between groups, with the writer's HSM session)
+//! anchor ─► after a commit, or on a timer when no commit comes: the head,
+//!           MAC'd by the HSM, appended to the anchor file (wallet::anchor)
 //! ```
 //!
 //! Requests of one group are applied one after the other, so two
@@ -19,15 +21,16 @@
 //! before the first write. A storage or MAC failure rolls the whole group
 //! back and every caller in it gets the error: nothing of it is durable.
 
+use super::anchor::AnchorConfig;
 use super::apply::Writer;
 use super::mailer::{Outbox, OutboxUpdate, Outgoing};
 use super::sqlite::SqliteStore;
 use super::store::Store;
 use super::{
     Amount, AuditReport, CancelRequest, ChainMac, Currency, DEFAULT_CURRENCIES, Decision, Entry,
-    Ledger, Pending, PurchaseRequest, TopUpRequest, WalletError, WalletResult,
+    Ledger, Pending, PurchaseRequest, Restored, TopUpRequest, WalletError, WalletResult,
 };
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 use futures_channel::oneshot;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -41,6 +44,9 @@ pub struct LedgerConfig {
     pub group_max: usize,
     /// Accepted currency codes.
     pub currencies: Vec<String>,
+    /// Where the chain's head is anchored; `None` (unit tests, benches of
+    /// the writer alone): nowhere, and the audit catches edits only.
+    pub anchor: Option<AnchorConfig>,
 }
 
 impl Default for LedgerConfig {
@@ -52,6 +58,7 @@ impl Default for LedgerConfig {
                 .iter()
                 .map(|(c, _)| (*c).to_owned())
                 .collect(),
+            anchor: None,
         }
     }
 }
@@ -81,6 +88,7 @@ pub(crate) enum Request {
     Cancel(CancelRequest, Reply<Entry>),
     TopUp(TopUpRequest, Reply<Entry>),
     Audit(Reply<AuditReport>),
+    Restore(String, Reply<Restored>),
     Outbox(OutboxUpdate, Reply<()>),
 }
 
@@ -90,6 +98,7 @@ pub struct GroupLedger<S> {
     tx: Option<Sender<Request>>,
     reader: Mutex<S>,
     writer: Option<JoinHandle<()>>,
+    refusing: Option<String>,
 }
 
 /// The embedded ledger: one SQLite file.
@@ -124,21 +133,22 @@ impl<S: Store> GroupLedger<S> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let group_max = cfg.group_max.max(1);
         let open_w = open.clone();
+        let anchor = cfg.anchor.clone();
         let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(
-                move || match open_w().and_then(|s| Writer::new(s, mac()?, currencies)) {
+            .spawn(move || {
+                match open_w().and_then(|s| Writer::new(s, mac()?, currencies, anchor)) {
                     Ok(w) => {
-                        let _ = ready_tx.send(Ok(()));
+                        let _ = ready_tx.send(Ok(w.refusing()));
                         writer_loop(w, &rx, group_max);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                     }
-                },
-            )
+                }
+            })
             .map_err(|e| WalletError::Storage(format!("spawning the ledger writer: {e}")))?;
-        ready_rx
+        let refusing = ready_rx
             .recv()
             .map_err(|_| WalletError::Storage("ledger writer died at start".into()))??;
         let reader = open()?;
@@ -146,6 +156,7 @@ impl<S: Store> GroupLedger<S> {
             tx: Some(tx),
             reader: Mutex::new(reader),
             writer: Some(writer),
+            refusing,
         })
     }
 
@@ -216,21 +227,40 @@ fn fail(req: Request, e: WalletError) {
         Request::Cancel(_, r) => r.send(Err(e)),
         Request::TopUp(_, r) => r.send(Err(e)),
         Request::Audit(r) => r.send(Err(e)),
+        Request::Restore(_, r) => r.send(Err(e)),
         Request::Outbox(_, r) => r.send(Err(e)),
     }
 }
 
+/// Groups until the ledger is dropped. While the head is ahead of the
+/// newest anchor, the wait for work is bounded by the anchor's due time,
+/// so a head stays unanchored at most `anchor_interval` even when no
+/// further commit comes; the last head is anchored on the way out.
 fn writer_loop<S: Store>(mut w: Writer<S>, rx: &Receiver<Request>, group_max: usize) {
     let mut group = Vec::with_capacity(group_max);
-    while let Ok(first) = rx.recv() {
-        group.push(first);
-        while group.len() < group_max {
-            match rx.try_recv() {
-                Ok(r) => group.push(r),
-                Err(_) => break,
+    loop {
+        let first = match w.anchor_due_in(std::time::Instant::now()) {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(wait) => rx.recv_timeout(wait),
+        };
+        match first {
+            Ok(r) => {
+                group.push(r);
+                while group.len() < group_max {
+                    match rx.try_recv() {
+                        Ok(r) => group.push(r),
+                        Err(_) => break,
+                    }
+                }
+                w.run_group(&mut group);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                w.anchor_now();
+                return;
             }
         }
-        w.run_group(&mut group);
+        w.anchor_if_due(std::time::Instant::now());
     }
 }
 
@@ -310,5 +340,13 @@ impl<S: Store> Ledger for GroupLedger<S> {
 
     fn audit(&self) -> WalletResult<AuditReport> {
         self.blocking(Request::Audit)
+    }
+
+    fn restore(&self, reason: &str) -> WalletResult<Restored> {
+        self.blocking(|r| Request::Restore(reason.to_owned(), r))
+    }
+
+    fn refusing(&self) -> Option<String> {
+        self.refusing.clone()
     }
 }

@@ -20,9 +20,11 @@
 //! its notification (or the reverse) cannot be committed.
 //!
 //! Modules: [`ledger`] (the writer and reads), [`chain`] (the HMAC chain),
+//! [`anchor`] (the chain's head, MAC'd and kept outside the database),
 //! [`voucher`] (signed top-up vouchers), [`cancel`] (market-signed
 //! cancellation authorisations), [`mailer`] (the outbox drain).
 
+pub mod anchor;
 mod apply;
 pub mod chain;
 pub mod ledger;
@@ -236,13 +238,29 @@ pub struct Entry {
     pub mac: [u8; 32],
 }
 
-/// What `audit` found: `ok` only if the chain verifies and every balance
-/// recomputed from the entries equals the stored one.
+/// What `audit` found: `ok` only if the chain verifies, every balance
+/// recomputed from the entries equals the stored one, and the ledger holds
+/// every head anchored outside it (docs/OPERATIONS.md, "Ledger anchors").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditReport {
     pub entries: u64,
     pub ok: bool,
     pub problems: Vec<String>,
+    /// Anchor records whose MAC verified, over every source.
+    pub anchors: u64,
+    /// Findings that are no failure: superseded records, torn lines, a
+    /// tail not anchored yet.
+    pub notes: Vec<String>,
+}
+
+/// What `keybroker restore` did: the restored chain's own audit (anchors
+/// aside), and, only if that passed, the restore record it appended.
+#[derive(Clone, Debug)]
+pub struct Restored {
+    pub audit: AuditReport,
+    pub record: Option<anchor::Anchor>,
+    /// The newest record before it, which it supersedes.
+    pub superseded: Option<anchor::Anchor>,
 }
 
 #[derive(Clone, Debug)]
@@ -306,8 +324,16 @@ pub trait Ledger: Send + Sync {
     fn balance(&self, user: &str) -> WalletResult<Vec<Amount>>;
     /// `user`'s entries, oldest first.
     fn history(&self, user: &str) -> WalletResult<Vec<Entry>>;
-    /// Re-verifies the whole chain and every balance.
+    /// Re-verifies the whole chain and every balance, and checks the
+    /// ledger against its anchors.
     fn audit(&self) -> WalletResult<AuditReport>;
+    /// After a backup was put back: verifies the chain as it is, and
+    /// records a restore anchor with `reason` that makes the audit accept
+    /// its head. Refused without an anchor file open for writing.
+    fn restore(&self, reason: &str) -> WalletResult<Restored>;
+    /// Why the writer refused, when it started, to append to this ledger
+    /// (behind its anchors, or anchors missing); `None` if it appends.
+    fn refusing(&self) -> Option<String>;
 }
 
 pub fn now_ms() -> i64 {

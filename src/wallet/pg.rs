@@ -281,6 +281,14 @@ impl Store for PgStore {
             .transpose()?)
     }
 
+    fn mac_at(&mut self, seq: i64) -> WalletResult<Option<Vec<u8>>> {
+        // Once per writer start: not worth a prepared statement.
+        let row = self
+            .c
+            .query_opt("SELECT mac FROM entries WHERE seq = $1", &[&seq])?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
     fn balance_of(&mut self, user: &str, currency: &str) -> WalletResult<i64> {
         let row = self.c.query_opt(&self.st.balance_of, &[&user, &currency])?;
         Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(0))

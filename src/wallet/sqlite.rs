@@ -92,6 +92,14 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
+    fn mac_at(&mut self, seq: i64) -> WalletResult<Option<Vec<u8>>> {
+        Ok(self
+            .0
+            .prepare_cached("SELECT mac FROM entries WHERE seq = ?1")?
+            .query_row([seq], |r| r.get(0))
+            .optional()?)
+    }
+
     fn balance_of(&mut self, user: &str, currency: &str) -> WalletResult<i64> {
         Ok(self
             .0

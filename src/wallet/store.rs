@@ -145,6 +145,8 @@ pub trait Store: Send + 'static {
     fn rollback(&mut self) -> WalletResult<()>;
     /// The last entry's seq and MAC.
     fn head(&mut self) -> WalletResult<Option<(i64, Vec<u8>)>>;
+    /// The MAC of entry `seq`, if there is one.
+    fn mac_at(&mut self, seq: i64) -> WalletResult<Option<Vec<u8>>>;
     fn balance_of(&mut self, user: &str, currency: &str) -> WalletResult<i64>;
     fn set_balance(&mut self, user: &str, currency: &str, balance: i64) -> WalletResult<()>;
     fn insert_entry(&mut self, e: &Entry) -> WalletResult<()>;

@@ -14,6 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
+/// Tests reconnect and log in with one terminal many times a second: its
+/// check rate is raised (tests/adversarial.rs tests the default).
+pub const AUTH_RATE: &str = "checks_per_terminal_per_s = 1000\nchecks_burst_per_terminal = 1000\n";
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Env {
@@ -78,7 +81,7 @@ impl Env {
             format!(
                 "data_dir = {data:?}\n{extra}\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:0\"\ncores = 2\nhandshake_timeout_ms = 2000\nidle_timeout_ms = 3000\nframe_timeout_ms = 1500\n{broker}\n\
-                 [auth]\nmax_failures = 3\nargon2_m_kib = 64\nargon2_t = 1\n"
+                 [auth]\nmax_failures = 3\nargon2_m_kib = 64\nargon2_t = 1\n{AUTH_RATE}"
             )
         })
     }
@@ -163,15 +166,36 @@ impl Env {
 
     /// Starts the broker at debug log level, its log written to `log`.
     pub fn broker_logging(&self, log: Option<&Path>) -> Broker {
+        self.broker_with(log.map(|p| (p, "debug")), None)
+    }
+
+    /// Starts the broker with its log at `level` written to a file, and its
+    /// descriptor limit (soft and hard) set to `nofile` before it runs.
+    pub fn broker_with(&self, log: Option<(&Path, &str)>, nofile: Option<u64>) -> Broker {
         let mut cmd = self.cmd(&["serve"]);
         cmd.stdout(Stdio::piped());
         match log {
-            Some(p) => {
-                cmd.env("RUST_LOG", "debug")
+            Some((p, level)) => {
+                cmd.env("RUST_LOG", level)
                     .stderr(std::fs::File::create(p).unwrap());
             }
             None => {
                 cmd.stderr(Stdio::inherit());
+            }
+        }
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = rustix::process::Rlimit {
+                current: Some(n),
+                maximum: Some(n),
+            };
+            // SAFETY: setrlimit is one system call, safe between fork and exec.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(move || {
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, lim)
+                        .map_err(std::io::Error::from)
+                });
             }
         }
         let mut child = cmd.spawn().expect("spawn broker");

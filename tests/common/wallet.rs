@@ -203,3 +203,110 @@ pub fn check_bad_input(l: &dyn Ledger) {
     assert_eq!(balance(l, "gina"), 0);
     assert_audit_ok(l);
 }
+
+// ---- anchors ----
+
+use keybroker::wallet::anchor::{Anchor, AnchorConfig};
+use keybroker::wallet::{AuditReport, LedgerConfig, Restored};
+use std::path::Path;
+
+/// The tests' anchor interval: short, so that tests wait little.
+pub const INTERVAL: Duration = Duration::from_millis(100);
+
+/// A ledger configuration whose writer anchors into `path`.
+pub fn anchored(path: &Path) -> LedgerConfig {
+    let mut a = AnchorConfig::new(path.to_path_buf());
+    a.interval = INTERVAL;
+    LedgerConfig {
+        anchor: Some(a),
+        ..LedgerConfig::default()
+    }
+}
+
+/// Every record of an anchor file, in order (lines that are no record
+/// left out; MACs not checked: the audit does that).
+pub fn anchors_in(path: &Path) -> Vec<Anchor> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| Anchor::parse(l).ok())
+        .collect()
+}
+
+/// The highest seq anchored in `path` (0 if none).
+pub fn anchored_seq(path: &Path) -> i64 {
+    anchors_in(path)
+        .iter()
+        .filter_map(|a| a.head(0))
+        .map(|h| h.seq)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until `path` anchors `seq`, which takes at most the interval.
+pub fn wait_anchored(path: &Path, seq: i64) {
+    let start = Instant::now();
+    while anchored_seq(path) < seq {
+        assert!(
+            start.elapsed() < INTERVAL * 20,
+            "entry {seq} not anchored in {}: {:?}",
+            path.display(),
+            std::fs::read_to_string(path)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Entries 1..=5: a top-up, three purchases and the cancel of the last,
+/// all anchored. Returns the balance after entry 3.
+pub fn five_anchored_entries(l: &dyn Ledger, anchors: &Path, user: &str) -> i64 {
+    fund(l, user, eur(1_000));
+    l.purchase(buy(user, 100, "a1")).unwrap();
+    let after_3 = l.purchase(buy(user, 200, "a2")).unwrap().balance_after;
+    let d = l.purchase(buy(user, 300, "a3")).unwrap();
+    l.cancel(cancel(user, &d.id)).unwrap();
+    wait_anchored(anchors, 5);
+    assert_audit_ok(l);
+    after_3
+}
+
+/// Entries 6..=8 after [`five_anchored_entries`], anchored.
+pub fn three_more_anchored(l: &dyn Ledger, anchors: &Path, user: &str) {
+    for i in 0..3 {
+        l.purchase(buy(user, 10, &format!("later-{i}"))).unwrap();
+    }
+    wait_anchored(anchors, 8);
+}
+
+/// The audit failed, naming the gap between the ledger's last entry and
+/// the anchored one.
+pub fn assert_gap(r: &AuditReport, ends_at: i64, anchored: i64) {
+    assert!(!r.ok, "the audit passed: {r:?}");
+    let gap = format!("the ledger ends at entry {ends_at}, but entry {anchored} was anchored at");
+    let missing = format!("entries {}..={anchored} are missing", ends_at + 1);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.contains(&gap) && p.contains(&missing)),
+        "{:?}",
+        r.problems
+    );
+}
+
+/// An honest restore: the chain verifies, the record pins `head`, the
+/// audit passes afterwards, and purchases append again.
+pub fn assert_honest_restore(l: &dyn Ledger, user: &str, head: i64, superseded: i64) -> Restored {
+    let r = l.restore("put back the backup of 10:00").unwrap();
+    assert!(r.audit.ok, "{:?}", r.audit.problems);
+    let record = r.record.as_ref().expect("a restore record");
+    assert_eq!(record.head(0).unwrap().seq, head);
+    assert_eq!(
+        r.superseded.as_ref().and_then(|s| s.head(0)).map(|h| h.seq),
+        Some(superseded)
+    );
+    assert_audit_ok(l);
+    let d = l.purchase(buy(user, 1, "after-restore")).unwrap();
+    assert_eq!(d.seq, head + 1);
+    assert_audit_ok(l);
+    r
+}
