@@ -697,6 +697,17 @@ impl Store {
         Ok(())
     }
 
+    /// Every market as stored, unchecked: for display where the HSM is not
+    /// at hand (`keybroker status` without the PIN), never to act on.
+    pub fn markets_unchecked(&self) -> Result<Vec<MarketRecord>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {} FROM markets ORDER BY id",
+            MarketRecord::COLUMNS
+        ))?;
+        let rows = st.query_map([], MarketRecord::from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Whether a market row with this id exists, checked or not (its id is
     /// taken either way).
     pub fn has_market(&self, id: &str) -> Result<bool> {
