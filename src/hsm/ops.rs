@@ -261,12 +261,9 @@ pub fn release_verifier(
     mac_key: ObjectHandle,
     data: &[u8; 32],
 ) -> HsmResult<[u8; 32]> {
+    let input = zeroize::Zeroizing::new([VERIFIER_LABEL, data].concat());
     let tag = s
-        .sign(
-            &Mechanism::Sha256Hmac,
-            mac_key,
-            &[VERIFIER_LABEL, data].concat(),
-        )
+        .sign(&Mechanism::Sha256Hmac, mac_key, &input)
         .op("C_Sign (SHA256_HMAC, verifier)")?;
     tag.try_into()
         .map_err(|_| HsmError::Format("an HMAC-SHA256 that is not 32 bytes"))
