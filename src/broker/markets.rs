@@ -91,9 +91,17 @@ impl Builder {
 
     /// The map for `records`, keeping `old`'s entry where a market is
     /// unchanged (so its links stay). A market that cannot be used (a bad
-    /// endpoint or CA) is left out and logged; the others still serve.
-    pub fn map(&self, records: Vec<MarketRecord>, old: &Map) -> Map {
+    /// endpoint or CA) is left out, logged when it starts failing
+    /// (`unusable` remembers which do, so a poll does not repeat it); the
+    /// others still serve.
+    pub fn map(
+        &self,
+        records: Vec<MarketRecord>,
+        old: &Map,
+        unusable: &mut HashSet<String>,
+    ) -> Map {
         let mut map = Map::with_capacity(records.len());
+        let mut failing = HashSet::new();
         for m in records {
             if let Some(o) = old
                 .get(&m.id)
@@ -108,10 +116,14 @@ impl Builder {
                     map.insert(m.id, Arc::new(info));
                 }
                 Err(e) => {
-                    tracing::error!(market = %m.id, error = %format!("{e:#}"), "market not usable; left out")
+                    if !unusable.contains(&m.id) {
+                        tracing::error!(market = %m.id, error = %format!("{e:#}"), "market not usable; left out");
+                    }
+                    failing.insert(m.id);
                 }
             }
         }
+        *unusable = failing;
         map
     }
 }
@@ -146,9 +158,9 @@ pub fn spawn_watcher(
     builder: Builder,
     now: crossbeam_channel::Receiver<()>,
 ) -> Result<()> {
-    let mut refused = HashSet::new();
+    let (mut refused, mut unusable) = (HashSet::new(), HashSet::new());
     // The first read is synchronous, so the cores dial every market at start.
-    markets.replace(builder.map(checked(&store, &mut refused)?, &Map::new()));
+    markets.replace(builder.map(checked(&store, &mut refused)?, &Map::new(), &mut unusable));
     std::thread::Builder::new()
         .name("markets".into())
         .spawn(move || {
@@ -156,7 +168,7 @@ pub fn spawn_watcher(
                 match checked(&store, &mut refused) {
                     Ok(records) => {
                         let old = markets.snapshot();
-                        let new = builder.map(records, &old);
+                        let new = builder.map(records, &old, &mut unusable);
                         if changed(&old, &new) {
                             log_change(&old, &new);
                             markets.replace(new);
