@@ -271,3 +271,49 @@ fn every_bad_input_gets_its_alert_and_the_market_serves_on() {
         })
     });
 }
+
+/// A terminal in another language, written from the spec with an
+/// independent Noise library, talks to the real market with the X the
+/// broker agreed (and is refused with the right alert for a wrong X).
+#[test]
+fn a_python_terminal_from_the_spec_talks_to_the_market() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let _m = env.market("m1", "*");
+    let b = env.broker();
+    let mut t = released(&b, &alice, "alice");
+    let s = t.exchange("m1").unwrap();
+    let other = t.exchange("m1").unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/direct_terminal.py"
+    );
+    let run = |x: &[u8]| {
+        let out = std::process::Command::new("python3")
+            .args([
+                script,
+                &hex::encode(s.session_id),
+                &hex::encode(x),
+                &s.endpoint,
+                "hello from python",
+            ])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let answer = run(&*s.x);
+    assert!(
+        answer.contains("market m1 to alice: hello from python"),
+        "{answer}"
+    );
+    let refused = run(&*other.x);
+    assert_eq!(
+        refused.trim(),
+        format!("alert {}", ErrorCode::BadHandshake as u16)
+    );
+}
