@@ -68,7 +68,7 @@ impl DirectConn {
                     return Err(refuse(ErrorCode::SessionExpired));
                 }
                 let request = live.channel.open(payload).map_err(|e| refuse(e.code()))?;
-                let answer = super::server::answer(state, &live.user, &request);
+                let answer = super::server::answer(state, &live.user, &request, now_ms);
                 live.channel.seal(&answer, out);
                 Ok(())
             }

@@ -370,9 +370,9 @@ pub const CANCEL_AUTH: &[u8] = b"CANCEL-AUTH ";
 /// The reference market's answer to a direct request: it checks receipts,
 /// authorises cancellations, and otherwise names the market and user and
 /// echoes the request, so a terminal can check the round trip.
-pub fn answer(state: &MarketState, user: &str, request: &[u8]) -> Vec<u8> {
+pub fn answer(state: &MarketState, user: &str, request: &[u8], now_ms: u64) -> Vec<u8> {
     if let Some(receipt) = request.strip_prefix(RECEIPT) {
-        return match state.verify_receipt(receipt, user, now_ms()) {
+        return match state.verify_receipt(receipt, user, now_ms) {
             Ok(decision) => {
                 tracing::info!(user, decision, "receipt accepted");
                 format!("RECEIPT OK {decision}").into_bytes()
@@ -385,7 +385,7 @@ pub fn answer(state: &MarketState, user: &str, request: &[u8]) -> Vec<u8> {
     }
     if let Some(decision) = request.strip_prefix(CANCEL) {
         let decision = String::from_utf8_lossy(&decision[..decision.len().min(MAX_USER)]);
-        return match state.authorise_cancel(&decision, user, now_ms()) {
+        return match state.authorise_cancel(&decision, user, now_ms) {
             Ok(auth) => {
                 tracing::info!(user, decision = %decision, "cancel authorised");
                 use crate::proto::wire::Put;
