@@ -26,6 +26,15 @@ pub struct Refusal {
     pub user: Option<String>,
 }
 
+impl Refusal {
+    fn of(code: ErrorCode, user: &str) -> Self {
+        Self {
+            code,
+            user: Some(user.to_owned()),
+        }
+    }
+}
+
 impl From<ErrorCode> for Refusal {
     fn from(code: ErrorCode) -> Self {
         Self { code, user: None }
@@ -60,10 +69,7 @@ impl DirectConn {
                 Ok(())
             }
             (direct::RECORD, Some(live)) => {
-                let refuse = |code| Refusal {
-                    code,
-                    user: Some(live.user.clone()),
-                };
+                let refuse = |code| Refusal::of(code, &live.user);
                 if now_ms >= live.expiry_ms {
                     return Err(refuse(ErrorCode::SessionExpired));
                 }
@@ -88,10 +94,7 @@ fn hello(
 ) -> Result<Live, Refusal> {
     let hello = Hello::parse(payload).map_err(|e| Refusal::from(e.code()))?;
     let (x, user, expiry_ms) = state.session(&hello.session_id, now_ms)?;
-    let refuse = |code| Refusal {
-        code,
-        user: Some(user.clone()),
-    };
+    let refuse = |code| Refusal::of(code, &user);
     let mark = out.len();
     let channel = hello.accept(&x, out).map_err(|e| refuse(e.code()))?;
     // Counted only once the handshake proved X, so junk Hellos cannot use
