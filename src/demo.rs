@@ -53,6 +53,18 @@ fn issuer(cfg: &Config) -> Result<std::path::PathBuf> {
     Ok(std::fs::canonicalize(dir)?)
 }
 
+/// A fresh 50 EUR voucher for `user`, valid `days`, signed by the demo
+/// issuer key in `issuer`.
+fn demo_voucher(issuer: &std::path::Path, user: &str, days: i64) -> Result<Vec<u8>> {
+    let key = zeroize::Zeroizing::new(wallet::voucher::pem_der(
+        &std::fs::read_to_string(issuer.join("issuer.key"))?,
+        "PRIVATE KEY",
+    )?);
+    let amount = wallet::Amount::new(5_000, "EUR")?;
+    let expiry = wallet::now_ms() + days * 86_400_000;
+    Ok(wallet::voucher::issue(&key, user, amount, expiry)?.1)
+}
+
 /// What `make run` needs beside the demo users, idempotently: the reference
 /// market's keys and config under `<data>/market/`, registered with the
 /// broker; the voucher issuer and a fresh 50 EUR voucher per demo user
@@ -78,17 +90,8 @@ pub fn prepare_run(cfg: &Config, store: &Store) -> Result<std::path::PathBuf> {
         )?;
     }
     let issuer = issuer(cfg)?;
-    let key = zeroize::Zeroizing::new(wallet::voucher::pem_der(
-        &std::fs::read_to_string(issuer.join("issuer.key"))?,
-        "PRIVATE KEY",
-    )?);
     for user in DEMO_USERS {
-        let (_, voucher) = wallet::voucher::issue(
-            &key,
-            user,
-            wallet::Amount::new(5_000, "EUR")?,
-            wallet::now_ms() + 30 * 86_400_000,
-        )?;
+        let voucher = demo_voucher(&issuer, user, 30)?;
         crate::enroll::write_private(
             &cfg.data_dir.join("demo").join(user).join("voucher.bin"),
             &voucher,
@@ -133,16 +136,7 @@ fn wallet_flow(
     issuer: &std::path::Path,
     tally: &mut Tally,
 ) -> Result<()> {
-    let key = wallet::voucher::pem_der(
-        &std::fs::read_to_string(issuer.join("issuer.key"))?,
-        "PRIVATE KEY",
-    )?;
-    let (_, voucher) = wallet::voucher::issue(
-        &key,
-        user,
-        wallet::Amount::new(5_000, "EUR")?,
-        wallet::now_ms() + 86_400_000,
-    )?;
+    let voucher = demo_voucher(issuer, user, 1)?;
     let topped = t.top_up(&voucher, p2)?;
     tally.topups += 1;
     match t.top_up(&voucher, p2) {
