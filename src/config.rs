@@ -25,6 +25,19 @@ pub struct Config {
     pub wallet: WalletConfig,
 }
 
+/// What a reload did ([`Config::reloaded`]).
+pub struct Reload {
+    /// The config to run on now.
+    pub config: Config,
+    /// The file's config in force: the loaded one, with the live settings
+    /// of the reloads since.
+    pub file: Config,
+    /// Sections whose live settings changed, and are in force now.
+    pub applied: Vec<&'static str>,
+    /// Sections that still differ from the file: in force at the next restart.
+    pub at_restart: Vec<&'static str>,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalletConfig {
@@ -124,7 +137,7 @@ pub enum Kx {
     Software,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExchangeConfig {
     /// Key-exchange mode. Default "software".
@@ -154,6 +167,15 @@ pub struct ExchangeConfig {
     /// reference market). 100..=600000; default 15000. Cost: one small
     /// frame each way per interval per core per market.
     pub keepalive_ms: u64,
+}
+
+impl ExchangeConfig {
+    pub fn per_user_rate(&self) -> crate::limits::Rate {
+        crate::limits::Rate {
+            per_s: self.per_user_per_s,
+            burst: self.per_user_burst,
+        }
+    }
 }
 
 impl Default for ExchangeConfig {
@@ -400,6 +422,47 @@ impl Config {
         out
     }
 
+    /// This config with the live settings of `new`, a file reloaded on
+    /// SIGHUP. Live are the ones read per connection, per check or per
+    /// exchange, or held where a reload can reset them: the access
+    /// channel's timeouts, frame size and per-source limits, the
+    /// password-check limits and argon2id cost, and all of `[exchange]`
+    /// (each core redials its markets with it). Listeners, cores, the HSM,
+    /// the ledger, the admin port, TLS and ticket settings are what the
+    /// process was built around: they wait for a restart.
+    pub fn with_live(&self, new: &Config) -> Config {
+        let mut c = self.clone();
+        let (b, nb) = (&mut c.broker, &new.broker);
+        b.handshake_timeout_ms = nb.handshake_timeout_ms;
+        b.idle_timeout_ms = nb.idle_timeout_ms;
+        b.frame_timeout_ms = nb.frame_timeout_ms;
+        b.max_frame = nb.max_frame;
+        b.max_pending_per_source = nb.max_pending_per_source;
+        b.handshakes_per_source_per_s = nb.handshakes_per_source_per_s;
+        b.handshake_burst_per_source = nb.handshake_burst_per_source;
+        let (a, na) = (&mut c.auth, &new.auth);
+        a.max_failures = na.max_failures;
+        a.argon2_m_kib = na.argon2_m_kib;
+        a.argon2_t = na.argon2_t;
+        a.checks_per_terminal_per_s = na.checks_per_terminal_per_s;
+        a.checks_burst_per_terminal = na.checks_burst_per_terminal;
+        c.exchange = new.exchange.clone();
+        c
+    }
+
+    /// A reload of `new` into a process running on `running` (the file
+    /// as loaded, `self`, adjusted at start, such as caps fitted to the
+    /// descriptor limit), reported against the file.
+    pub fn reloaded(&self, running: &Config, new: &Config) -> Reload {
+        let file = self.with_live(new);
+        Reload {
+            applied: self.changed_sections(&file),
+            at_restart: file.changed_sections(new),
+            config: running.with_live(new),
+            file,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let b = &self.broker;
         if !(64..=1 << 20).contains(&b.max_frame) {
@@ -521,6 +584,37 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_applies_live_settings_and_names_the_rest_for_a_restart() {
+        let file = Config::default();
+        // Adjusted at start (a cap fitted to the descriptor limit): not a
+        // change in the file.
+        let mut running = file.clone();
+        running.broker.max_connections_per_core = 100;
+        let mut new = file.clone();
+        new.auth.max_failures = 9;
+        new.exchange.keepalive_ms = 1_000;
+        new.broker.idle_timeout_ms = 7;
+        new.broker.cores = 3;
+        new.hsm.workers = 5;
+        let r = file.reloaded(&running, &new);
+        assert_eq!(r.applied, ["broker", "auth", "exchange"]);
+        assert_eq!(r.at_restart, ["hsm", "broker"]);
+        assert_eq!(r.config.auth.max_failures, 9);
+        assert_eq!(r.config.exchange.keepalive_ms, 1_000);
+        assert_eq!(r.config.broker.idle_timeout_ms, 7);
+        assert_eq!(r.config.broker.cores, 0);
+        assert_eq!(r.config.broker.max_connections_per_core, 100);
+        assert_eq!(r.config.hsm.workers, 2);
+        // The same file again: nothing to apply, the same wait.
+        let again = r.file.reloaded(&r.config, &new);
+        assert!(again.applied.is_empty());
+        assert_eq!(again.at_restart, ["hsm", "broker"]);
+        // Unchanged: nothing either way.
+        let none = file.reloaded(&running, &file);
+        assert!(none.applied.is_empty() && none.at_restart.is_empty());
+    }
 
     #[test]
     fn defaults_validate() {

@@ -106,6 +106,12 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         self.rate
     }
 
+    /// A new rate (a reloaded config): buckets keep what they hold, and
+    /// fill to the new burst at the new rate.
+    pub fn set_rate(&mut self, rate: Rate) {
+        self.rate = rate;
+    }
+
     fn bucket<Q>(&mut self, key: &Q, now_ms: u64) -> &mut Bucket
     where
         K: std::borrow::Borrow<Q>,

@@ -338,30 +338,37 @@ fn stop_on_signals(logs: std::sync::Arc<keybroker::logs::Logs>) -> Result<()> {
 
 /// SIGHUP (`systemctl reload`): the registry's markets are re-read at
 /// once (users and terminals are read at every login), and the config
-/// file is checked again. A file that no longer loads is refused, with the
-/// reason in the log, and the running config stays; the sections that
-/// changed are named, and take effect at the next restart.
+/// file is loaded again. A file that no longer loads is refused, with the
+/// reason in the log, and the running config stays. One that loads has its
+/// live settings applied ([`Config::reloaded`]); the log names the sections
+/// applied and those that take effect at the next restart.
 fn reload_on_sighup(
-    reload_registries: impl Fn() + Send + 'static,
+    reloader: keybroker::broker::Reloader,
     config: Option<std::path::PathBuf>,
     data_dir: Option<std::path::PathBuf>,
-    running: Config,
 ) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
     std::thread::Builder::new()
         .name("reload".into())
         .spawn(move || {
             for _ in signals.forever() {
-                reload_registries();
+                reloader.registries();
                 match Config::load(config.as_deref(), data_dir.as_deref()) {
                     Ok(new) => {
-                        let changed = running.changed_sections(&new);
-                        if changed.is_empty() {
+                        let r = reloader.config(&new);
+                        if r.applied.is_empty() && r.at_restart.is_empty() {
                             tracing::info!("SIGHUP: registries re-read; the config file is unchanged");
-                        } else {
+                        }
+                        if !r.applied.is_empty() {
+                            tracing::info!(
+                                sections = %r.applied.join(","),
+                                "SIGHUP: registries re-read; the live settings of these sections are in force"
+                            );
+                        }
+                        if !r.at_restart.is_empty() {
                             tracing::warn!(
-                                sections = %changed.join(","),
-                                "SIGHUP: registries re-read; the config file changed in these sections, which take effect at the next restart"
+                                sections = %r.at_restart.join(","),
+                                "SIGHUP: the config file changed in these sections, which take effect at the next restart"
                             );
                         }
                     }
@@ -421,12 +428,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve => {
             let broker = keybroker::broker::Broker::start(cfg.clone())?;
-            reload_on_sighup(
-                broker.registry_reloader(),
-                cli.config.clone(),
-                cli.data_dir.clone(),
-                cfg,
-            )?;
+            reload_on_sighup(broker.reloader(), cli.config.clone(), cli.data_dir.clone())?;
             // One machine-readable line, so scripts and tests learn the port.
             println!("listening {} admin {}", broker.addr, broker.admin_addr);
             use std::io::Write;

@@ -348,6 +348,19 @@ pub fn market_link(market: &str, up: bool) {
 /// Registers a market so its gauge reads 0 before any core connects.
 pub fn market_known(market: &str) {
     MARKET_UP.with_label_values(&[market]);
+    EXCHANGE_RETRIED.with_label_values(&[market]);
+}
+
+static EXCHANGE_RETRIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    shared(counter_vec(
+        "keybroker_exchange_retried_total",
+        "Exchanges asked again on a new market channel after theirs broke under them",
+        "market",
+    ))
+});
+
+pub fn exchange_retried(market: &str) {
+    EXCHANGE_RETRIED.with_label_values(&[market]).inc();
 }
 
 static LEDGER_COMMIT: LazyLock<Histogram> = LazyLock::new(|| {

@@ -332,3 +332,32 @@ fn an_idle_market_link_stays_up_and_a_dead_market_is_seen_without_an_exchange() 
         .exchange("m1")
         .expect("an exchange after the market came back");
 }
+
+#[test]
+fn an_exchange_whose_market_channel_broke_unseen_is_asked_again_on_the_next() {
+    // Keepalive too slow to see the market's 1 s idle close: the next
+    // exchange finds the channel broken when it sends.
+    let env = Env::new(
+        "[exchange]\nkeepalive_ms = 600000\nmarket_timeout_ms = 10000\nreconnect_min_ms = 50\nreconnect_max_ms = 200\n",
+    );
+    let alice = env.user("alice");
+    let m = env.market_with("m1", "*", "idle_timeout_ms = 1000\n", None);
+    let b = env.broker();
+    let retried = || metric(b.admin, "keybroker_exchange_retried_total{market=\"m1\"}");
+    let mut t = released(&b, &alice, "alice");
+    t.exchange("m1").expect("first exchange");
+    assert_eq!(retried(), 0.0);
+    std::thread::sleep(Duration::from_millis(2_000));
+    t.exchange("m1")
+        .expect("the exchange after the market closed the idle channel");
+    assert_eq!(retried(), 1.0, "asked once more, on a new channel");
+
+    // Again, but the market is gone: the redial fails and the terminal is
+    // told market_unavailable then, not after market_timeout_ms (10 s).
+    std::thread::sleep(Duration::from_millis(2_000));
+    drop(m);
+    let t0 = Instant::now();
+    assert_eq!(refused(t.exchange("m1")), ErrorCode::MarketUnavailable);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(retried(), 2.0);
+}

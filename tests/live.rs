@@ -1,7 +1,7 @@
 //! Registry changes on a running broker (issue 21): a market added or
 //! removed takes effect within a second, without a restart, and SIGHUP
-//! re-reads the registry and checks the config file without stopping
-//! anything, good file or bad.
+//! re-reads the registry and applies the config file's live settings
+//! without stopping anything, and refuses a bad file.
 
 mod common;
 
@@ -79,15 +79,32 @@ fn sighup_rereads_and_refuses_a_bad_config_without_stopping() {
         .ping()
         .expect("serving after SIGHUP");
 
-    // A changed but valid file: named, and the broker runs on.
+    // A changed but valid file: its live settings take effect at once, the
+    // rest are named for the next restart, and the broker runs on.
+    // Before: one wrong password of three allowed does not lock bob.
+    let bob = env.user("bob");
+    let (bob_p1, _) = pw("bob");
+    let login = |p: &str| b.connect(&bob).login("bob", p.as_bytes());
+    assert_eq!(refused(login("wrong")), ErrorCode::WrongPassword);
+    login(&bob_p1).expect("one failure of three does not lock");
     let good = std::fs::read_to_string(&env.config).unwrap();
     std::fs::write(
         &env.config,
-        good.replace("max_failures = 3", "max_failures = 4"),
+        good.replace("max_failures = 3", "max_failures = 1")
+            .replace("cores = 2", "cores = 1"),
     )
     .unwrap();
     hup();
-    wait_until("the changed sections", TIMEOUT, || log_has("sections=auth"));
+    wait_until("the reload's lines", TIMEOUT, || {
+        log_has("the live settings of these sections are in force sections=auth")
+    });
+    assert!(
+        log_has("take effect at the next restart sections=broker"),
+        "cores waits for a restart"
+    );
+    // After: auth.max_failures = 1 is in force.
+    let _ = login("wrong");
+    assert_eq!(refused(login(&bob_p1)), ErrorCode::Locked);
     // A file that does not parse: refused, with the reason, and the broker
     // keeps its running config.
     std::fs::write(

@@ -30,11 +30,12 @@ use crate::proto::ErrorCode;
 use crate::proto::access::Password;
 use crate::rowmac::BadRow;
 use crate::store::{Store, UserRecord};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub struct AuthWorker {
     pub store: Store,
-    pub max_failures: u32,
+    pub max_failures: Arc<AtomicU32>,
     /// What an unknown user's password is checked against.
     pub dummy: Arc<str>,
 }
@@ -63,6 +64,8 @@ impl From<ErrorCode> for Refused {
 pub struct Checks {
     pool: FairPool<[u8; 32], AuthWorker>,
     rate: Mutex<Buckets<[u8; 32]>>,
+    /// `auth.max_failures`, shared with the workers (live on reload).
+    max_failures: Arc<AtomicU32>,
 }
 
 impl Checks {
@@ -77,7 +80,8 @@ impl Checks {
         let mut junk = [0u8; 32];
         rand::fill(&mut junk);
         let dummy: Arc<str> = passwords::hash(&junk, a.argon2_m_kib, a.argon2_t)?.into();
-        let max_failures = a.max_failures;
+        let max_failures = Arc::new(AtomicU32::new(a.max_failures));
+        let workers_max = max_failures.clone();
         let pool = FairPool::start(
             "auth",
             a.workers,
@@ -86,7 +90,7 @@ impl Checks {
             move |_| {
                 open().map(|store| AuthWorker {
                     store,
-                    max_failures,
+                    max_failures: workers_max.clone(),
                     dummy: dummy.clone(),
                 })
             },
@@ -98,7 +102,22 @@ impl Checks {
         Ok(Self {
             pool,
             rate: Mutex::new(Buckets::new(rate, MAX_TERMINALS)),
+            max_failures,
         })
+    }
+
+    /// The limits of a reloaded config: the terminals' check rate and the
+    /// failures that lock a card, from the next check on. (argon2id's cost
+    /// is the new hashes' business: `user add` and `user passwd` read it.)
+    pub fn set_limits(&self, a: &crate::config::AuthConfig) {
+        self.max_failures.store(a.max_failures, Ordering::Relaxed);
+        self.rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_rate(Rate {
+                per_s: a.checks_per_terminal_per_s,
+                burst: a.checks_burst_per_terminal,
+            });
     }
 
     /// Checks a password of `user` for `terminal` against its stored hash,
@@ -256,7 +275,10 @@ impl AuthWorker {
 
     /// Counts a wrong password; the refusal to answer with.
     pub(super) fn count_failure(&mut self, user: &str, which: Which) -> ErrorCode {
-        let (failures, locked) = match self.store.record_failure(user, self.max_failures) {
+        let (failures, locked) = match self
+            .store
+            .record_failure(user, self.max_failures.load(Ordering::Relaxed))
+        {
             Ok(r) => r,
             Err(e) => return refusal(e, ErrorCode::Locked),
         };

@@ -36,6 +36,10 @@ pub(super) struct Core {
     pub links: RefCell<HashMap<String, (Arc<super::link::MarketInfo>, Link)>>,
     /// The markets' epoch `links` was last checked against.
     pub links_epoch: Cell<u64>,
+    /// The config epoch this core's copies were taken at, and the
+    /// `[exchange]` its links run with.
+    cfg_epoch: Cell<u64>,
+    exchange: RefCell<crate::config::ExchangeConfig>,
     pub next_request: Cell<u64>,
     /// This core's connections, to wake when their terminal is revoked.
     pub live: Rc<Live>,
@@ -53,20 +57,24 @@ pub(super) fn run_core(
     let rt = super::core_runtime(cpus)?;
     rt.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        let hsm_inline = match shared.cfg.hsm.dispatch {
+        let hsm_inline = match shared.cfg().hsm.dispatch {
             crate::config::Dispatch::Inline => Some(RefCell::new(super::HsmWorker::new(
                 shared.hsm.clone(),
                 shared.hsm.key_handles()?,
             )?)),
             crate::config::Dispatch::Pool => None,
         };
-        let shared_limits = shared.cfg.source_limits();
+        let shared_limits = shared.cfg().source_limits();
+        let exchange = shared.cfg().exchange.clone();
+        let cfg_epoch = shared.cfg_epoch();
         let core = Rc::new(Core {
             hsm_inline,
             shared,
             index,
             links: RefCell::new(HashMap::new()),
             links_epoch: Cell::new(0),
+            cfg_epoch: Cell::new(cfg_epoch),
+            exchange: RefCell::new(exchange),
             next_request: Cell::new(0),
             live: Rc::new(Live::default()),
             sources: Sources::new(shared_limits),
@@ -77,9 +85,9 @@ pub(super) fn run_core(
         // so exchanges find the link up and `keybroker_market_up` tells the
         // truth from the start.
         compio::runtime::spawn(core.clone().follow_markets()).detach();
-        let max = core.shared.cfg.broker.max_connections_per_core;
+        let max = core.shared.cfg().broker.max_connections_per_core;
         let live = Rc::new(Cell::new(0));
-        let proxied = core.shared.cfg.broker.proxy_protocol;
+        let proxied = core.shared.cfg().broker.proxy_protocol;
         crate::net::accept_loop(listener, live, max, move |stream| {
             // Without PROXY headers the source is known now: admit it here.
             let admitted = if proxied {
@@ -113,7 +121,7 @@ impl Core {
             .markets
             .get(market)
             .ok_or(ErrorCode::UnknownMarket)?;
-        let l = Link::spawn(info.clone(), self.shared.cfg.exchange.clone());
+        let l = Link::spawn(info.clone(), self.exchange.borrow().clone());
         self.links
             .borrow_mut()
             .insert(market.to_owned(), (info, l.clone()));
@@ -123,6 +131,7 @@ impl Core {
     /// Drops the links of markets removed or changed in the registry since
     /// this core last looked (one atomic load when nothing changed).
     fn sync_links(&self) {
+        self.sync_cfg();
         let epoch = self.shared.markets.epoch();
         if self.links_epoch.replace(epoch) == epoch {
             return;
@@ -131,6 +140,23 @@ impl Core {
         self.links
             .borrow_mut()
             .retain(|id, (info, _)| now.get(id).is_some_and(|n| Arc::ptr_eq(n, info)));
+    }
+
+    /// Takes a reloaded config's per-core settings (one atomic load when
+    /// there was none): the source limits for the next connections, and
+    /// for a changed `[exchange]` new links (the old ones finish what they
+    /// hold; `follow_markets` dials the new ones).
+    fn sync_cfg(&self) {
+        let epoch = self.shared.cfg_epoch();
+        if self.cfg_epoch.replace(epoch) == epoch {
+            return;
+        }
+        let cfg = self.shared.cfg();
+        self.sources.set_limits(cfg.source_limits());
+        if *self.exchange.borrow() != cfg.exchange {
+            self.exchange.replace(cfg.exchange.clone());
+            self.links.borrow_mut().clear();
+        }
     }
 
     /// Keeps a link up to every registered market, and none to a removed one.
@@ -279,6 +305,7 @@ fn tls_reason(e: &std::io::Error) -> &'static str {
 /// Counts a new connection from `peer` against its source, or refuses it.
 fn admit(core: &Core, peer: Option<std::net::SocketAddr>) -> Option<Pending> {
     let source = Source::of(peer.map(|a| a.ip()));
+    core.sync_cfg();
     match core.sources.admit(source, crate::limits::mono_ms()) {
         Ok(p) => Some(p),
         Err(why) => {
@@ -296,7 +323,9 @@ async fn serve(
     admitted: Option<(Option<std::net::SocketAddr>, Pending)>,
 ) {
     let shared = &core.shared;
-    let cfg = &shared.cfg.broker;
+    // The config in force when the connection came: its timeouts hold for it.
+    let running = arc_swap::Guard::into_inner(shared.cfg());
+    let cfg = &running.broker;
     let (peer, preload, pending) = match admitted {
         Some((peer, pending)) => (peer, Vec::new(), pending),
         None => {

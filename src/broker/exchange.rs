@@ -8,7 +8,7 @@
 //! ```
 
 use super::conn::Core;
-use super::link::Pending;
+use super::link::{Failure, Link, Pending};
 use super::{HsmWorker, Shared};
 use crate::config::Kx;
 use crate::exchange::{self, Ephemeral, Group, Mode, Point, Transcript};
@@ -16,7 +16,7 @@ use crate::hsm::{HsmError, SessionKey};
 use crate::pool::PoolError;
 use crate::proto::ErrorCode;
 use crate::proto::access::Message;
-use crate::proto::market::ExchangeRequest;
+use crate::proto::market::{Accepted, ExchangeRequest};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -145,90 +145,34 @@ pub async fn exchange(
         .binding_when_up()
         .await
         .ok_or(ErrorCode::MarketUnavailable)?;
-    let mut nonce = [0u8; 16];
-    rand::fill(&mut nonce);
-    let mut t = Transcript {
-        mode: if terminal_eph.is_some() {
-            Mode::Partial
-        } else {
-            Mode::Full
-        },
-        market: market.to_owned(),
-        user: user.to_owned(),
-        cert_fingerprint: rel.fingerprint,
-        request_id: core.request_id(),
-        ephemeral: Point::UNSET,
-        time_ms: crate::market::now_ms(),
-        nonce,
-        binding,
+    let req = Ask {
+        core,
+        rel,
+        user,
+        market,
+        terminal_eph,
+        link: &link,
     };
-    let key = rel.key.key;
-    let kx = shared.cfg.exchange.kx;
-    let (eph, digest, signature) = match (terminal_eph, kx) {
-        (Some(p), _) => {
-            t.ephemeral = p;
-            let (d, sig) = sign(core, key, &t).await?;
-            (Eph::Terminal, d, sig)
+    let asked = match req.ask(binding).await {
+        // Nothing is done until X is wrapped, and the market holds nothing
+        // but an unused session it will expire: a request whose channel
+        // broke under it is asked once more, signed for the next channel.
+        Err(Failure::Broken) => {
+            crate::metrics::exchange_retried(market);
+            let next = link
+                .binding_after(binding)
+                .await
+                .ok_or(ErrorCode::MarketUnavailable)?;
+            req.ask(next).await
         }
-        (None, Kx::Software) => {
-            let e = Ephemeral::generate(Group::X25519);
-            t.ephemeral = e.public;
-            let (d, sig) = sign(core, key, &t).await?;
-            (Eph::Software(e), d, sig)
-        }
-        (None, Kx::Hsm) => {
-            let tt = t.clone();
-            let (point, private, digest, sig) = hsm(core, "keygen_sign", move |w| {
-                let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
-                let mut tt = tt.clone();
-                tt.ephemeral =
-                    Point::new(Group::P256, &point).ok_or(HsmError::Format("a bad EC point"))?;
-                let digest = tt.digest();
-                let signed = w
-                    .hsm
-                    .live(key)
-                    .and_then(|k| crate::hsm::ops::sign_digest_p256(&w.session, k, &digest));
-                match signed {
-                    Ok(sig) => Ok((tt.ephemeral, w.session_key(private), digest, sig)),
-                    Err(e) => {
-                        let _ = crate::hsm::ops::destroy(&w.session, private);
-                        Err(e)
-                    }
-                }
-            })
-            .await?;
-            t.ephemeral = point;
-            (Eph::Hsm(private), digest, sig)
-        }
+        r => r,
     };
-    let (tx, rx) = futures_channel::oneshot::channel();
-    let pending = Pending {
-        req: ExchangeRequest {
-            request_id: t.request_id,
-            mode: t.mode,
-            user: t.user.clone(),
-            user_cert: rel.cert.to_vec(),
-            ephemeral: t.ephemeral,
-            time_ms: t.time_ms,
-            nonce: t.nonce,
-            signature,
-        },
-        binding,
-        reply: tx,
-    };
-    let answer = match link.submit(pending) {
-        Ok(()) => rx.await.unwrap_or(Err(ErrorCode::MarketUnavailable)),
-        Err(code) => Err(code),
-    };
-    let accepted = match answer {
-        Ok(a) => a,
-        Err(code) => {
-            if let Eph::Hsm(h) = eph {
-                destroy_later(shared, h);
-            }
-            return Err(code);
-        }
-    };
+    let Asked {
+        accepted,
+        eph,
+        digest,
+    } = asked.map_err(Failure::code)?;
+    let kx = shared.cfg().exchange.kx;
     let x = match eph {
         Eph::Terminal => {
             crate::metrics::exchange_done("partial", started.elapsed());
@@ -271,6 +215,126 @@ pub async fn exchange(
         endpoint: accepted.endpoint,
         wrapped_x,
     })
+}
+
+/// What one attempt needs; [`Ask::ask`] can run twice.
+struct Ask<'a> {
+    core: &'a Core,
+    rel: &'a Released,
+    user: &'a str,
+    market: &'a str,
+    terminal_eph: Option<Point>,
+    link: &'a Link,
+}
+
+/// The market's acceptance, with what X is derived from on this side.
+struct Asked {
+    accepted: Accepted,
+    eph: Eph,
+    digest: [u8; 32],
+}
+
+impl Ask<'_> {
+    /// Signs T for the channel `binding` names and asks the market.
+    async fn ask(&self, binding: [u8; 32]) -> Result<Asked, Failure> {
+        let core = self.core;
+        let mut nonce = [0u8; 16];
+        rand::fill(&mut nonce);
+        let mut t = Transcript {
+            mode: if self.terminal_eph.is_some() {
+                Mode::Partial
+            } else {
+                Mode::Full
+            },
+            market: self.market.to_owned(),
+            user: self.user.to_owned(),
+            cert_fingerprint: self.rel.fingerprint,
+            request_id: core.request_id(),
+            ephemeral: Point::UNSET,
+            time_ms: crate::market::now_ms(),
+            nonce,
+            binding,
+        };
+        let key = self.rel.key.key;
+        let (eph, digest, signature) = match (self.terminal_eph, core.shared.cfg().exchange.kx) {
+            (Some(p), _) => {
+                t.ephemeral = p;
+                let (d, sig) = sign(core, key, &t).await?;
+                (Eph::Terminal, d, sig)
+            }
+            (None, Kx::Software) => {
+                let e = Ephemeral::generate(Group::X25519);
+                t.ephemeral = e.public;
+                let (d, sig) = sign(core, key, &t).await?;
+                (Eph::Software(e), d, sig)
+            }
+            (None, Kx::Hsm) => {
+                let (point, private, digest, sig) = keygen_sign(core, key, &t).await?;
+                t.ephemeral = point;
+                (Eph::Hsm(private), digest, sig)
+            }
+        };
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let pending = Pending {
+            req: ExchangeRequest {
+                request_id: t.request_id,
+                mode: t.mode,
+                user: t.user,
+                user_cert: self.rel.cert.to_vec(),
+                ephemeral: t.ephemeral,
+                time_ms: t.time_ms,
+                nonce: t.nonce,
+                signature,
+            },
+            binding,
+            reply: tx,
+        };
+        let answer = match self.link.submit(pending) {
+            Ok(()) => rx.await.unwrap_or(Err(Failure::Broken)),
+            Err(why) => Err(why),
+        };
+        match answer {
+            Ok(accepted) => Ok(Asked {
+                accepted,
+                eph,
+                digest,
+            }),
+            Err(why) => {
+                if let Eph::Hsm(h) = eph {
+                    destroy_later(&core.shared, h);
+                }
+                Err(why)
+            }
+        }
+    }
+}
+
+/// kx=hsm: a fresh HSM ephemeral and the home-card key's signature over T
+/// with it, in one job.
+async fn keygen_sign(
+    core: &Core,
+    key: SessionKey,
+    t: &Transcript,
+) -> Result<(Point, SessionKey, [u8; 32], Vec<u8>), ErrorCode> {
+    let tt = t.clone();
+    hsm(core, "keygen_sign", move |w| {
+        let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
+        let mut tt = tt.clone();
+        tt.ephemeral = Point::new(Group::P256, &point).ok_or(HsmError::Format("a bad EC point"))?;
+        let digest = tt.digest();
+        let signed = w
+            .hsm
+            .live(key)
+            .and_then(|k| crate::hsm::ops::sign_digest_p256(&w.session, k, &digest));
+        match signed {
+            Ok(sig) => Ok((tt.ephemeral, w.session_key(private), digest, sig)),
+            Err(e) => {
+                let _ = crate::hsm::ops::destroy(&w.session, private);
+                Err(e)
+            }
+        }
+    })
+    .await
 }
 
 /// T and the home-card key's signature over it.

@@ -10,8 +10,9 @@
 //! next one, so batches grow with load without waiting. `batch_delay_us`
 //! (0 by default) makes a batch also wait that long for company. While the
 //! market is down, new requests fail at once with `market_unavailable`; a
-//! batch in flight when it dies fails with `market_unavailable` (or
-//! `market_timeout` when it went silent) and nothing else. Reconnects back
+//! request whose channel broke after it was queued or sent answers
+//! [`Failure::Broken`] (the exchange retries it once on the next channel),
+//! one the market went silent on `market_timeout`. Reconnects back
 //! off exponentially. An idle channel is pinged every `keepalive_ms`, so a
 //! market that closed it (idle timeout) or died is found and redialled
 //! before an exchange needs it, and `keybroker_market_up` follows.
@@ -41,7 +42,33 @@ pub struct MarketInfo {
     pub server_name: ServerName<'static>,
 }
 
-pub type Reply = Result<Accepted, ErrorCode>;
+pub type Reply = Result<Accepted, Failure>;
+
+/// Why a request got no acceptance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The market's answer, or the link's at once (down, queue full).
+    Code(ErrorCode),
+    /// The channel broke with the request queued or sent and unanswered.
+    /// The request was signed for that channel's binding, so it can only
+    /// be asked again, signed afresh, on the next channel.
+    Broken,
+}
+
+impl From<ErrorCode> for Failure {
+    fn from(c: ErrorCode) -> Self {
+        Self::Code(c)
+    }
+}
+
+impl Failure {
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::Code(c) => c,
+            Self::Broken => ErrorCode::MarketUnavailable,
+        }
+    }
+}
 
 pub struct Pending {
     pub req: ExchangeRequest,
@@ -54,8 +81,8 @@ pub struct Pending {
 pub struct Link {
     tx: mpsc::Sender<Pending>,
     binding: Rc<Cell<Option<[u8; 32]>>>,
-    /// False until the first connection attempt has ended either way.
-    tried: Rc<Cell<bool>>,
+    /// Connection attempts ended either way, so far.
+    dials: Rc<Cell<u64>>,
     wait: Duration,
 }
 
@@ -64,13 +91,13 @@ impl Link {
     pub fn spawn(info: Arc<MarketInfo>, cfg: ExchangeConfig) -> Self {
         let (tx, rx) = mpsc::channel(cfg.queue);
         let binding = Rc::new(Cell::new(None));
-        let tried = Rc::new(Cell::new(false));
+        let dials = Rc::new(Cell::new(0));
         let wait = Duration::from_millis(cfg.market_timeout_ms);
-        compio::runtime::spawn(run(info, cfg, binding.clone(), tried.clone(), rx)).detach();
+        compio::runtime::spawn(run(info, cfg, binding.clone(), dials.clone(), rx)).detach();
         Self {
             tx,
             binding,
-            tried,
+            dials,
             wait,
         }
     }
@@ -80,30 +107,57 @@ impl Link {
     /// first exchanges do not fail only because the link is still dialling.
     pub async fn binding_when_up(&self) -> Option<[u8; 32]> {
         let until = Instant::now() + self.wait;
-        while !self.tried.get() && Instant::now() < until {
+        while self.dials.get() == 0 && Instant::now() < until {
             compio::time::sleep(Duration::from_millis(2)).await;
         }
         self.binding.get()
     }
 
+    /// A binding other than `old`: the channel that replaced a broken one.
+    /// Waits for the redial (which starts `reconnect_min_ms` after the
+    /// loss), at most `market_timeout_ms`; `None` as soon as a dial after
+    /// the loss failed, so a market that is gone answers at once.
+    pub async fn binding_after(&self, old: [u8; 32]) -> Option<[u8; 32]> {
+        let until = Instant::now() + self.wait;
+        // Dials ended when the link was first seen down.
+        let mut down_at = None;
+        loop {
+            match self.binding.get() {
+                Some(b) if b != old => return Some(b),
+                // The link has not seen the old channel break yet.
+                Some(_) => {}
+                None => match down_at {
+                    None => down_at = Some(self.dials.get()),
+                    Some(d) if self.dials.get() > d => return None,
+                    Some(_) => {}
+                },
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            compio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Queues an exchange; refuses at once when down or full.
-    pub fn submit(&self, p: Pending) -> Result<(), ErrorCode> {
+    pub fn submit(&self, p: Pending) -> Result<(), Failure> {
         if self.binding.get() != Some(p.binding) {
-            return Err(ErrorCode::MarketUnavailable);
+            // The channel it was signed for is gone already.
+            return Err(Failure::Broken);
         }
         self.tx.clone().try_send(p).map_err(|e| {
-            if e.is_full() {
+            Failure::Code(if e.is_full() {
                 ErrorCode::Busy
             } else {
                 ErrorCode::MarketUnavailable
-            }
+            })
         })
     }
 }
 
-fn fail_all(rx: &mut mpsc::Receiver<Pending>, code: ErrorCode) {
+fn fail_all(rx: &mut mpsc::Receiver<Pending>, why: Failure) {
     while let Ok(p) = rx.try_recv() {
-        let _ = p.reply.send(Err(code));
+        let _ = p.reply.send(Err(why));
     }
 }
 
@@ -131,7 +185,7 @@ async fn run(
     info: Arc<MarketInfo>,
     cfg: ExchangeConfig,
     state: Rc<Cell<Option<[u8; 32]>>>,
-    tried: Rc<Cell<bool>>,
+    dials: Rc<Cell<u64>>,
     mut rx: mpsc::Receiver<Pending>,
 ) {
     let min = Duration::from_millis(cfg.reconnect_min_ms);
@@ -143,7 +197,7 @@ async fn run(
     let mut warned = false;
     loop {
         let connected = connect(&info, timeout).await;
-        tried.set(true);
+        dials.set(dials.get() + 1);
         match connected {
             Ok((mut io, binding)) => {
                 tracing::info!(market = %info.id, "market channel up");
@@ -154,7 +208,7 @@ async fn run(
                 let closed = serve(&mut io, &mut rx, &cfg, binding).await;
                 state.set(None);
                 crate::metrics::market_link(&info.id, false);
-                fail_all(&mut rx, ErrorCode::MarketUnavailable);
+                fail_all(&mut rx, Failure::Broken);
                 io.close().await;
                 if closed {
                     return;
@@ -169,12 +223,16 @@ async fn run(
                 tracing::debug!(market = %info.id, error = %e, retry_ms = backoff.as_millis() as u64, "market unreachable")
             }
         }
-        // Down: fail whatever still arrives, until the backoff ends.
-        let until = Instant::now() + backoff;
+        // Down: fail whatever still arrives, until the backoff ends. Its
+        // jitter (a random half to whole) keeps the cores, and brokers,
+        // that lost one market together from redialling it in step.
+        let until = Instant::now() + backoff.mul_f64(rand::random_range(0.5..=1.0));
         loop {
             match compio::time::timeout_at(until, rx.next()).await {
                 Ok(Some(p)) => {
-                    let _ = p.reply.send(Err(ErrorCode::MarketUnavailable));
+                    let _ = p
+                        .reply
+                        .send(Err(Failure::Code(ErrorCode::MarketUnavailable)));
                 }
                 Ok(None) => return,
                 Err(_) => break,
@@ -231,7 +289,7 @@ async fn serve(
         let mut reqs = Vec::with_capacity(batch.len());
         for p in batch.drain(..) {
             if p.binding != binding {
-                let _ = p.reply.send(Err(ErrorCode::MarketUnavailable));
+                let _ = p.reply.send(Err(Failure::Broken));
                 continue;
             }
             waiting.insert(p.req.request_id, p.reply);
@@ -244,22 +302,23 @@ async fn serve(
         market::encode_requests(reqs.iter(), &mut out);
         crate::metrics::market_batch(reqs.len());
         if io.send(&out).await.is_err() {
-            fail(waiting, ErrorCode::MarketUnavailable);
+            fail(waiting, Failure::Broken);
             return false;
         }
         while !waiting.is_empty() {
-            let code = match compio::time::timeout(timeout, io.read_some(&mut buf)).await {
-                Err(_) => ErrorCode::MarketTimeout,
-                Ok(Ok(0)) | Ok(Err(_)) => ErrorCode::MarketUnavailable,
+            let why = match compio::time::timeout(timeout, io.read_some(&mut buf)).await {
+                // Silent, not gone: asking again would double the wait.
+                Err(_) => Failure::Code(ErrorCode::MarketTimeout),
+                Ok(Ok(0)) | Ok(Err(_)) => Failure::Broken,
                 Ok(Ok(n)) => {
                     split.push(&buf[..n]);
                     match dispatch(&mut split, &mut waiting) {
                         Ok(()) => continue,
-                        Err(()) => ErrorCode::MarketUnavailable,
+                        Err(()) => Failure::Code(ErrorCode::MarketUnavailable),
                     }
                 }
             };
-            fail(waiting, code);
+            fail(waiting, why);
             return false;
         }
         crate::metrics::market_round_trip(started.elapsed());
@@ -303,15 +362,15 @@ fn dispatch(
         })?;
         for r in replies {
             if let Some(tx) = waiting.remove(&r.request_id) {
-                let _ = tx.send(r.result);
+                let _ = tx.send(r.result.map_err(Failure::Code));
             }
         }
     }
     Ok(())
 }
 
-fn fail(waiting: HashMap<u64, oneshot::Sender<Reply>>, code: ErrorCode) {
+fn fail(waiting: HashMap<u64, oneshot::Sender<Reply>>, why: Failure) {
     for (_, tx) in waiting {
-        let _ = tx.send(Err(code));
+        let _ = tx.send(Err(why));
     }
 }

@@ -63,7 +63,14 @@ impl HsmWorker {
 
 /// What every core shares.
 pub struct Shared {
-    pub cfg: Config,
+    /// The running config: the file as loaded at start, with the settings
+    /// [`Config::reloaded`] names as live taken from each reload since.
+    cfg: arc_swap::ArcSwap<Config>,
+    /// The file's config in force, before the start adjusted it.
+    file: std::sync::Mutex<Config>,
+    /// Bumped at each reload that changed a live setting, so each core
+    /// re-reads its per-core copies (source limits, market links).
+    cfg_epoch: std::sync::atomic::AtomicU64,
     pub tls: Arc<ServerConfig>,
     /// Password checks (and other registry or ledger reads) on the fair
     /// auth pool, within each terminal's rate.
@@ -87,12 +94,63 @@ pub struct Shared {
 const MAX_RATED_USERS: usize = 100_000;
 
 impl Shared {
+    /// The running config.
+    pub fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.cfg.load()
+    }
+
+    pub fn cfg_epoch(&self) -> u64 {
+        self.cfg_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Takes the live settings of `new` (a reloaded file); says which
+    /// sections it applied and which wait for a restart.
+    pub fn reconfigure(&self, new: &Config) -> crate::config::Reload {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let reload = file.reloaded(&self.cfg.load(), new);
+        if !reload.applied.is_empty() {
+            *file = reload.file.clone();
+            let c = &reload.config;
+            self.auth.set_limits(&c.auth);
+            self.exchanges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_rate(c.exchange.per_user_rate());
+            self.cfg.store(Arc::new(c.clone()));
+            self.cfg_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        reload
+    }
+
     /// Takes one exchange from `user`'s rate; `Err(ms)`: wait that long.
     pub fn exchange_allowed(&self, user: &str) -> Result<(), u64> {
         self.exchanges
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take(user, 1, crate::limits::mono_ms())
+    }
+}
+
+/// Reloads a running broker (SIGHUP, `systemctl reload`).
+#[derive(Clone)]
+pub struct Reloader {
+    markets: crossbeam_channel::Sender<()>,
+    shared: Arc<Shared>,
+}
+
+impl Reloader {
+    /// Re-reads the registry's markets now rather than at the next poll.
+    /// Users and terminals are read at every login, revocations within
+    /// their poll, so the markets are all a reload needs to hurry.
+    pub fn registries(&self) {
+        let _ = self.markets.try_send(());
+    }
+
+    /// Runs on the live settings of `new` from the next connection, check
+    /// or exchange on ([`Config::reloaded`]).
+    pub fn config(&self, new: &Config) -> crate::config::Reload {
+        self.shared.reconfigure(new)
     }
 }
 
@@ -105,6 +163,7 @@ pub struct Broker {
     _mailer: crate::wallet::mailer::Mailer,
     /// Wakes the markets watcher (SIGHUP).
     reload: crossbeam_channel::Sender<()>,
+    shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -112,6 +171,7 @@ impl Broker {
     /// Opens the HSM and the registry, issues the TLS key, binds, and starts
     /// the core threads.
     pub fn start(mut cfg: Config) -> Result<Self> {
+        let file = cfg.clone();
         let hsm = Arc::new(Hsm::open(&cfg).context("opening the HSM")?);
         let keys = hsm.key_handles()?;
         // Rows verified by any thread of this process, and the newest
@@ -178,10 +238,7 @@ impl Broker {
 
         let auth = auth::Checks::start(&cfg, sealed)?;
         let exchanges = std::sync::Mutex::new(crate::limits::Buckets::new(
-            crate::limits::Rate {
-                per_s: cfg.exchange.per_user_per_s,
-                burst: cfg.exchange.per_user_burst,
-            },
+            cfg.exchange.per_user_rate(),
             MAX_RATED_USERS,
         ));
         let h = hsm.clone();
@@ -205,7 +262,9 @@ impl Broker {
         revoke::spawn_watcher(cfg.db_path(), revoked.clone(), to_cores)
             .context("watching the registry for revocations")?;
         let shared = Arc::new(Shared {
-            cfg,
+            cfg: arc_swap::ArcSwap::from_pointee(cfg),
+            file: std::sync::Mutex::new(file),
+            cfg_epoch: Default::default(),
             tls,
             auth,
             exchanges,
@@ -239,17 +298,16 @@ impl Broker {
             ledger,
             _mailer: mailer,
             reload,
+            shared,
             threads,
         })
     }
 
-    /// A handle that makes the broker re-read the registry's markets now
-    /// rather than at the next poll (SIGHUP). Users and terminals are read
-    /// at every login anyway.
-    pub fn registry_reloader(&self) -> impl Fn() + Send + 'static {
-        let tx = self.reload.clone();
-        move || {
-            let _ = tx.try_send(());
+    /// What SIGHUP drives.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            markets: self.reload.clone(),
+            shared: self.shared.clone(),
         }
     }
 

@@ -107,7 +107,7 @@ impl Refused {
 
 /// One core's view of the sources connecting to one listener.
 pub struct Sources {
-    limits: SourceLimits,
+    limits: std::cell::Cell<SourceLimits>,
     pending: RefCell<HashMap<Source, u32>>,
     rate: RefCell<Buckets<Source>>,
 }
@@ -121,7 +121,7 @@ static REFUSALS: LazyLock<Mutex<KeyedThrottle<(Source, &'static str)>>> =
 impl Sources {
     pub fn new(limits: SourceLimits) -> Rc<Self> {
         Rc::new(Self {
-            limits,
+            limits: std::cell::Cell::new(limits),
             pending: RefCell::default(),
             rate: RefCell::new(Buckets::new(limits.rate, MAX_TRACKED)),
         })
@@ -136,7 +136,8 @@ impl Sources {
             .map_err(|_| Refused::Rate)?;
         let mut pending = self.pending.borrow_mut();
         let n = pending.entry(source).or_insert(0);
-        if self.limits.max_pending != 0 && *n >= self.limits.max_pending {
+        let max = self.limits.get().max_pending;
+        if max != 0 && *n >= max {
             return Err(Refused::Pending);
         }
         *n += 1;
@@ -145,6 +146,12 @@ impl Sources {
             source,
             counted: true,
         })
+    }
+
+    /// New limits (a reloaded config), for the next connections.
+    pub fn set_limits(&self, limits: SourceLimits) {
+        self.limits.set(limits);
+        self.rate.borrow_mut().set_rate(limits.rate);
     }
 
     /// Whether to log a refusal of `source` for `reason` now: `Some(n)`
