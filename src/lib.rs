@@ -11,6 +11,7 @@
 //! enrolment commands.
 
 pub mod admin;
+pub mod backup;
 pub mod broker;
 pub mod cancel_auth;
 pub mod config;

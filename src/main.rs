@@ -59,10 +59,23 @@ enum Cmd {
     Voucher(VoucherCmd),
     /// Check every registry row against its HSM MAC; exits 1 if any fails.
     Check,
-    /// After putting a ledger backup back (broker stopped): verify its
-    /// chain and record the restore in the anchor file, so that the audit
-    /// accepts its head. Without this, the audit reports the lost tail.
+    /// A consistent online copy of the registry and the SQLite ledger,
+    /// and the config file, into a new directory with a manifest of
+    /// SHA-256s; safe while the broker serves. The HSM token and the PINs
+    /// are backed up apart (docs/OPERATIONS.md, "Backup and restore").
+    Backup {
+        /// A directory that does not exist yet, or is empty.
+        dir: std::path::PathBuf,
+    },
+    /// With the broker stopped: put the databases of the backup in DIR
+    /// back (checked against its manifest first), or take the files put
+    /// back by hand; then verify the ledger's chain, record the restore
+    /// in the anchor file so the audit accepts its older head, and check
+    /// the registry rows.
     Restore {
+        /// A directory `keybroker backup` wrote; omit it if the files were
+        /// put back by hand.
+        dir: Option<std::path::PathBuf>,
         /// Why, for the record (1-200 printable ASCII characters).
         #[arg(long)]
         reason: String,
@@ -427,6 +440,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("initialised {}", cfg.data_dir.display());
         }
         Cmd::Serve => {
+            let _serving = keybroker::backup::DirLock::serving(&cfg)?;
             let broker = keybroker::broker::Broker::start(cfg.clone())?;
             reload_on_sighup(broker.reloader(), cli.config.clone(), cli.data_dir.clone())?;
             // One machine-readable line, so scripts and tests learn the port.
@@ -448,7 +462,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Wallet(c) => wallet(&cfg, c)?,
         Cmd::Voucher(c) => voucher(c)?,
         Cmd::Check => check(cfg)?,
-        Cmd::Restore { reason } => restore(&cfg, &reason)?,
+        Cmd::Backup { dir } => backup(&cfg, cli.config.as_deref(), &dir)?,
+        Cmd::Restore { dir, reason } => restore(cfg, dir.as_deref(), &reason)?,
     }
     Ok(())
 }
@@ -684,8 +699,38 @@ fn print_audit(report: &keybroker::wallet::AuditReport) -> Result<()> {
     Ok(())
 }
 
-/// `keybroker restore --reason`: the restore record (src/wallet/anchor.rs).
-fn restore(cfg: &Config, reason: &str) -> Result<()> {
+/// `keybroker backup DIR` (src/backup.rs).
+fn backup(
+    cfg: &Config,
+    config_file: Option<&std::path::Path>,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let m = keybroker::backup::backup(cfg, config_file, dir)?;
+    for f in &m.files {
+        println!("{} {} ({}, {} bytes)", f.sha256, f.name, f.role, f.bytes);
+    }
+    if let Some(why) = &m.ledger_elsewhere {
+        println!("not copied: {why}");
+    }
+    println!("backup written to {}", dir.display());
+    Ok(())
+}
+
+/// `keybroker restore [DIR] --reason`: the files put back, then the
+/// restore record (src/wallet/anchor.rs) and the registry check.
+fn restore(cfg: Config, from: Option<&std::path::Path>, reason: &str) -> Result<()> {
+    let lock = keybroker::backup::DirLock::restoring(&cfg)?;
+    if let Some(dir) = from {
+        for p in keybroker::backup::restore(&cfg, dir, &lock)? {
+            println!("put back {}", p.display());
+        }
+    }
+    record_restore(&cfg, reason)?;
+    check(cfg)
+}
+
+/// The restore record (src/wallet/anchor.rs).
+fn record_restore(cfg: &Config, reason: &str) -> Result<()> {
     let hsm = std::sync::Arc::new(keybroker::hsm::Hsm::open(cfg)?);
     let (ledger, _) =
         keybroker::broker::open_ledger(cfg, hsm, keybroker::broker::anchor_config(cfg))?;
