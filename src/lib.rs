@@ -32,6 +32,7 @@ pub mod pool;
 pub mod proto;
 pub mod receipt;
 pub mod rowmac;
+pub mod service;
 pub mod status;
 pub mod store;
 pub mod terminal;

@@ -340,6 +340,7 @@ fn stop_on_signals(logs: std::sync::Arc<keybroker::logs::Logs>) -> Result<()> {
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
+                keybroker::service::stopping();
                 tracing::info!(signal = sig, "stopping");
                 logs.flush();
                 let _ = signal_hook::low_level::emulate_default_handler(sig);
@@ -365,6 +366,7 @@ fn reload_on_sighup(
         .name("reload".into())
         .spawn(move || {
             for _ in signals.forever() {
+                keybroker::service::reloading();
                 reloader.registries();
                 match Config::load(config.as_deref(), data_dir.as_deref()) {
                     Ok(new) => {
@@ -390,6 +392,7 @@ fn reload_on_sighup(
                         "SIGHUP: the config file is refused; the running config stays"
                     ),
                 }
+                keybroker::service::ready("reloaded");
             }
         })?;
     Ok(())
@@ -400,17 +403,34 @@ fn main() {
     // password hashes, balances, PINs and the token (keybroker::fsmode).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(keybroker::fsmode::UMASK));
     let cli = Cli::parse();
-    let logs = init_logs(cli.json_logs);
-    if let Err(e) = stop_on_signals(logs.clone()) {
-        eprintln!("error: installing the signal handlers: {e:#}");
-        std::process::exit(1);
+    let json = cli.json_logs;
+    let logs = init_logs(json);
+    if json {
+        // A panic is a log line like any other, so the journal's JSON
+        // readers see why the process ended.
+        let logs = logs.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            tracing::error!(panic = %info, "fatal: panic");
+            logs.flush();
+        }));
     }
-    let result = run(cli);
-    // The signal thread holds the other reference: flush, not drop.
-    logs.flush();
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
+    let fatal = |what: &str, e: anyhow::Error| {
+        if json {
+            tracing::error!(error = %format!("{e:#}"), "fatal: {what}");
+            logs.flush();
+        } else {
+            logs.flush();
+            eprintln!("error: {what}{e:#}");
+        }
         std::process::exit(1);
+    };
+    if let Err(e) = stop_on_signals(logs.clone()) {
+        fatal("installing the signal handlers: ", e);
+    }
+    // The signal thread holds the other reference: flush, not drop.
+    match run(cli) {
+        Ok(()) => logs.flush(),
+        Err(e) => fatal("", e),
     }
 }
 
@@ -447,6 +467,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("listening {} admin {}", broker.addr, broker.admin_addr);
             use std::io::Write;
             std::io::stdout().flush()?;
+            keybroker::service::spawn_watchdog(broker.heartbeats())?;
+            keybroker::service::ready(&format!(
+                "listening {} admin {}",
+                broker.addr, broker.admin_addr
+            ));
             broker.join();
         }
         Cmd::DemoEnroll => demo_enroll(&cfg)?,

@@ -85,6 +85,14 @@ pub(super) fn run_core(
         // so exchanges find the link up and `keybroker_market_up` tells the
         // truth from the start.
         compio::runtime::spawn(core.clone().follow_markets()).detach();
+        let beats = core.shared.heartbeats.clone();
+        compio::runtime::spawn(async move {
+            loop {
+                beats.beat(index);
+                compio::time::sleep(crate::service::HEARTBEAT).await;
+            }
+        })
+        .detach();
         let max = core.shared.cfg().broker.max_connections_per_core;
         let live = Rc::new(Cell::new(0));
         let proxied = core.shared.cfg().broker.proxy_protocol;

@@ -88,6 +88,8 @@ pub struct Shared {
     pub released: released::Keys,
     /// Terminals revoked since start, which open sessions must not outlive.
     pub revoked: Arc<revoke::Revoked>,
+    /// Each core's proof that its loop turns (the systemd watchdog's).
+    pub heartbeats: crate::service::Heartbeats,
 }
 
 /// Users whose exchange rate is followed (`limits::Buckets`).
@@ -275,6 +277,7 @@ impl Broker {
             voucher_issuer,
             released,
             revoked,
+            heartbeats: crate::service::Heartbeats::new(listeners.len()),
         });
         released::spawn_sweeper(&shared)?;
         let mut threads = Vec::new();
@@ -301,6 +304,11 @@ impl Broker {
             shared,
             threads,
         })
+    }
+
+    /// The cores' heartbeats, for the systemd watchdog.
+    pub fn heartbeats(&self) -> crate::service::Heartbeats {
+        self.shared.heartbeats.clone()
     }
 
     /// What SIGHUP drives.
