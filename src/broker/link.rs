@@ -77,12 +77,45 @@ pub struct Pending {
     pub reply: oneshot::Sender<Reply>,
 }
 
+/// What the link task tells the exchanges on its core.
+#[derive(Default)]
+struct State {
+    /// The current connection's binding, `None` while down.
+    binding: Cell<Option<[u8; 32]>>,
+    /// Connection attempts ended either way, so far.
+    dials: Cell<u64>,
+    /// Fired at every change of the two.
+    changed: event_listener::Event,
+}
+
+impl State {
+    fn set_binding(&self, b: Option<[u8; 32]>) {
+        self.binding.set(b);
+        self.changed.notify(usize::MAX);
+    }
+
+    fn dialled(&self) {
+        self.dials.set(self.dials.get() + 1);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Waits until `done` says what it found, or `until` passed (`None`).
+    /// The listener is made before each look, so no change slips between.
+    async fn wait<T>(&self, until: Instant, mut done: impl FnMut(&Self) -> Option<T>) -> Option<T> {
+        loop {
+            let changed = self.changed.listen();
+            if let Some(v) = done(self) {
+                return Some(v);
+            }
+            compio::time::timeout_at(until, changed).await.ok()?;
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Link {
     tx: mpsc::Sender<Pending>,
-    binding: Rc<Cell<Option<[u8; 32]>>>,
-    /// Connection attempts ended either way, so far.
-    dials: Rc<Cell<u64>>,
+    state: Rc<State>,
     wait: Duration,
 }
 
@@ -90,16 +123,10 @@ impl Link {
     /// Starts the link task on the current core.
     pub fn spawn(info: Arc<MarketInfo>, cfg: ExchangeConfig) -> Self {
         let (tx, rx) = mpsc::channel(cfg.queue);
-        let binding = Rc::new(Cell::new(None));
-        let dials = Rc::new(Cell::new(0));
+        let state = Rc::new(State::default());
         let wait = Duration::from_millis(cfg.market_timeout_ms);
-        compio::runtime::spawn(run(info, cfg, binding.clone(), dials.clone(), rx)).detach();
-        Self {
-            tx,
-            binding,
-            dials,
-            wait,
-        }
+        compio::runtime::spawn(run(info, cfg, state.clone(), rx)).detach();
+        Self { tx, state, wait }
     }
 
     /// The current connection's binding, `None` while the market is down.
@@ -107,10 +134,10 @@ impl Link {
     /// first exchanges do not fail only because the link is still dialling.
     pub async fn binding_when_up(&self) -> Option<[u8; 32]> {
         let until = Instant::now() + self.wait;
-        while self.dials.get() == 0 && Instant::now() < until {
-            compio::time::sleep(Duration::from_millis(2)).await;
-        }
-        self.binding.get()
+        self.state
+            .wait(until, |s| (s.dials.get() > 0).then_some(()))
+            .await;
+        self.state.binding.get()
     }
 
     /// A binding other than `old`: the channel that replaced a broken one.
@@ -121,27 +148,27 @@ impl Link {
         let until = Instant::now() + self.wait;
         // Dials ended when the link was first seen down.
         let mut down_at = None;
-        loop {
-            match self.binding.get() {
-                Some(b) if b != old => return Some(b),
+        self.state
+            .wait(until, |s| match s.binding.get() {
+                Some(b) if b != old => Some(Some(b)),
                 // The link has not seen the old channel break yet.
-                Some(_) => {}
+                Some(_) => None,
                 None => match down_at {
-                    None => down_at = Some(self.dials.get()),
-                    Some(d) if self.dials.get() > d => return None,
-                    Some(_) => {}
+                    None => {
+                        down_at = Some(s.dials.get());
+                        None
+                    }
+                    Some(d) if s.dials.get() > d => Some(None),
+                    Some(_) => None,
                 },
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            compio::time::sleep(Duration::from_millis(2)).await;
-        }
+            })
+            .await
+            .flatten()
     }
 
     /// Queues an exchange; refuses at once when down or full.
     pub fn submit(&self, p: Pending) -> Result<(), Failure> {
-        if self.binding.get() != Some(p.binding) {
+        if self.state.binding.get() != Some(p.binding) {
             // The channel it was signed for is gone already.
             return Err(Failure::Broken);
         }
@@ -184,8 +211,7 @@ async fn connect(
 async fn run(
     info: Arc<MarketInfo>,
     cfg: ExchangeConfig,
-    state: Rc<Cell<Option<[u8; 32]>>>,
-    dials: Rc<Cell<u64>>,
+    state: Rc<State>,
     mut rx: mpsc::Receiver<Pending>,
 ) {
     let min = Duration::from_millis(cfg.reconnect_min_ms);
@@ -197,16 +223,19 @@ async fn run(
     let mut warned = false;
     loop {
         let connected = connect(&info, timeout).await;
-        dials.set(dials.get() + 1);
+        // The binding first: a waiter woken by the dial sees its outcome.
+        if let Ok((_, binding)) = &connected {
+            state.set_binding(Some(*binding));
+        }
+        state.dialled();
         match connected {
             Ok((mut io, binding)) => {
                 tracing::info!(market = %info.id, "market channel up");
                 warned = false;
-                state.set(Some(binding));
                 crate::metrics::market_link(&info.id, true);
                 backoff = min;
                 let closed = serve(&mut io, &mut rx, &cfg, binding).await;
-                state.set(None);
+                state.set_binding(None);
                 crate::metrics::market_link(&info.id, false);
                 fail_all(&mut rx, Failure::Broken);
                 io.close().await;
