@@ -11,7 +11,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SigningKey,
 };
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer,
+};
 use std::time::{Duration, SystemTime};
 
 /// What a leaf certificate is for.
@@ -219,12 +222,37 @@ pub fn check_ca(der: &[u8], now: rustls::pki_types::UnixTime) -> Result<()> {
 
 /// The first certificate in a PEM file, as DER.
 pub fn read_cert_pem(text: &str) -> Result<Vec<u8>> {
-    let mut rd = text.as_bytes();
-    let cert = rustls_pemfile::certs(&mut rd)
+    Ok(certs_pem(text.as_bytes())?
+        .into_iter()
         .next()
         .context("no certificate in PEM")?
-        .context("bad PEM")?;
-    Ok(cert.to_vec())
+        .to_vec())
+}
+
+/// Every certificate in PEM `bytes`, in order (rustls-pki-types' PEM
+/// reader, the one rustls itself uses).
+pub fn certs_pem(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<_, _>>()
+        .context("bad PEM certificate")
+}
+
+/// The first private key in PEM `bytes` (PKCS#8, SEC1 or PKCS#1).
+pub fn private_key_pem(bytes: &[u8]) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(bytes).context("no private key in PEM")
+}
+
+/// The DER of the first `PUBLIC KEY` (SPKI) or `PRIVATE KEY` (PKCS#8)
+/// block in `text`.
+pub fn pem_der(text: &str, tag: &str) -> Result<Vec<u8>> {
+    let der = match tag {
+        "PUBLIC KEY" => SubjectPublicKeyInfoDer::from_pem_slice(text.as_bytes())?.to_vec(),
+        "PRIVATE KEY" => PrivatePkcs8KeyDer::from_pem_slice(text.as_bytes())?
+            .secret_pkcs8_der()
+            .to_vec(),
+        other => anyhow::bail!("no PEM reader for {other:?} blocks"),
+    };
+    Ok(der)
 }
 
 #[cfg(test)]

@@ -626,8 +626,8 @@ fn every_refused_handshake_kind_is_counted_and_logged_once() {
     let b = env.broker_with(Some((&log, "info")), None);
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(env.terminal_dir("alice").join("broker-ca.crt")).unwrap();
-    for c in rustls_pemfile::certs(&mut &ca[..]) {
-        roots.add(c.unwrap()).unwrap();
+    for c in keybroker::pki::certs_pem(&ca).unwrap() {
+        roots.add(c).unwrap();
     }
     let identity = |cert: rustls::pki_types::CertificateDer<'static>, key: &KeyPair| {
         let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
@@ -637,10 +637,7 @@ fn every_refused_handshake_kind_is_counted_and_logged_once() {
     };
     // alice's real certificate, but signed for with another key.
     let alice_pem = std::fs::read(env.terminal_dir("alice").join("terminal.crt")).unwrap();
-    let alice_cert = rustls_pemfile::certs(&mut &alice_pem[..])
-        .next()
-        .unwrap()
-        .unwrap();
+    let alice_cert = keybroker::pki::certs_pem(&alice_pem).unwrap().remove(0);
     let not_alices = KeyPair::generate().unwrap();
     // A terminal certificate from a CA of its own, and a self-signed one.
     let foreign_key = KeyPair::generate().unwrap();

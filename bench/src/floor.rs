@@ -324,9 +324,8 @@ pub fn run(config: &Path, terminal_dir: &Path, user: &str, quick: bool) -> Resul
         rustls::crypto::aws_lc_rs::Ticketer::new()?,
     )?;
     let read = |f: &str| std::fs::read(terminal_dir.join(f));
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut &read("terminal.crt")?[..]).collect::<Result<_, _>>()?;
-    let key = rustls_pemfile::private_key(&mut &read("terminal.key")?[..])?.context("key")?;
+    let certs: Vec<CertificateDer<'static>> = keybroker::pki::certs_pem(&read("terminal.crt")?)?;
+    let key = keybroker::pki::private_key_pem(&read("terminal.key")?)?;
     let mut roots = RootCertStore::empty();
     roots.add(cert.der().clone())?;
     let tc = TerminalConfig::new(roots, Some((certs, key)))?;

@@ -190,8 +190,8 @@ pub fn market_client(
     identity: Arc<RotatingCert>,
 ) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut market_ca_pem.as_bytes()) {
-        roots.add(c?)?;
+    for c in crate::pki::certs_pem(market_ca_pem.as_bytes())? {
+        roots.add(c)?;
     }
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?

@@ -18,7 +18,6 @@ use anyhow::{Context, Result};
 use compio::BufResult;
 use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::{TcpListener, TcpStream};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use std::cell::Cell;
@@ -54,13 +53,11 @@ fn tls_config(cfg: &MarketConfig, base: &Path) -> Result<Arc<ServerConfig>> {
     let read = |p: &Path| {
         std::fs::read(base.join(p)).with_context(|| format!("reading {}", base.join(p).display()))
     };
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut &read(&cfg.cert)?[..]).collect::<Result<_, _>>()?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &read(&cfg.key)?[..])?
-        .context("no key in market key file")?;
+    let certs = crate::pki::certs_pem(&read(&cfg.cert)?)?;
+    let key = crate::pki::private_key_pem(&read(&cfg.key)?).context("the market key file")?;
     let mut roots = RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &read(&cfg.broker_ca)?[..]) {
-        roots.add(c?)?;
+    for c in crate::pki::certs_pem(&read(&cfg.broker_ca)?)? {
+        roots.add(c)?;
     }
     let provider = crate::broker::tls::provider();
     let verifier =
@@ -117,17 +114,16 @@ pub fn start(cfg_path: &Path) -> Result<MarketServer> {
             )
         })
     };
-    let cancel_key = pem::parse(read(&cfg.cancel_key)?).context("cancel-signing key")?;
-    anyhow::ensure!(
-        cancel_key.tag() == "PRIVATE KEY",
-        "the cancel-signing key is not PKCS#8"
+    let cancel_key = zeroize::Zeroizing::new(
+        crate::pki::pem_der(&read(&cfg.cancel_key)?, "PRIVATE KEY")
+            .context("the cancel-signing key (PKCS#8 PEM)")?,
     );
     let cancel_cert = crate::pki::read_cert_pem(&read(&cfg.cancel_cert)?)?;
     let orders = super::orders::Orders::open(&base.join(&cfg.orders_db))?;
     let state = Arc::new(
         MarketState::new(cfg, &user_ca, endpoint)?
             .with_orders(orders)
-            .with_signer(cancel_key.contents(), cancel_cert)?,
+            .with_signer(&cancel_key, cancel_cert)?,
     );
     let mut threads = Vec::new();
     for (i, (c, d)) in chan.into_iter().zip(dir).enumerate() {

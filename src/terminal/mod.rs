@@ -65,14 +65,11 @@ impl TerminalConfig {
         let read = |f: &str| {
             std::fs::read(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
         };
-        let certs: Vec<CertificateDer<'static>> =
-            rustls_pemfile::certs(&mut &read("terminal.crt")?[..]).collect::<Result<_, _>>()?;
-        let key: PrivateKeyDer<'static> =
-            rustls_pemfile::private_key(&mut &read("terminal.key")?[..])?
-                .context("no private key in terminal.key")?;
+        let certs = crate::pki::certs_pem(&read("terminal.crt")?)?;
+        let key = crate::pki::private_key_pem(&read("terminal.key")?).context("terminal.key")?;
         let mut roots = RootCertStore::empty();
-        for ca in rustls_pemfile::certs(&mut &read("broker-ca.crt")?[..]) {
-            roots.add(ca?)?;
+        for ca in crate::pki::certs_pem(&read("broker-ca.crt")?)? {
+            roots.add(ca)?;
         }
         Self::new(roots, Some((certs, key)))
     }

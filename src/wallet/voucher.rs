@@ -145,11 +145,7 @@ pub fn generate_issuer_key() -> WalletResult<(String, String)> {
 
 /// The DER inside a PEM block with the given tag (`PRIVATE KEY`, `PUBLIC KEY`).
 pub fn pem_der(text: &str, tag: &str) -> WalletResult<Vec<u8>> {
-    let p = pem::parse(text).map_err(|_| WalletError::BadVoucher("not PEM"))?;
-    if p.tag() != tag {
-        return Err(WalletError::BadVoucher("unexpected PEM block"));
-    }
-    Ok(p.into_contents())
+    crate::pki::pem_der(text, tag).map_err(|_| WalletError::BadVoucher("no such PEM block"))
 }
 
 /// Issues a voucher with a fresh random id, signed with the issuer's
