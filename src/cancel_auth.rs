@@ -26,7 +26,7 @@ pub const LABEL: &[u8] = b"keybroker cancel v2";
 /// standing authorisation).
 pub const MAX_LIFETIME_MS: u64 = 15 * 60 * 1000;
 /// Largest encoded authorisation: its body, signature and certificate.
-pub const MAX_ENCODED: usize = 512 + MAX_SIGNATURE + MAX_BLOB + 6;
+pub const MAX_ENCODED: usize = crate::proto::access::MAX_AUTHORISATION;
 /// id-kp-documentSigning (RFC 9336), DER content octets of the OID
 /// 1.3.6.1.5.5.7.3.36: the EKU a cancel-signing certificate carries.
 pub const EKU_DOCUMENT_SIGNING: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x24];

@@ -560,18 +560,6 @@ impl Config {
         self.data_dir.join("pki")
     }
 
-    /// The per-source limits of the access port.
-    pub fn source_limits(&self) -> crate::net::sources::SourceLimits {
-        let b = &self.broker;
-        crate::net::sources::SourceLimits {
-            max_pending: b.max_pending_per_source,
-            rate: crate::limits::Rate {
-                per_s: b.handshakes_per_source_per_s,
-                burst: b.handshake_burst_per_source,
-            },
-        }
-    }
-
     pub fn cores(&self) -> usize {
         if self.broker.cores == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -20,7 +20,6 @@
 //! market answers in the requester's group.
 
 use crate::proto::wire::Put;
-use crate::proto::wire::{Reader, WireError};
 use aws_lc_rs::agreement::{self, Algorithm, ECDH_P256, PrivateKey, UnparsedPublicKey, X25519};
 use aws_lc_rs::key_wrap::{AES_256, KeyEncryptionKey, KeyWrapPadded};
 use zeroize::Zeroizing;
@@ -29,120 +28,13 @@ pub const PREIMAGE_LABEL: &[u8] = b"keybroker exchange v2";
 pub const X_LABEL: &[u8] = b"keybroker X v1";
 /// TLS exporter label binding exchanges to one market-channel connection.
 pub const BINDING_LABEL: &[u8] = b"EXPORTER-keybroker-market-binding";
-/// Length of an uncompressed P-256 point, the longest public key.
-pub const MAX_POINT_LEN: usize = 65;
-/// Length of X wrapped with AES-KWP (32 + 8).
-pub const WRAPPED_LEN: usize = 40;
+pub use crate::proto::point::{Group, MAX_POINT_LEN, Mode, Point, WRAPPED_LEN};
 
-/// Who does the ECDH with the market.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Mode {
-    /// The broker (full proxy): it learns X and wraps it for the terminal.
-    Full = 0,
-    /// The terminal (partial proxy, claim 8): the broker only signs.
-    Partial = 1,
-}
-
-impl Mode {
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Self::Full),
-            1 => Some(Self::Partial),
-            _ => None,
-        }
-    }
-}
-
-/// The ECDH group of an exchange's two ephemeral keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Group {
-    /// NIST P-256, uncompressed points (65 bytes): what an HSM can derive with.
-    P256 = 0,
-    /// X25519 (RFC 7748), 32-byte u-coordinates: the faster one in software.
-    X25519 = 1,
-}
-
-impl Group {
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Self::P256),
-            1 => Some(Self::X25519),
-            _ => None,
-        }
-    }
-
-    pub fn point_len(self) -> usize {
-        match self {
-            Self::P256 => 65,
-            Self::X25519 => 32,
-        }
-    }
-
-    fn algorithm(self) -> &'static Algorithm {
-        match self {
-            Self::P256 => &ECDH_P256,
-            Self::X25519 => &X25519,
-        }
-    }
-}
-
-/// An ephemeral public key and its group. On the wire: `group:u8` then the
-/// key, whose length the group fixes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Point {
-    group: Group,
-    bytes: [u8; MAX_POINT_LEN],
-}
-
-impl std::fmt::Debug for Point {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Point({:?}, {} bytes)",
-            self.group,
-            self.group.point_len()
-        )
-    }
-}
-
-impl Point {
-    /// A placeholder until a key is made: no valid key of any group, so an
-    /// exchange that sent it would fail its ECDH.
-    pub const UNSET: Point = Point {
-        group: Group::P256,
-        bytes: [0; MAX_POINT_LEN],
-    };
-
-    /// `None` unless `key` has the group's length. Whether it is a valid
-    /// point is checked where it is used, by the ECDH.
-    pub fn new(group: Group, key: &[u8]) -> Option<Self> {
-        if key.len() != group.point_len() {
-            return None;
-        }
-        let mut bytes = [0u8; MAX_POINT_LEN];
-        bytes[..key.len()].copy_from_slice(key);
-        Some(Self { group, bytes })
-    }
-
-    pub fn group(&self) -> Group {
-        self.group
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.group.point_len()]
-    }
-
-    pub fn put(&self, out: &mut Vec<u8>) {
-        out.put_u8(self.group as u8);
-        out.extend_from_slice(self.as_bytes());
-    }
-
-    pub fn read(r: &mut Reader<'_>, what: &'static str) -> Result<Self, WireError> {
-        let group = Group::from_u8(r.u8(what)?).ok_or(WireError::Invalid(what))?;
-        let key = r.take(group.point_len(), what)?;
-        Ok(Self::new(group, key).expect("length fixed by the group"))
+/// aws-lc-rs's algorithm for `group`.
+fn algorithm(group: Group) -> &'static Algorithm {
+    match group {
+        Group::P256 => &ECDH_P256,
+        Group::X25519 => &X25519,
     }
 }
 
@@ -213,7 +105,7 @@ pub struct Ephemeral {
 
 impl Ephemeral {
     pub fn generate(group: Group) -> Self {
-        let key = PrivateKey::generate(group.algorithm()).expect("ephemeral key generation");
+        let key = PrivateKey::generate(algorithm(group)).expect("ephemeral key generation");
         Self::with_key(group, key)
     }
 
@@ -222,7 +114,7 @@ impl Ephemeral {
     /// the 32-byte big-endian scalar; X25519: the 32 bytes of RFC 7748).
     /// `None` if it is not a valid key of the group.
     pub fn from_private_bytes_for_vectors(group: Group, private: &[u8]) -> Option<Self> {
-        let key = PrivateKey::from_private_key(group.algorithm(), private).ok()?;
+        let key = PrivateKey::from_private_key(algorithm(group), private).ok()?;
         Some(Self::with_key(group, key))
     }
 
@@ -243,7 +135,7 @@ impl Ephemeral {
         }
         agreement::agree(
             &self.key,
-            UnparsedPublicKey::new(self.public.group().algorithm(), peer.as_bytes()),
+            UnparsedPublicKey::new(algorithm(self.public.group()), peer.as_bytes()),
             (),
             |z| Ok(f(z)),
         )
@@ -301,6 +193,7 @@ pub fn verify_signature(point: &[u8], preimage: &[u8], signature: &[u8]) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::wire::{Reader, WireError};
 
     #[test]
     fn both_sides_agree_on_x_and_wrap_round_trips() {

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod backup;
 pub mod broker;
 pub mod cancel_auth;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod demo;

@@ -76,6 +76,9 @@ pub const HANDSHAKE_REFUSALS: [&str; 9] = [
     "source_rate",
 ];
 
+/// The `result` labels of an offered ticket (`broker::tickets::Verdict`).
+pub const TICKET_VERDICTS: [&str; 5] = ["accepted", "reused", "expired", "forgotten", "invalid"];
+
 /// What one core thread records. Only that core writes it.
 pub struct CoreMetrics {
     registry: Registry,
@@ -134,8 +137,8 @@ impl CoreMetrics {
             errors.with_label_values(&[code.name()]);
         }
         tickets.with_label_values(&["issued"]);
-        for v in crate::broker::tickets::Verdict::ALL {
-            tickets.with_label_values(&[v.name()]);
+        for v in TICKET_VERDICTS {
+            tickets.with_label_values(&[v]);
         }
         for kx in ["software", "hsm", "partial"] {
             exchange.with_label_values(&[kx]);

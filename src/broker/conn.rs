@@ -14,7 +14,7 @@ use super::link::Link;
 use super::revoke::{Batch, Live};
 use super::{Shared, ms};
 use crate::crypto::AccessKeys;
-use crate::net::sources::{Pending, Source, Sources};
+use crate::net::sources::{Pending, Source, SourceLimits, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
 use crate::proto::access::{Frame, FrameDecoder, Message, encode};
@@ -64,7 +64,7 @@ pub(super) fn run_core(
             )?)),
             crate::config::Dispatch::Pool => None,
         };
-        let shared_limits = shared.cfg().source_limits();
+        let shared_limits = SourceLimits::of(&shared.cfg().broker);
         let exchange = shared.cfg().exchange.clone();
         let cfg_epoch = shared.cfg_epoch();
         let core = Rc::new(Core {
@@ -160,7 +160,7 @@ impl Core {
             return;
         }
         let cfg = self.shared.cfg();
-        self.sources.set_limits(cfg.source_limits());
+        self.sources.set_limits(SourceLimits::of(&cfg.broker));
         if *self.exchange.borrow() != cfg.exchange {
             self.exchange.replace(cfg.exchange.clone());
             self.links.borrow_mut().clear();

@@ -251,7 +251,7 @@ impl Ask<'_> {
             cert_fingerprint: self.rel.fingerprint,
             request_id: core.request_id(),
             ephemeral: Point::UNSET,
-            time_ms: crate::market::now_ms(),
+            time_ms: crate::clock::now_ms(),
             nonce,
             binding,
         };

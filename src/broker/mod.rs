@@ -477,24 +477,7 @@ fn start_admin(cfg: &Config, hsm: Arc<Hsm>) -> Result<SocketAddr> {
     crate::admin::start(cfg.admin.listen, ready, fault)
 }
 
-/// A compio runtime tuned for one core: single issuer, deferred and
-/// cooperative task running (docs/DECISIONS.md, "runtime").
-/// `cpus`: where to pin the thread (`net::cores`); empty: anywhere.
-pub fn core_runtime(
-    cpus: std::collections::HashSet<usize>,
-) -> std::io::Result<compio::runtime::Runtime> {
-    let mut proactor = compio::driver::ProactorBuilder::new();
-    proactor
-        .capacity(4096)
-        .single_issuer(true)
-        .defer_taskrun(true)
-        .coop_taskrun(true)
-        .taskrun_flag(true);
-    compio::runtime::RuntimeBuilder::new()
-        .with_proactor(proactor)
-        .thread_affinity(cpus)
-        .build()
-}
+pub use crate::net::core_runtime;
 
 pub(crate) fn ms(v: u64) -> Duration {
     Duration::from_millis(v)

@@ -69,7 +69,8 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 5] = [
+    #[cfg(test)]
+    const ALL: [Verdict; 5] = [
         Self::Accepted,
         Self::Reused,
         Self::Expired,
@@ -343,6 +344,12 @@ pub fn resumed_past_validity(conn: &rustls::ServerConnection) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_verdict_has_its_metric_series() {
+        let names = Verdict::ALL.map(Verdict::name);
+        assert_eq!(names, crate::metrics::TICKET_VERDICTS);
+    }
     use rustls::server::ProducesTickets;
 
     const HOUR: Duration = Duration::from_secs(3600);

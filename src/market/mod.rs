@@ -301,11 +301,7 @@ fn live<V>(found: Result<Option<(V, u64)>, ()>) -> Result<(V, u64), ErrorCode> {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::clock::now_ms;
 
 const MAX_CERT_CACHE: usize = 100_000;
 

@@ -59,7 +59,7 @@ fn tls_config(cfg: &MarketConfig, base: &Path) -> Result<Arc<ServerConfig>> {
     for c in crate::pki::certs_pem(&read(&cfg.broker_ca)?)? {
         roots.add(c)?;
     }
-    let provider = crate::broker::tls::provider();
+    let provider = crate::net::tls_io::provider();
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let mut sc = ServerConfig::builder_with_provider(provider)
@@ -157,7 +157,7 @@ fn run_core(
     tls: Arc<ServerConfig>,
     (max_channels, max_direct): (usize, usize),
 ) -> Result<()> {
-    let rt = crate::broker::core_runtime(cpus)?;
+    let rt = crate::net::core_runtime(cpus)?;
     rt.block_on(async move {
         let chan = TcpListener::from_std(chan)?;
         let dir = TcpListener::from_std(dir)?;

@@ -92,6 +92,25 @@ where
     }
 }
 
+/// A compio runtime tuned for one core: single issuer, deferred and
+/// cooperative task running (docs/DECISIONS.md, "runtime").
+/// `cpus`: where to pin the thread (`net::cores`); empty: anywhere.
+pub fn core_runtime(
+    cpus: std::collections::HashSet<usize>,
+) -> std::io::Result<compio::runtime::Runtime> {
+    let mut proactor = compio::driver::ProactorBuilder::new();
+    proactor
+        .capacity(4096)
+        .single_issuer(true)
+        .defer_taskrun(true)
+        .coop_taskrun(true)
+        .taskrun_flag(true);
+    compio::runtime::RuntimeBuilder::new()
+        .with_proactor(proactor)
+        .thread_affinity(cpus)
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use compio::BufResult;

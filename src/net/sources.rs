@@ -57,6 +57,19 @@ pub struct SourceLimits {
     pub rate: Rate,
 }
 
+impl SourceLimits {
+    /// The per-source limits of the access port.
+    pub fn of(b: &crate::config::BrokerConfig) -> Self {
+        Self {
+            max_pending: b.max_pending_per_source,
+            rate: Rate {
+                per_s: b.handshakes_per_source_per_s,
+                burst: b.handshake_burst_per_source,
+            },
+        }
+    }
+}
+
 /// A source address as the limits count it.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct Source(IpAddr);

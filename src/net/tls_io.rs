@@ -183,3 +183,21 @@ where
         let _ = socket2::SockRef::from(&self.sock).shutdown(std::net::Shutdown::Write);
     }
 }
+
+/// The one crypto provider of every TLS endpoint here (broker, market,
+/// terminal, bench floor): aws-lc-rs with TLS 1.3 suites only,
+/// AES-128-GCM-SHA256 first. SHA-256 runs on the CPU's SHA extensions while
+/// SHA-384 does not (aws-lc's `sha512_block_data_order_nohw`); with SHA-384
+/// first, a handshake's key schedule and transcript hashing took 8% of the
+/// core threads' CPU under the `connect` bench (docs/DECISIONS.md).
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    std::sync::Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..default_provider()
+    })
+}

@@ -11,7 +11,7 @@
 use super::code::ErrorCode;
 use super::market::MAX_ENDPOINT;
 use super::wire::{Put, Reader, WireError};
-use crate::exchange::{Point, WRAPPED_LEN};
+use crate::proto::point::{Point, WRAPPED_LEN};
 use thiserror::Error;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -27,6 +27,9 @@ pub const MAX_REF: usize = 128;
 pub const MAX_BLOB: usize = 4096;
 /// Longest DER ECDSA signature, in bytes.
 pub const MAX_SIGNATURE: usize = 80;
+/// Largest encoded cancel authorisation (`cancel_auth`): its body, a
+/// signature and a certificate.
+pub const MAX_AUTHORISATION: usize = 512 + MAX_SIGNATURE + MAX_BLOB + 6;
 /// Most balances in one answer.
 pub const MAX_BALANCES: usize = 64;
 /// Bytes before the body: `len`, `type`, `id`.
@@ -379,9 +382,7 @@ fn decode_message(ty: u8, mut r: Reader<'_>) -> Result<Message, FrameError> {
         },
         0x08 => Message::Cancel {
             decision_id: id_str(&mut r, "decision_id")?,
-            authorisation: r
-                .bytes(crate::cancel_auth::MAX_ENCODED, "authorisation")?
-                .to_vec(),
+            authorisation: r.bytes(MAX_AUTHORISATION, "authorisation")?.to_vec(),
         },
         0x09 => Message::TopUp {
             voucher: r.bytes(MAX_BLOB, "voucher")?.to_vec(),
@@ -535,7 +536,7 @@ impl Drop for FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exchange::Group;
+    use crate::proto::point::Group;
 
     fn samples() -> Vec<Frame> {
         let msgs = vec![

@@ -11,7 +11,7 @@
 
 use super::code::ErrorCode;
 use super::wire::{Put, Reader, WireError};
-use crate::exchange::{Mode, Point};
+use crate::proto::point::{Mode, Point};
 
 pub const TYPE_REQUESTS: u8 = 0x10;
 pub const TYPE_REPLIES: u8 = 0x90;
@@ -235,7 +235,7 @@ mod tests {
             mode: Mode::Full,
             user: "alice".into(),
             user_cert: vec![1, 2, 3],
-            ephemeral: Point::new(crate::exchange::Group::X25519, &[4; 32]).unwrap(),
+            ephemeral: Point::new(crate::proto::point::Group::X25519, &[4; 32]).unwrap(),
             time_ms: 99,
             nonce: [5; 16],
             signature: vec![6; 70],
@@ -250,7 +250,7 @@ mod tests {
                 request_id: 1,
                 result: Ok(Accepted {
                     session_id: [7; 16],
-                    ephemeral: Point::new(crate::exchange::Group::P256, &[8; 65]).unwrap(),
+                    ephemeral: Point::new(crate::proto::point::Group::P256, &[8; 65]).unwrap(),
                     expiry_ms: 1000,
                     endpoint: "127.0.0.1:1".into(),
                 }),

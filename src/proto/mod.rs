@@ -13,6 +13,7 @@ pub mod code;
 pub mod direct;
 pub mod market;
 mod noise;
+pub mod point;
 pub mod session;
 pub mod wire;
 

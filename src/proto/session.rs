@@ -23,7 +23,7 @@
 
 use super::access::{Frame, Message, Password};
 use super::code::ErrorCode;
-use crate::exchange::Point;
+use crate::proto::point::Point;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {

@@ -80,7 +80,7 @@ impl TerminalConfig {
         roots: RootCertStore,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> anyhow::Result<Self> {
-        let b = ClientConfig::builder_with_provider(crate::broker::tls::provider())
+        let b = ClientConfig::builder_with_provider(crate::net::tls_io::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots);
         let cfg = match identity {
