@@ -77,6 +77,71 @@ pub struct WalletConfig {
     pub anchor_interval_ms: u64,
 }
 
+impl WalletConfig {
+    fn validate(&self) -> Result<()> {
+        within("wallet.queue", self.queue as u64, 1..=1_000_000)?;
+        within(
+            "wallet.group_max",
+            self.group_max as u64,
+            1..=self.queue.min(65_536) as u64,
+        )?;
+        within(
+            "wallet.anchor_interval_ms",
+            self.anchor_interval_ms,
+            10..=60_000,
+        )?;
+        if self.anchor_file.as_os_str().is_empty() || self.ledger.as_os_str().is_empty() {
+            bail!("wallet.anchor_file and wallet.ledger must be set");
+        }
+        if self.backend == LedgerBackend::Postgres && self.postgres_url.is_empty() {
+            bail!("wallet.backend = \"postgres\" needs wallet.postgres_url");
+        }
+        if !self.smtp_relay.is_empty() {
+            let port = self
+                .smtp_relay
+                .rsplit_once(':')
+                .map(|(_, p)| p.parse::<u16>());
+            if !matches!(port, Some(Ok(p)) if p > 0) {
+                bail!(
+                    "wallet.smtp_relay must be host:port, got {:?}",
+                    self.smtp_relay
+                );
+            }
+        }
+        let from = &self.mail_from;
+        if from.len() > 254 || from.split('@').count() != 2 || from.chars().any(char::is_whitespace)
+        {
+            bail!("wallet.mail_from must be one address, local@domain, got {from:?}");
+        }
+        within(
+            "the number of wallet.currencies",
+            self.currencies.len() as u64,
+            1..=crate::proto::access::MAX_BALANCES as u64,
+        )?;
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.currencies {
+            if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) || !seen.insert(c) {
+                bail!(
+                    "wallet.currencies must be distinct ISO 4217 codes (3 capital letters), got {c:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `v` in `range`, or an error naming the setting and its bounds.
+fn within(name: &str, v: u64, range: std::ops::RangeInclusive<u64>) -> Result<()> {
+    if range.contains(&v) {
+        return Ok(());
+    }
+    bail!(
+        "{name} must be {}..={}, got {v}",
+        range.start(),
+        range.end()
+    )
+}
+
 impl Default for WalletConfig {
     fn default() -> Self {
         Self {
@@ -463,84 +528,108 @@ impl Config {
         }
     }
 
+    /// Every setting against its bounds: the upper ones are what one node
+    /// can hold (memory, descriptors, threads) or what stops meaning
+    /// anything (a timeout of a day), the lower ones what keeps it working.
     pub fn validate(&self) -> Result<()> {
+        const MILLION: u64 = 1_000_000;
         let b = &self.broker;
-        if !(64..=1 << 20).contains(&b.max_frame) {
-            bail!("broker.max_frame must be 64..=1048576, got {}", b.max_frame);
+        within("broker.max_frame", b.max_frame as u64, 64..=1 << 20)?;
+        within("broker.cores", b.cores as u64, 0..=1024)?;
+        within(
+            "broker.max_connections_per_core",
+            b.max_connections_per_core as u64,
+            1..=MILLION,
+        )?;
+        within(
+            "broker.handshake_timeout_ms",
+            b.handshake_timeout_ms,
+            1..=600_000,
+        )?;
+        within("broker.idle_timeout_ms", b.idle_timeout_ms, 1..=86_400_000)?;
+        within("broker.frame_timeout_ms", b.frame_timeout_ms, 1..=600_000)?;
+        within("broker.ticket_hours", b.ticket_hours, 1..=24 * 7)?;
+        if let Some(s) = b.ticket_lifetime_s {
+            within("broker.ticket_lifetime_s", s, 1..=b.ticket_hours * 3600)?;
         }
-        if b.max_connections_per_core == 0 {
-            bail!("broker.max_connections_per_core must be positive");
-        }
-        if b.handshake_timeout_ms == 0 || b.idle_timeout_ms == 0 || b.frame_timeout_ms == 0 {
-            bail!("broker timeouts must be positive");
-        }
-        if !(1..=24 * 7).contains(&b.ticket_hours) {
-            bail!("broker.ticket_hours must be 1..=168");
-        }
-        if b.ticket_lifetime_s
-            .is_some_and(|s| !(1..=b.ticket_hours * 3600).contains(&s))
-        {
-            bail!("broker.ticket_lifetime_s must be 1..=ticket_hours * 3600");
-        }
-        if !(1..=1 << 28).contains(&b.ticket_replay_entries) {
-            bail!("broker.ticket_replay_entries must be 1..=268435456");
-        }
-        if !(1..=24 * 30).contains(&b.tls_cert_hours) {
-            bail!("broker.tls_cert_hours must be 1..=720");
-        }
-        if !(1..=64).contains(&self.hsm.workers) || self.hsm.queue == 0 {
-            bail!("hsm.workers must be 1..=64 and hsm.queue positive");
-        }
-        if self.hsm.key_linger_s > 3600 {
-            bail!("hsm.key_linger_s must be 0..=3600");
-        }
+        within(
+            "broker.ticket_replay_entries",
+            b.ticket_replay_entries as u64,
+            1..=1 << 28,
+        )?;
+        within("broker.tls_cert_hours", b.tls_cert_hours, 1..=24 * 30)?;
+        within(
+            "broker.max_pending_per_source",
+            b.max_pending_per_source.into(),
+            0..=MILLION,
+        )?;
+        within(
+            "broker.handshakes_per_source_per_s",
+            b.handshakes_per_source_per_s.into(),
+            0..=MILLION,
+        )?;
+        within(
+            "broker.handshake_burst_per_source",
+            b.handshake_burst_per_source.into(),
+            1..=100_000,
+        )?;
+        let h = &self.hsm;
+        within("hsm.workers", h.workers as u64, 1..=64)?;
+        within("hsm.queue", h.queue as u64, 1..=MILLION)?;
+        within("hsm.key_linger_s", h.key_linger_s, 0..=3600)?;
         let a = &self.auth;
-        if !(1..=100).contains(&a.max_failures) {
-            bail!("auth.max_failures must be 1..=100");
-        }
-        if !(1..=64).contains(&a.workers) || a.queue == 0 {
-            bail!("auth.workers must be 1..=64 and auth.queue positive");
-        }
-        if a.argon2_m_kib < 8 || a.argon2_t == 0 {
-            bail!("auth.argon2_m_kib must be >= 8 and auth.argon2_t >= 1");
-        }
-        if !(1..=a.queue).contains(&a.queue_per_terminal) {
-            bail!("auth.queue_per_terminal must be 1..=auth.queue");
-        }
-        let burst = 1..=100_000;
-        if !burst.contains(&a.checks_burst_per_terminal)
-            || !burst.contains(&b.handshake_burst_per_source)
-            || !burst.contains(&self.exchange.per_user_burst)
-        {
-            bail!(
-                "auth.checks_burst_per_terminal, broker.handshake_burst_per_source and \
-                 exchange.per_user_burst must be 1..=100000"
-            );
-        }
-        if !(10..=60_000).contains(&self.wallet.anchor_interval_ms)
-            || self.wallet.anchor_file.as_os_str().is_empty()
-        {
-            bail!("wallet.anchor_interval_ms must be 10..=60000 and wallet.anchor_file set");
-        }
+        within("auth.max_failures", a.max_failures.into(), 1..=100)?;
+        within("auth.workers", a.workers as u64, 1..=64)?;
+        within("auth.queue", a.queue as u64, 1..=MILLION)?;
+        within(
+            "auth.queue_per_terminal",
+            a.queue_per_terminal as u64,
+            1..=a.queue as u64,
+        )?;
+        // Up to 1 GiB a check: each worker holds that much while it hashes.
+        within("auth.argon2_m_kib", a.argon2_m_kib.into(), 8..=1 << 20)?;
+        within("auth.argon2_t", a.argon2_t.into(), 1..=100)?;
+        within(
+            "auth.checks_per_terminal_per_s",
+            a.checks_per_terminal_per_s.into(),
+            0..=100_000,
+        )?;
+        within(
+            "auth.checks_burst_per_terminal",
+            a.checks_burst_per_terminal.into(),
+            1..=100_000,
+        )?;
         let x = &self.exchange;
-        if !(1..=crate::proto::market::MAX_BATCH).contains(&x.batch_max)
-            || x.batch_delay_us > 100_000
-        {
-            bail!("exchange.batch_max must be 1..=1024 and exchange.batch_delay_us <= 100000");
-        }
-        if x.market_timeout_ms == 0
-            || x.reconnect_min_ms == 0
-            || x.reconnect_max_ms < x.reconnect_min_ms
-            || x.queue == 0
-        {
-            bail!(
-                "exchange timeouts and queue must be positive, reconnect_max_ms >= reconnect_min_ms"
-            );
-        }
-        if !(100..=600_000).contains(&x.keepalive_ms) {
-            bail!("exchange.keepalive_ms must be 100..=600000");
-        }
-        Ok(())
+        within(
+            "exchange.batch_max",
+            x.batch_max as u64,
+            1..=crate::proto::market::MAX_BATCH as u64,
+        )?;
+        within("exchange.batch_delay_us", x.batch_delay_us, 0..=100_000)?;
+        within(
+            "exchange.market_timeout_ms",
+            x.market_timeout_ms,
+            1..=600_000,
+        )?;
+        within("exchange.reconnect_min_ms", x.reconnect_min_ms, 1..=600_000)?;
+        within(
+            "exchange.reconnect_max_ms",
+            x.reconnect_max_ms,
+            x.reconnect_min_ms..=3_600_000,
+        )?;
+        within("exchange.queue", x.queue as u64, 1..=MILLION)?;
+        within(
+            "exchange.per_user_per_s",
+            x.per_user_per_s.into(),
+            0..=MILLION,
+        )?;
+        within(
+            "exchange.per_user_burst",
+            x.per_user_burst.into(),
+            1..=100_000,
+        )?;
+        within("exchange.keepalive_ms", x.keepalive_ms, 100..=600_000)?;
+        self.wallet.validate()
     }
 
     /// `p` resolved against the data directory.
@@ -624,6 +713,56 @@ mod tests {
         c.validate().unwrap();
         c.broker.ticket_replay_entries = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn every_bound_names_the_setting() {
+        let refused = |f: fn(&mut Config), what: &str| {
+            let mut c = Config::default();
+            f(&mut c);
+            let e = c.validate().expect_err(what).to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        refused(
+            |c| c.broker.max_connections_per_core = 2_000_000,
+            "broker.max_connections_per_core",
+        );
+        refused(|c| c.broker.cores = 5000, "broker.cores");
+        refused(|c| c.auth.argon2_m_kib = 4 << 20, "auth.argon2_m_kib");
+        refused(|c| c.hsm.queue = 0, "hsm.queue");
+        refused(
+            |c| c.exchange.reconnect_max_ms = 1,
+            "exchange.reconnect_max_ms",
+        );
+        refused(|c| c.wallet.queue = 0, "wallet.queue");
+        refused(|c| c.wallet.group_max = 100_000, "wallet.group_max");
+        refused(
+            |c| c.wallet.currencies = vec!["EUR".into(), "EUR".into()],
+            "wallet.currencies",
+        );
+        refused(
+            |c| c.wallet.currencies = vec!["eur".into()],
+            "wallet.currencies",
+        );
+        refused(|c| c.wallet.currencies.clear(), "wallet.currencies");
+        refused(
+            |c| c.wallet.smtp_relay = "relay".into(),
+            "wallet.smtp_relay",
+        );
+        refused(
+            |c| c.wallet.mail_from = "two@at@signs".into(),
+            "wallet.mail_from",
+        );
+        refused(
+            |c| c.wallet.backend = LedgerBackend::Postgres,
+            "wallet.postgres_url",
+        );
+        let e = {
+            let mut c = Config::default();
+            c.auth.argon2_t = 0;
+            c.validate().unwrap_err().to_string()
+        };
+        assert_eq!(e, "auth.argon2_t must be 1..=100, got 0");
     }
 
     #[test]
