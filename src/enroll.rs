@@ -201,28 +201,21 @@ fn seal_legacy(store: &Store) -> Result<()> {
     Ok(())
 }
 
-/// A user id: 1 to 64 bytes of `[A-Za-z0-9._-]`.
+/// A user or market id (`syntax::is_id`).
 pub fn check_id(kind: &str, id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= crate::proto::access::MAX_USER
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if !ok {
+    if !crate::syntax::is_id(id) {
         bail!("{kind} id must be 1-64 characters of A-Z a-z 0-9 . _ -, got {id:?}");
     }
     Ok(())
 }
 
+/// The rule a purchase's mail is sent by (`syntax::is_mail`), so every
+/// address enrolled can be mailed.
 fn check_mail(mail: &str) -> Result<()> {
-    let parts: Vec<&str> = mail.split('@').collect();
-    if parts.len() != 2
-        || parts[0].is_empty()
-        || !parts[1].contains('.')
-        || mail.len() > 254
-        || mail.contains(char::is_whitespace)
-    {
-        bail!("not a mail address: {mail:?}");
+    if !crate::syntax::is_mail(mail) {
+        bail!(
+            "not a mail address (local@domain.tld, printable ASCII, no spaces or <>\"(),;:[]\\): {mail:?}"
+        );
     }
     Ok(())
 }

@@ -36,5 +36,6 @@ pub mod rowmac;
 pub mod service;
 pub mod status;
 pub mod store;
+pub mod syntax;
 pub mod terminal;
 pub mod wallet;

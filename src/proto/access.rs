@@ -16,7 +16,7 @@ use thiserror::Error;
 use zeroize::{Zeroize, Zeroizing};
 
 /// Longest user id, in bytes.
-pub const MAX_USER: usize = 64;
+pub const MAX_USER: usize = crate::syntax::MAX_ID;
 /// Longest password, in bytes.
 pub const MAX_PASSWORD: usize = 256;
 /// Longest error detail, in bytes.

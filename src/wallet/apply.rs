@@ -393,7 +393,12 @@ impl<S: Store> Writer<S> {
         check_id("user", &r.user)?;
         check_id("market", &r.market)?;
         check_text("order reference", &r.order_ref, 128, true)?;
-        check_text("idempotency key", &r.idempotency_key, 128, false)?;
+        check_text(
+            "idempotency key",
+            &r.idempotency_key,
+            crate::syntax::MAX_IDEMPOTENCY_KEY,
+            false,
+        )?;
         check_mail(&r.mail_to)?;
         self.check_amount(&r.amount)?;
         if let Some(d) = self.store.decision_by_key(&r.user, &r.idempotency_key)? {

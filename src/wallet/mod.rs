@@ -342,13 +342,9 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// A user or market id: 1 to 64 bytes of `[A-Za-z0-9._-]` (as `enroll`).
+/// A user or market id (`syntax::is_id`).
 pub(crate) fn check_id(what: &'static str, s: &str) -> WalletResult<()> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
+    if crate::syntax::is_id(s) {
         Ok(())
     } else {
         Err(WalletError::InvalidInput(what))
@@ -362,26 +358,16 @@ pub(crate) fn check_text(
     max: usize,
     empty_ok: bool,
 ) -> WalletResult<()> {
-    let ok = (empty_ok || !s.is_empty())
-        && s.len() <= max
-        && s.bytes().all(|b| (0x20..0x7f).contains(&b));
-    if ok {
+    if crate::syntax::is_text(s, max, empty_ok) {
         Ok(())
     } else {
         Err(WalletError::InvalidInput(what))
     }
 }
 
-/// A mail address: one `@`, a dot in the domain, no spaces or controls.
+/// A mail address (`syntax::is_mail`).
 pub(crate) fn check_mail(s: &str) -> WalletResult<()> {
-    let mut parts = s.split('@');
-    let ok = match (parts.next(), parts.next(), parts.next()) {
-        (Some(l), Some(d), None) => !l.is_empty() && d.contains('.') && !d.starts_with('.'),
-        _ => false,
-    } && s.len() <= 254
-        && s.bytes()
-            .all(|b| (0x21..0x7f).contains(&b) && !b"<>\"(),;:[]\\".contains(&b));
-    if ok {
+    if crate::syntax::is_mail(s) {
         Ok(())
     } else {
         Err(WalletError::InvalidInput("mail address"))
