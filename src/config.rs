@@ -307,6 +307,11 @@ pub struct AuthConfig {
     pub checks_per_terminal_per_s: u32,
     /// ...and may save up for a burst. 1..=100000; default 10.
     pub checks_burst_per_terminal: u32,
+    /// Fewest characters a new password may have, at `user add`. 8..=64;
+    /// default 8, the floor of NIST SP 800-63B, which prefers length to
+    /// composition rules. Read by the CLI, never by a check: raising it
+    /// locks nobody out.
+    pub min_password_len: usize,
 }
 
 impl Default for Config {
@@ -381,6 +386,7 @@ impl Default for AuthConfig {
             queue_per_terminal: 4,
             checks_per_terminal_per_s: 2,
             checks_burst_per_terminal: 10,
+            min_password_len: 8,
         }
     }
 }
@@ -446,6 +452,7 @@ impl Config {
         a.argon2_t = na.argon2_t;
         a.checks_per_terminal_per_s = na.checks_per_terminal_per_s;
         a.checks_burst_per_terminal = na.checks_burst_per_terminal;
+        a.min_password_len = na.min_password_len;
         c.exchange = new.exchange.clone();
         c
     }
@@ -506,6 +513,13 @@ impl Config {
         }
         if !(1..=a.queue).contains(&a.queue_per_terminal) {
             bail!("auth.queue_per_terminal must be 1..=auth.queue");
+        }
+        if !(8..=64).contains(&a.min_password_len) {
+            bail!(
+                "auth.min_password_len must be 8..=64 (NIST SP 800-63B: no fewer than 8, \
+                 and 64-character passwords allowed), got {}",
+                a.min_password_len
+            );
         }
         let burst = 1..=100_000;
         if !burst.contains(&a.checks_burst_per_terminal)
