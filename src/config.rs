@@ -653,6 +653,25 @@ mod tests {
     }
 
     #[test]
+    fn the_password_floor_is_8_to_64() {
+        let floor = |n: usize| {
+            let mut c = Config::default();
+            c.auth.min_password_len = n;
+            c.validate()
+        };
+        assert!(
+            floor(7)
+                .unwrap_err()
+                .to_string()
+                .contains("NIST SP 800-63B")
+        );
+        assert!(floor(65).is_err());
+        floor(8).unwrap();
+        floor(64).unwrap();
+        assert_eq!(Config::default().auth.min_password_len, 8);
+    }
+
+    #[test]
     fn example_config_parses() {
         let text = include_str!("../ops/keybroker.example.toml");
         let c: Config = toml::from_str(text).unwrap();
