@@ -94,24 +94,8 @@ fn money_is_printed_in_major_units_with_its_currency() {
     let _m = env.market("m1", "*");
     let b = env.broker();
     voucher(&env, &issuer, "alice", 5_000, "v1");
-    let (p1, p2) = pw("alice");
-    let passwords = format!("{p1}\n{p2}\n");
-    let broker = b.addr.to_string();
-    let dir = env.terminal_dir("alice");
-    let session = |cmd: &str, rest: &[&str]| {
-        let mut args = vec![
-            "terminal",
-            cmd,
-            "--dir",
-            path_str(&dir),
-            "--user",
-            "alice",
-            "--broker",
-            &broker,
-        ];
-        args.extend_from_slice(rest);
-        env.kb_in(&args, &passwords).success().stdout()
-    };
+    let session =
+        |cmd: &str, rest: &[&str]| env.terminal_cli(&b, "alice", cmd, rest).success().stdout();
     let v1 = env.dir.path().join("v1");
     let out = session("topup", &["--voucher", path_str(&v1)]);
     assert!(
