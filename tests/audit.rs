@@ -129,3 +129,49 @@ fn every_refusal_is_an_audit_line_with_peer_terminal_user_and_code() {
         .count();
     assert_eq!(wrong, 3, "{}", refusals.join("\n"));
 }
+
+/// A refusal that costs the terminal nothing (`not_logged_in` here) is
+/// throttled to one line a second per source and code, each with the count
+/// held back; the counter still counts every one.
+#[test]
+fn free_refusals_are_throttled_and_counted() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let log = env.dir.path().join("broker.log");
+    let b = env.broker_with(Some((&log, "info")), None);
+    let mut t = b.connect(&alice);
+    let started = std::time::Instant::now();
+    const N: usize = 200;
+    for _ in 0..N {
+        assert_eq!(refused(t.exchange("m1")), ErrorCode::NotLoggedIn);
+    }
+    let elapsed = started.elapsed();
+    let counted = metric(b.admin, "keybroker_errors_total{code=\"not_logged_in\"}");
+    assert_eq!(counted as usize, N);
+    drop(t);
+    b.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("audit: refused") && l.contains(" code=not_logged_in "))
+        .collect();
+    // One a second at most (two cores: one throttle each), at least the first.
+    let bound = 2 * (elapsed.as_secs() as usize + 1);
+    assert!(
+        !lines.is_empty() && lines.len() <= bound,
+        "{} lines in {elapsed:?}",
+        lines.len()
+    );
+    let suppressed: usize = lines
+        .iter()
+        .filter_map(|l| {
+            l.split(" suppressed=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert!(lines.len() + suppressed <= N, "{lines:#?}");
+}
