@@ -372,6 +372,11 @@ pub struct AuthConfig {
     pub checks_per_terminal_per_s: u32,
     /// ...and may save up for a burst. 1..=100000; default 10.
     pub checks_burst_per_terminal: u32,
+    /// Fewest characters a new password may have, at `user add`. 8..=64;
+    /// default 8, the floor of NIST SP 800-63B, which prefers length to
+    /// composition rules. Read by the CLI, never by a check: raising it
+    /// locks nobody out.
+    pub min_password_len: usize,
 }
 
 impl Default for Config {
@@ -446,6 +451,7 @@ impl Default for AuthConfig {
             queue_per_terminal: 4,
             checks_per_terminal_per_s: 2,
             checks_burst_per_terminal: 10,
+            min_password_len: 8,
         }
     }
 }
@@ -511,6 +517,7 @@ impl Config {
         a.argon2_t = na.argon2_t;
         a.checks_per_terminal_per_s = na.checks_per_terminal_per_s;
         a.checks_burst_per_terminal = na.checks_burst_per_terminal;
+        a.min_password_len = na.min_password_len;
         c.exchange = new.exchange.clone();
         c
     }
@@ -599,6 +606,8 @@ impl Config {
             a.checks_burst_per_terminal.into(),
             1..=100_000,
         )?;
+        // NIST SP 800-63B: no fewer than 8, and 64-character passwords allowed.
+        within("auth.min_password_len", a.min_password_len as u64, 8..=64)?;
         let x = &self.exchange;
         within(
             "exchange.batch_max",
@@ -763,6 +772,23 @@ mod tests {
             c.validate().unwrap_err().to_string()
         };
         assert_eq!(e, "auth.argon2_t must be 1..=100, got 0");
+    }
+
+    #[test]
+    fn the_password_floor_is_8_to_64() {
+        let floor = |n: usize| {
+            let mut c = Config::default();
+            c.auth.min_password_len = n;
+            c.validate()
+        };
+        assert_eq!(
+            floor(7).unwrap_err().to_string(),
+            "auth.min_password_len must be 8..=64, got 7"
+        );
+        assert!(floor(65).is_err());
+        floor(8).unwrap();
+        floor(64).unwrap();
+        assert_eq!(Config::default().auth.min_password_len, 8);
     }
 
     #[test]

@@ -93,11 +93,19 @@ pub struct Admin {
 
 impl Admin {
     pub fn open(cfg: &Config) -> Result<Self> {
-        let hsm = Hsm::open(cfg).context("opening the HSM (did `keybroker init` run?)")?;
+        // Only a missing token is a sign that init did not run; a refused
+        // PIN or an unreadable file says what to fix itself.
+        let hsm = Hsm::open(cfg).map_err(|e| match e {
+            crate::hsm::HsmError::TokenNotFound(_) => {
+                anyhow::Error::new(e).context("opening the HSM (did `keybroker init` run?)")
+            }
+            e => anyhow::Error::new(e).context("opening the HSM"),
+        })?;
         Self::on(cfg, std::sync::Arc::new(hsm))
     }
 
-    fn on(cfg: &Config, hsm: std::sync::Arc<Hsm>) -> Result<Self> {
+    /// As [`Admin::open`], on an HSM the caller has open already.
+    pub fn on(cfg: &Config, hsm: std::sync::Arc<Hsm>) -> Result<Self> {
         let session = hsm.session()?;
         let sealer = Sealer::hsm(hsm.clone(), Default::default())
             .context("the registry MAC key (run `keybroker init` after an upgrade)")?;
@@ -220,20 +228,28 @@ fn check_mail(mail: &str) -> Result<()> {
     Ok(())
 }
 
-/// `keybroker user add`.
+/// `keybroker user add`. Both passwords meet the policy
+/// (`passwords::check_policy`) and differ: one known password must not
+/// give both the login and the authority to act.
 pub fn user_add(
     admin: &Admin,
     id: &str,
     mail: &str,
-    pw_access: &[u8],
-    pw_release: &[u8],
+    pw_access: &str,
+    pw_release: &str,
 ) -> Result<()> {
     check_id("user", id)?;
     check_mail(mail)?;
+    let a = &admin.cfg.auth;
+    passwords::check_policy("first password", pw_access, a.min_password_len)?;
+    passwords::check_policy("second password", pw_release, a.min_password_len)?;
+    if pw_access == pw_release {
+        bail!("the two passwords must differ");
+    }
     if admin.store.user_get(id)?.is_some() {
         bail!("user {id} exists already");
     }
-    let a = &admin.cfg.auth;
+    let (pw_access, pw_release) = (pw_access.as_bytes(), pw_release.as_bytes());
     let h1 = passwords::hash(pw_access, a.argon2_m_kib, a.argon2_t)?;
     let binding = passwords::Binding::new(a.argon2_m_kib, a.argon2_t)?;
     let secret = binding.card_secret(pw_release, id)?;
@@ -321,10 +337,10 @@ pub fn market_add(store: &Store, id: &str, endpoint: &str, ca_file: &Path) -> Re
         .and_then(|(h, p)| (!h.is_empty()).then_some(p))
         .and_then(|p| p.parse::<u16>().ok())
         .with_context(|| format!("endpoint must be HOST:PORT, got {endpoint:?}"))?;
-    let ca_pem = std::fs::read_to_string(ca_file)
-        .with_context(|| format!("reading {}", ca_file.display()))?;
-    let der = pki::read_cert_pem(&ca_pem)?;
-    pki::check_ca(&der, rustls::pki_types::UnixTime::now()).context("market CA")?;
+    let what = || format!("the market CA file {}", ca_file.display());
+    let ca_pem = std::fs::read_to_string(ca_file).with_context(what)?;
+    let der = pki::read_cert_pem(&ca_pem).with_context(what)?;
+    pki::check_ca(&der, rustls::pki_types::UnixTime::now()).with_context(what)?;
     store.market_add(&MarketRecord {
         id: id.into(),
         endpoint: endpoint.into(),

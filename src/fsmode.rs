@@ -5,7 +5,8 @@
 //! serve, CLI ─► check(cfg): data dir, registry (+ -wal, -shm), ledger, hsm dir, token dir,
 //!               softhsm2.conf, PIN files
 //!               group/world-writable ─► refuse, naming the path
-//!               group/world-readable ─► warn, naming the path
+//!               group/world-readable ─► warn, naming the path (a PIN file:
+//!                                       refused when read, hsm::read_pin)
 //!               unreadable           ─► "permission denied: PATH"
 //! ```
 //!

@@ -4,9 +4,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use keybroker::config::Config;
 use keybroker::enroll::{self, Admin};
-use keybroker::passwords::read_secret;
+use keybroker::passwords::{Stdin, read_secret};
 use keybroker::terminal::{Direct, Terminal, TerminalConfig};
-use std::io::BufRead;
+use keybroker::wallet::Amount;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,14 +47,20 @@ enum Cmd {
         #[arg(long)]
         admin: Option<SocketAddr>,
     },
+    /// Users: add, list, remove, unlock.
     #[command(subcommand)]
     User(UserCmd),
+    /// Terminals: enrol and revoke them, and act as one (login, exchange,
+    /// purchase, cancel, top-up).
     #[command(subcommand)]
     Terminal(TerminalCmd),
+    /// Markets: register them, and run the reference market.
     #[command(subcommand)]
     Market(MarketCmd),
+    /// The wallet ledger: balances, history, audit.
     #[command(subcommand)]
     Wallet(WalletCmd),
+    /// Top-up vouchers: the issuer's key, and vouchers signed with it.
     #[command(subcommand)]
     Voucher(VoucherCmd),
     /// Check every registry row against its HSM MAC; exits 1 if any fails.
@@ -85,9 +91,15 @@ enum Cmd {
 #[derive(Subcommand)]
 enum WalletCmd {
     /// A user's balances.
-    Balance { user: String },
+    Balance {
+        /// The user id.
+        user: String,
+    },
     /// A user's ledger entries, oldest first.
-    History { user: String },
+    History {
+        /// The user id.
+        user: String,
+    },
     /// Re-verify the HMAC chain and every balance, and check the ledger
     /// against its anchors; exits 1 on any mismatch.
     Audit {
@@ -103,23 +115,28 @@ enum VoucherCmd {
     /// Create an issuer key pair: DIR/issuer.key (keep it offline) and
     /// DIR/issuer.pub (set wallet.voucher_issuer to it).
     Keygen {
+        /// Directory to write issuer.key and issuer.pub into.
         #[arg(long)]
         out: PathBuf,
     },
     /// Issue a single-use top-up voucher for a user.
     Issue {
+        /// The issuer's private key (issuer.key from `voucher keygen`).
         #[arg(long)]
         issuer_key: PathBuf,
+        /// The user the voucher tops up; no one else can redeem it.
         #[arg(long)]
         user: String,
         /// Minor units (cents).
         #[arg(long)]
         amount: i64,
+        /// ISO 4217 code, one the wallet keeps (wallet.currencies).
         #[arg(long, default_value = "EUR")]
         currency: String,
         /// Days until it expires.
         #[arg(long, default_value_t = 30)]
         days: i64,
+        /// File to write the voucher to.
         #[arg(long)]
         out: PathBuf,
     },
@@ -130,20 +147,29 @@ enum UserCmd {
     /// Add a user: home-card key in the HSM, certificate, both passwords.
     /// Passwords come from files, or as two lines on stdin (first, second).
     Add {
+        /// The user id: 1-64 characters of A-Z a-z 0-9 . _ -
         id: String,
+        /// Where purchase, cancel and top-up notices go.
         #[arg(long)]
         mail: String,
+        /// File holding the first password (login); "-": a line of stdin,
+        /// asked for without echo on a terminal.
         #[arg(long, default_value = "-")]
         access_password_file: String,
+        /// File holding the second password (release); "-": as above.
         #[arg(long, default_value = "-")]
         release_password_file: String,
     },
+    /// Every user, with its state and failed-password count.
     List,
+    /// Remove a user and its home-card key; its terminals stop working.
     Remove {
+        /// The user id.
         id: String,
     },
     /// Clear a lockout after too many wrong passwords.
     Unlock {
+        /// The user id.
         id: String,
     },
 }
@@ -152,29 +178,38 @@ enum UserCmd {
 enum TerminalCmd {
     /// Issue a terminal key and certificate for a user into DIR.
     Enroll {
+        /// The user the terminal logs in for (and no other).
         user: String,
+        /// Directory to write terminal.key, terminal.crt and broker-ca.crt into.
         #[arg(long)]
         out: PathBuf,
         /// Certificate lifetime, seconds (default one year).
         #[arg(long, default_value_t = enroll::TERMINAL_LIFETIME.as_secs())]
         valid_s: u64,
     },
+    /// Every terminal: serial, user, state, certificate fingerprint.
     List {
+        /// Only this user's terminals.
         #[arg(long)]
         user: Option<String>,
     },
     /// Refuse a terminal's certificate from now on.
-    Revoke { serial: String },
+    Revoke {
+        /// The serial `terminal enroll` printed (first column of `terminal list`).
+        serial: String,
+    },
     /// Log in, release, have the broker agree a key with a market, and send
     /// one encrypted request on the direct channel.
     Exchange {
         #[command(flatten)]
         session: SessionArgs,
+        /// The market's id, as registered with `market add`.
         #[arg(long)]
         market: String,
         /// Partial proxy: the terminal does the ECDH; the broker only signs.
         #[arg(long)]
         partial: bool,
+        /// What to send the market on the direct channel.
         #[arg(long, default_value = "hello market")]
         request: String,
     },
@@ -187,13 +222,16 @@ enum TerminalCmd {
     Purchase {
         #[command(flatten)]
         session: SessionArgs,
+        /// The market's id, as registered with `market add`.
         #[arg(long)]
         market: String,
         /// Minor units (cents).
         #[arg(long)]
         amount: i64,
+        /// ISO 4217 code, one the wallet keeps.
         #[arg(long, default_value = "EUR")]
         currency: String,
+        /// The market's reference for what is bought (in the receipt).
         #[arg(long)]
         order_ref: String,
         /// Retrying with the same key never debits twice.
@@ -205,8 +243,10 @@ enum TerminalCmd {
     Cancel {
         #[command(flatten)]
         session: SessionArgs,
+        /// The market the purchase was made at.
         #[arg(long)]
         market: String,
+        /// The decision id `terminal purchase` printed.
         #[arg(long)]
         decision: String,
     },
@@ -214,6 +254,7 @@ enum TerminalCmd {
     Topup {
         #[command(flatten)]
         session: SessionArgs,
+        /// The voucher file `voucher issue` wrote.
         #[arg(long)]
         voucher: PathBuf,
     },
@@ -225,12 +266,17 @@ struct SessionArgs {
     /// Directory written by `terminal enroll`.
     #[arg(long)]
     dir: PathBuf,
+    /// The user to log in as; the terminal must be enrolled for it.
     #[arg(long)]
     user: String,
+    /// The broker's access channel.
     #[arg(long, default_value = "127.0.0.1:7443")]
     broker: SocketAddr,
+    /// File holding the first password; "-": a line of stdin, asked for
+    /// without echo on a terminal.
     #[arg(long, default_value = "-")]
     access_password_file: String,
+    /// File holding the second password; "-": as above.
     #[arg(long, default_value = "-")]
     release_password_file: String,
 }
@@ -238,10 +284,12 @@ struct SessionArgs {
 impl SessionArgs {
     /// Connects, logs in and releases; returns the session and the second
     /// password (top-ups need it again).
-    fn open(&self, stdin: &mut dyn BufRead) -> Result<(Terminal, zeroize::Zeroizing<String>)> {
-        let p1 = read_secret(&self.access_password_file, stdin)?;
-        let p2 = read_secret(&self.release_password_file, stdin)?;
+    fn open(&self, stdin: &mut Stdin<'_>) -> Result<(Terminal, zeroize::Zeroizing<String>)> {
+        // The terminal's files first: a wrong --dir is told before anyone
+        // types a password for nothing.
         let tc = TerminalConfig::load(&self.dir)?;
+        let p1 = read_secret(&self.access_password_file, "first password", stdin)?;
+        let p2 = read_secret(&self.release_password_file, "second password", stdin)?;
         // Login and Release leave in one flight; the broker's key
         // confirmation is checked before this returns.
         let t = Terminal::connect_and_release(
@@ -262,6 +310,16 @@ impl SessionArgs {
     }
 }
 
+/// The session user's balances as a user reads them, "12.50 EUR, 300 JPY".
+fn balances(t: &mut Terminal) -> Result<String> {
+    let all = t.balance().context("balance")?;
+    let shown: Vec<String> = all
+        .iter()
+        .map(|(c, minor)| Amount::new(*minor, c).map(|a| a.to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok(shown.join(", "))
+}
+
 fn direct_to(t: &mut Terminal, market: &str) -> Result<Direct> {
     let b = t.exchange(market).context("exchange")?;
     Direct::connect(&b, Duration::from_secs(10)).context("direct channel")
@@ -271,12 +329,16 @@ fn direct_to(t: &mut Terminal, market: &str) -> Result<Direct> {
 enum MarketCmd {
     /// Create a reference market's keys, certificates and config in DIR.
     Init {
+        /// Directory for the market's keys, certificates and market.toml.
         #[arg(long)]
         dir: PathBuf,
+        /// The market's id (its certificate's name, and `market add`'s).
         #[arg(long)]
         id: String,
+        /// Address of the market channel, where the broker connects.
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: String,
+        /// Address of the direct channel, where terminals connect.
         #[arg(long, default_value = "127.0.0.1:8444")]
         direct_listen: String,
         /// Users allowed to trade there (comma-separated); default all.
@@ -285,19 +347,27 @@ enum MarketCmd {
     },
     /// Run the reference market from its config file.
     Serve {
+        /// The market.toml `market init` wrote.
         #[arg(long)]
         market_config: PathBuf,
     },
     /// Register a market and the CA that certifies it.
     Add {
+        /// The market's id, as its certificate names it.
         id: String,
+        /// HOST:PORT of its market channel.
         #[arg(long)]
         endpoint: String,
+        /// PEM file of the CA that certifies the market (market-ca.crt
+        /// from `market init`).
         #[arg(long)]
         ca: PathBuf,
     },
+    /// Every registered market and its endpoint.
     List,
+    /// Unregister a market.
     Remove {
+        /// The market's id.
         id: String,
     },
 }
@@ -452,8 +522,9 @@ fn run(cli: Cli) -> Result<()> {
     if uses_data_dir {
         keybroker::fsmode::check(&cfg)?;
     }
-    let stdin = std::io::stdin();
-    let mut stdin = stdin.lock();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let mut lines = std::io::stdin().lock();
+    let mut stdin = Stdin::new(&mut lines, tty);
     match cli.cmd {
         Cmd::Init => {
             enroll::init(&cfg)?;
@@ -520,7 +591,7 @@ fn check(cfg: Config) -> Result<()> {
     )
 }
 
-fn user(cfg: &Config, c: UserCmd, stdin: &mut dyn BufRead) -> Result<()> {
+fn user(cfg: &Config, c: UserCmd, stdin: &mut Stdin<'_>) -> Result<()> {
     let admin = Admin::open(cfg)?;
     match c {
         UserCmd::Add {
@@ -529,12 +600,9 @@ fn user(cfg: &Config, c: UserCmd, stdin: &mut dyn BufRead) -> Result<()> {
             access_password_file,
             release_password_file,
         } => {
-            let p1 = read_secret(&access_password_file, stdin)?;
-            let p2 = read_secret(&release_password_file, stdin)?;
-            if *p1 == *p2 {
-                bail!("the two passwords must differ");
-            }
-            enroll::user_add(&admin, &id, &mail, p1.as_bytes(), p2.as_bytes())?;
+            let p1 = read_secret(&access_password_file, "first password", stdin)?;
+            let p2 = read_secret(&release_password_file, "second password", stdin)?;
+            enroll::user_add(&admin, &id, &mail, &p1, &p2)?;
             println!("added user {id}");
         }
         UserCmd::List => {
@@ -564,7 +632,7 @@ fn user(cfg: &Config, c: UserCmd, stdin: &mut dyn BufRead) -> Result<()> {
     Ok(())
 }
 
-fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()> {
+fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut Stdin<'_>) -> Result<()> {
     match c {
         TerminalCmd::Enroll { user, out, valid_s } => {
             let lifetime = Duration::from_secs(valid_s.max(1));
@@ -640,7 +708,8 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
                 .present_receipt(&receipt)
                 .context("receipt")?;
             println!(
-                "decision {decision}: the market accepted the receipt; balance {balance} {currency}"
+                "decision {decision}: the market accepted the receipt; balance {}",
+                Amount::new(balance, &currency)?
             );
             t.logout()?;
         }
@@ -653,16 +722,28 @@ fn terminal(cfg: &Config, c: TerminalCmd, stdin: &mut dyn BufRead) -> Result<()>
             let auth = direct_to(&mut t, &market)?
                 .cancel_authorisation(&decision)
                 .context("authorisation")?;
-            let balance = t.cancel(&decision, auth).context("cancel")?;
-            println!("cancelled {decision}; balance {balance}");
+            t.cancel(&decision, auth).context("cancel")?;
+            // The answer's balance is in minor units of the decision's
+            // currency, which the terminal does not hold: ask for the
+            // balances, with their currencies.
+            println!("cancelled {decision}; balance {}", balances(&mut t)?);
             t.logout()?;
         }
         TerminalCmd::Topup { session, voucher } => {
             let (mut t, p2) = session.open(stdin)?;
             let bytes = std::fs::read(&voucher)
                 .with_context(|| format!("reading {}", voucher.display()))?;
+            let v = keybroker::wallet::voucher::Signed::decode(&bytes)
+                .with_context(|| format!("{} is not a voucher", voucher.display()))?;
             let balance = t.top_up(&bytes, p2.as_bytes()).context("top-up")?;
-            println!("topped up; balance {balance}");
+            println!(
+                "topped up {}; balance {}",
+                v.voucher.amount,
+                Amount {
+                    minor: balance,
+                    ..v.voucher.amount
+                }
+            );
             t.logout()?;
         }
     }
@@ -678,7 +759,10 @@ fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
     if let WalletCmd::Audit { anchor_log } = &c {
         anchor.logs.clone_from(anchor_log);
     }
-    let (ledger, _) = keybroker::broker::open_ledger(cfg, hsm, anchor)?;
+    let (ledger, _) = keybroker::broker::open_ledger(cfg, hsm.clone(), anchor)?;
+    if let WalletCmd::Balance { user } | WalletCmd::History { user } = &c {
+        known_to_wallet(&Admin::on(cfg, hsm)?, &*ledger, user)?;
+    }
     match c {
         WalletCmd::Balance { user } => {
             for a in ledger.balance(&user)? {
@@ -693,7 +777,10 @@ fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
                     e.kind.as_str(),
                     e.amount,
                     e.decision_id,
-                    e.balance_after,
+                    Amount {
+                        minor: e.balance_after,
+                        ..e.amount
+                    },
                     e.market,
                     e.order_ref
                 );
@@ -701,6 +788,26 @@ fn wallet(cfg: &Config, c: WalletCmd) -> Result<()> {
         }
         WalletCmd::Audit { .. } => print_audit(&ledger.audit()?)?,
     }
+    Ok(())
+}
+
+/// A user the registry has, or one removed whose entries the ledger
+/// still holds (their money did not go with them); anyone else is a typo,
+/// and printing a zero balance for it would hide that.
+fn known_to_wallet(
+    admin: &Admin,
+    ledger: &dyn keybroker::wallet::Ledger,
+    user: &str,
+) -> Result<()> {
+    if admin.store.user_get(user)?.is_some() {
+        return Ok(());
+    }
+    if ledger.history(user)?.is_empty() {
+        bail!("no user {user} (see `keybroker user list`)");
+    }
+    eprintln!(
+        "note: user {user} is not in the registry (removed); the ledger still holds their entries"
+    );
     Ok(())
 }
 
@@ -784,13 +891,15 @@ fn record_restore(cfg: &Config, reason: &str) -> Result<()> {
 }
 
 fn voucher(c: VoucherCmd) -> Result<()> {
-    use keybroker::wallet::{Amount, now_ms, voucher};
+    use keybroker::wallet::{now_ms, voucher};
     match c {
         VoucherCmd::Keygen { out } => {
-            std::fs::create_dir_all(&out)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let (private, public) = voucher::generate_issuer_key()?;
             enroll::write_private(&out.join("issuer.key"), private.as_bytes())?;
-            std::fs::write(out.join("issuer.pub"), public)?;
+            let pub_path = out.join("issuer.pub");
+            std::fs::write(&pub_path, public)
+                .with_context(|| format!("writing {}", pub_path.display()))?;
             println!("issuer key in {}", out.display());
         }
         VoucherCmd::Issue {
@@ -801,11 +910,14 @@ fn voucher(c: VoucherCmd) -> Result<()> {
             days,
             out,
         } => {
-            let pem = zeroize::Zeroizing::new(std::fs::read_to_string(&issuer_key)?);
+            let pem = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&issuer_key)
+                    .with_context(|| format!("reading the issuer key {}", issuer_key.display()))?,
+            );
             let der = zeroize::Zeroizing::new(voucher::pem_der(&pem, "PRIVATE KEY")?);
             let expiry = now_ms() + days * 86_400_000;
             let (v, bytes) = voucher::issue(&der, &user, Amount::new(amount, &currency)?, expiry)?;
-            std::fs::write(&out, bytes)?;
+            std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
             println!(
                 "voucher {} for {user}: {} in {}",
                 hex::encode(v.id),
@@ -880,13 +992,7 @@ fn demo_enroll(cfg: &Config) -> Result<()> {
         let (p1, p2) = (format!("{user}-access-pw"), format!("{user}-release-pw"));
         let dir = cfg.data_dir.join("demo").join(user);
         if admin.store.user_get(user)?.is_none() {
-            enroll::user_add(
-                &admin,
-                user,
-                &format!("{user}@example.org"),
-                p1.as_bytes(),
-                p2.as_bytes(),
-            )?;
+            enroll::user_add(&admin, user, &format!("{user}@example.org"), &p1, &p2)?;
         }
         if !dir.join("terminal.crt").exists() {
             enroll::terminal_enroll(&admin, user, &dir)?;
@@ -903,4 +1009,36 @@ fn demo_enroll(cfg: &Config) -> Result<()> {
     );
     println!("\n{}", keybroker::demo::try_it(&cfg.data_dir));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every argument an operator can type has help
+    /// text: `--help` is the manual at hand on an appliance.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in c.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cli, "keybroker", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }

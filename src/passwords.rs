@@ -157,23 +157,87 @@ pub fn stored(text: &str) -> Option<Stored<'_>> {
         .then_some(Stored::Bound(Binding { m_kib, t, salt }, verifier))
 }
 
-/// Reads a password from a file or, when `path` is "-", one line of stdin.
+/// Where a secret named `-` comes from. On a terminal it is read without
+/// echo, so it does not stay on the screen or in a recording of the
+/// session; from a pipe (scripts, tests) one line at a time, as before.
+pub struct Stdin<'a> {
+    lines: &'a mut dyn std::io::BufRead,
+    tty: bool,
+}
+
+impl<'a> Stdin<'a> {
+    /// `tty`: whether the process's stdin is a terminal.
+    pub fn new(lines: &'a mut dyn std::io::BufRead, tty: bool) -> Self {
+        Self { lines, tty }
+    }
+
+    /// Lines of a pipe (or of a test's bytes), never a terminal.
+    pub fn piped(lines: &'a mut dyn std::io::BufRead) -> Self {
+        Self::new(lines, false)
+    }
+}
+
+/// Reads the secret `what` from a file or, when `path` is "-", from
+/// stdin: prompted for without echo on a terminal, else one line.
 /// Trailing newline is dropped; empty passwords are refused.
 pub fn read_secret(
     path: &str,
-    stdin: &mut dyn std::io::BufRead,
+    what: &str,
+    stdin: &mut Stdin<'_>,
 ) -> Result<zeroize::Zeroizing<String>> {
     let mut s = zeroize::Zeroizing::new(String::new());
-    if path == "-" {
-        stdin.read_line(&mut s)?;
+    if path == "-" && stdin.tty {
+        *s = rpassword::prompt_password(format!("{what}: "))
+            .map_err(|e| anyhow!("reading the {what} from the terminal: {e}"))?;
+    } else if path == "-" {
+        stdin.lines.read_line(&mut s)?;
     } else {
         *s = std::fs::read_to_string(path).map_err(|e| anyhow!("reading {path}: {e}"))?;
     }
     let trimmed = zeroize::Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_owned());
     if trimmed.is_empty() {
-        return Err(anyhow!("empty password from {path}"));
+        let from = if path == "-" { "stdin" } else { path };
+        return Err(anyhow!("empty {what} from {from}"));
     }
     Ok(trimmed)
+}
+
+/// A new password shorter than the configured floor
+/// (`auth.min_password_len`), or longer than a Login frame carries.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("the {what} is too short: {got} of at least {min} characters (auth.min_password_len)")]
+    TooShort {
+        what: &'static str,
+        got: usize,
+        min: usize,
+    },
+    #[error("the {what} is too long: {got} of at most {max} bytes a login carries")]
+    TooLong {
+        what: &'static str,
+        got: usize,
+        max: usize,
+    },
+}
+
+/// The policy a new password meets, at `user add` and at every change:
+/// length only, as NIST SP 800-63B §5.1.1.2 asks (at least 8 characters,
+/// no composition rules). Characters, not bytes, so a password in another
+/// script is not favoured or penalised by its encoding.
+pub fn check_policy(what: &'static str, password: &str, min: usize) -> Result<(), PolicyError> {
+    let got = password.chars().count();
+    if got < min {
+        return Err(PolicyError::TooShort { what, got, min });
+    }
+    let max = crate::proto::access::MAX_PASSWORD;
+    if password.len() > max {
+        return Err(PolicyError::TooLong {
+            what,
+            got: password.len(),
+            max,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -229,7 +293,12 @@ mod tests {
         let read = |text: &str| {
             let p = dir.path().join("pw");
             std::fs::write(&p, text).unwrap();
-            read_secret(p.to_str().unwrap(), &mut std::io::empty()).map(|s| s.to_string())
+            read_secret(
+                p.to_str().unwrap(),
+                "password",
+                &mut Stdin::piped(&mut std::io::empty()),
+            )
+            .map(|s| s.to_string())
         };
         assert_eq!(read("secret\n").unwrap(), "secret");
         assert_eq!(read("secret\r\n\n").unwrap(), "secret");
@@ -237,8 +306,31 @@ mod tests {
         assert_eq!(read(" secret \t\n").unwrap(), " secret \t");
         assert_eq!(read("se\ncret\n").unwrap(), "se\ncret");
         assert!(read("\r\n").is_err(), "empty");
-        let mut stdin = &b"first\nsecond\r\n"[..];
-        assert_eq!(*read_secret("-", &mut stdin).unwrap(), "first");
-        assert_eq!(*read_secret("-", &mut stdin).unwrap(), "second");
+        let mut lines = &b"first\nsecond\r\n"[..];
+        let mut stdin = Stdin::piped(&mut lines);
+        assert_eq!(*read_secret("-", "password", &mut stdin).unwrap(), "first");
+        assert_eq!(*read_secret("-", "password", &mut stdin).unwrap(), "second");
+        let e = read_secret("-", "second password", &mut stdin).unwrap_err();
+        assert_eq!(e.to_string(), "empty second password from stdin");
+    }
+
+    #[test]
+    fn the_policy_counts_characters_and_names_its_floor() {
+        assert_eq!(check_policy("first password", "alice-first", 8), Ok(()));
+        assert_eq!(
+            check_policy("p", "\u{e9}\u{e9}\u{e9}\u{e9}", 4),
+            Ok(()),
+            "4 characters, 8 bytes"
+        );
+        let e = check_policy("first password", "x", 8).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the first password is too short: 1 of at least 8 characters (auth.min_password_len)"
+        );
+        let long = "x".repeat(crate::proto::access::MAX_PASSWORD + 1);
+        assert!(matches!(
+            check_policy("p", &long, 8),
+            Err(PolicyError::TooLong { .. })
+        ));
     }
 }

@@ -146,6 +146,13 @@ pub fn pem(tag: &str, der: &[u8]) -> String {
     ::pem::encode(&::pem::Pem::new(tag, der.to_vec()))
 }
 
+/// The subject's common name of a DER certificate, if it parses and has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_owned())
+}
+
 /// SHA-256 of a DER certificate: the key terminals are looked up by.
 pub fn fingerprint(der: &[u8]) -> [u8; 32] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);

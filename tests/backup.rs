@@ -9,11 +9,12 @@ mod common;
 use common::*;
 use keybroker::receipt::SignedReceipt;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-const PURCHASES: usize = 60;
-const TOPPED_UP: i64 = 1_000_000;
+/// At most; the buyer stops once the backup is done.
+const PURCHASES: usize = 2_000;
+const TOPPED_UP: i64 = 10_000_000;
 
 /// Distinct amounts, so a balance names the prefix of purchases it holds.
 fn amount(i: usize) -> i64 {
@@ -44,14 +45,18 @@ fn a_backup_taken_under_purchases_restores_into_a_fresh_data_dir() {
     let v = voucher(&env, &issuer, "alice", TOPPED_UP, "v1");
     t.top_up(&v, p2.as_bytes()).unwrap();
 
-    // Purchases one after another; each acknowledged one is recorded
-    // with its decision id.
+    // Purchases one after another, until the backup is done; each
+    // acknowledged one is recorded with its decision id.
     let acked = Arc::new(Mutex::new(Vec::new()));
     let count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let buyer = {
-        let (acked, count) = (acked.clone(), count.clone());
+        let (acked, count, stop) = (acked.clone(), count.clone(), stop.clone());
         std::thread::spawn(move || {
             for i in 0..PURCHASES {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let (_, receipt) = t
                     .purchase("m1", amount(i), "EUR", &format!("o{i}"), &format!("k{i}"))
                     .expect("purchase");
@@ -73,8 +78,13 @@ fn a_backup_taken_under_purchases_restores_into_a_fresh_data_dir() {
         "{}",
         out.stdout()
     );
+    // A few more after it, so it ran while purchases did.
+    wait_until("purchases after the backup", TIMEOUT, || {
+        count.load(Ordering::SeqCst) >= after + 3
+    });
+    stop.store(true, Ordering::SeqCst);
     buyer.join().unwrap();
-    assert!(after < PURCHASES, "the backup ran while purchases did");
+    assert!(after < PURCHASES, "the buyer was still buying");
 
     // Not under a running broker, and not into a used directory.
     let refused = env.kb(&["restore", path_str(&backup), "--reason", "test"]);

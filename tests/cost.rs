@@ -58,7 +58,7 @@ fn node(name: &str, bin: &Path, m_kib: u32, t: u32, linger_s: u64, auth: &str) -
              [auth]\nmax_failures = 3\nargon2_m_kib = {m_kib}\nargon2_t = {t}\n{auth}"
         )
     });
-    let tc = env.user("u");
+    let tc = env.user("carol");
     let broker = env.broker();
     Node {
         name: name.into(),
@@ -71,7 +71,7 @@ fn node(name: &str, bin: &Path, m_kib: u32, t: u32, linger_s: u64, auth: &str) -
 /// Per operation over `n` iterations: (login wall, release wall, login
 /// CPU, release CPU), in µs.
 fn batch(node: &Node, n: usize) -> [f64; 4] {
-    let (p1, p2) = pw("u");
+    let (p1, p2) = pw("carol");
     let pid = node.broker.child.id();
     let mut sums = [Duration::ZERO; 2];
     let mut cpu = [0u64; 2];
@@ -81,7 +81,7 @@ fn batch(node: &Node, n: usize) -> [f64; 4] {
         std::thread::sleep(Duration::from_millis(2));
         let c0 = cpu_ns(pid);
         let t0 = Instant::now();
-        t.login("u", p1.as_bytes()).expect("login");
+        t.login("carol", p1.as_bytes()).expect("login");
         let t1 = Instant::now();
         let c1 = cpu_ns(pid);
         t.release(p2.as_bytes()).expect("release");

@@ -262,28 +262,12 @@ fn cli_exchange_in_both_modes_answers_on_the_direct_channel() {
     env.user("alice");
     let _m = env.market("m1", "alice");
     let b = env.broker();
-    let (p1, p2) = pw("alice");
-    let broker = b.addr.to_string();
-    let dir = env.terminal_dir("alice");
     for partial in [false, true] {
-        let mut args = vec![
-            "terminal",
-            "exchange",
-            "--dir",
-            path_str(&dir),
-            "--user",
-            "alice",
-            "--broker",
-            &broker,
-            "--market",
-            "m1",
-            "--request",
-            "cli order",
-        ];
+        let mut args = vec!["--market", "m1", "--request", "cli order"];
         if partial {
             args.push("--partial");
         }
-        let out = env.kb_in(&args, &format!("{p1}\n{p2}\n")).success();
+        let out = env.terminal_cli(&b, "alice", "exchange", &args).success();
         assert!(
             out.stdout().contains("market answered") && out.stdout().contains("cli order"),
             "{}",

@@ -108,7 +108,7 @@ impl Checks {
 
     /// The limits of a reloaded config: the terminals' check rate and the
     /// failures that lock a card, from the next check on. (argon2id's cost
-    /// is the new hashes' business: `user add` and `user passwd` read it.)
+    /// is the new hashes' business: `user add` reads it.)
     pub fn set_limits(&self, a: &crate::config::AuthConfig) {
         self.max_failures.store(a.max_failures, Ordering::Relaxed);
         self.rate

@@ -14,6 +14,7 @@ use super::link::Link;
 use super::revoke::{Batch, Live};
 use super::{Shared, ms};
 use crate::crypto::AccessKeys;
+use crate::logs::KeyedThrottle;
 use crate::net::sources::{Pending, Source, SourceLimits, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
@@ -45,7 +46,14 @@ pub(super) struct Core {
     pub live: Rc<Live>,
     /// Handshakes pending and started per source address on this core.
     pub sources: Rc<Sources>,
+    /// The audit lines of refusals a terminal can provoke at no cost
+    /// ([`free_refusal`]), one per source, code and second.
+    refusals: Rc<RefCell<KeyedThrottle<(Source, ErrorCode)>>>,
 }
+
+/// Sources whose free refusals are throttled one by one, per core; past
+/// them one throttle covers the rest (`logs::KeyedThrottle`).
+const REFUSAL_SOURCES: usize = 4096;
 
 pub(super) fn run_core(
     index: usize,
@@ -78,6 +86,10 @@ pub(super) fn run_core(
             next_request: Cell::new(0),
             live: Rc::new(Live::default()),
             sources: Sources::new(shared_limits),
+            refusals: Rc::new(RefCell::new(KeyedThrottle::new(
+                std::time::Duration::from_secs(1),
+                REFUSAL_SOURCES,
+            ))),
         });
         compio::runtime::spawn(core.live.clone().listen(revocations)).detach();
         let metrics = crate::metrics::attach_core(index);
@@ -196,6 +208,16 @@ struct Conn {
     /// The terminal's address (from the PROXY header behind HAProxy),
     /// formatted once for the connection's audit lines.
     peer: Box<str>,
+    source: Source,
+    /// The user the connection's last Login named, refused or not: the
+    /// user a refusal concerns.
+    user: Option<Box<str>>,
+    /// The registry serial of the terminal, from its certificate's name,
+    /// read at the first refusal.
+    serial: Option<Box<str>>,
+    /// The market of the exchange being answered.
+    market: Option<Box<str>>,
+    refusals: Rc<RefCell<KeyedThrottle<(Source, ErrorCode)>>>,
     /// More frames of a pipelined burst wait behind the one being handled:
     /// its answer is held and leaves with the burst's last one.
     hold: bool,
@@ -234,9 +256,7 @@ impl Conn {
 
     /// Ends a session whose terminal was revoked while it was open; `id` is
     /// the frame refused, 0 when the broker cuts an idle session.
-    async fn cut(mut self, session: &AccessSession, id: u32) {
-        tracing::warn!(target: "audit", user = session.user(), peer = %self.peer,
-            terminal = %hex::encode(self.fingerprint), "session ended: terminal revoked");
+    async fn cut(mut self, id: u32) {
         self.queue(&Frame {
             id,
             msg: Message::error(ErrorCode::TerminalRevoked, "terminal revoked"),
@@ -247,8 +267,9 @@ impl Conn {
     /// Encrypts `frame` without sending it yet: a last frame leaves with
     /// the close_notify, in one send.
     fn queue(&mut self, frame: &Frame) -> bool {
-        if let Message::Error { code, .. } = &frame.msg {
+        if let Message::Error { code, detail } = &frame.msg {
             crate::metrics::error(*code);
+            self.audit(*code, detail);
         }
         self.out.clear();
         match (&frame.msg, self.retry_ms.take()) {
@@ -271,11 +292,69 @@ impl Conn {
         self.io.queue(&self.out).is_ok()
     }
 
+    /// The audit line of a refusal: every typed error the terminal is
+    /// sent, with whom it concerns (docs/OPERATIONS.md, "Refusals"). One
+    /// a refusal, except where the terminal pays nothing for one
+    /// ([`free_refusal`]): one a second per source and code, with the
+    /// count held back.
+    fn audit(&mut self, code: ErrorCode, detail: &str) {
+        let suppressed = if free_refusal(code) {
+            let now = crate::limits::mono_ms();
+            match self.refusals.borrow_mut().pass((self.source, code), now) {
+                Some(n) => n,
+                None => return,
+            }
+        } else {
+            0
+        };
+        self.read_serial();
+        // Most details only repeat the code's name.
+        let detail = if detail == code.name() { "-" } else { detail };
+        tracing::warn!(target: "audit", peer = %self.peer,
+            terminal = %hex::encode(self.fingerprint),
+            serial = %self.serial.as_deref().unwrap_or("-"),
+            user = %self.user.as_deref().unwrap_or("-"),
+            market = %self.market.as_deref().unwrap_or("-"),
+            code = %code.name(), detail, suppressed, "refused");
+    }
+
+    /// The serial `terminal enroll` gave the certificate, which names it
+    /// `terminal SERIAL of USER`: what `terminal list` and `terminal
+    /// revoke` take. "-" for a name of another form.
+    fn read_serial(&mut self) {
+        if self.serial.is_none() {
+            let serial = self
+                .io
+                .conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|der| crate::pki::common_name(der))
+                .and_then(|cn| {
+                    let rest = cn.strip_prefix("terminal ")?;
+                    Some(rest.split_once(" of ").map_or(rest, |(s, _)| s).to_owned())
+                })
+                .unwrap_or_else(|| "-".to_owned());
+            self.serial = Some(serial.into());
+        }
+    }
+
     /// The code of a refused check; its retry hint goes with the answer.
     fn refused(&mut self, why: Refused) -> ErrorCode {
         self.retry_ms = why.retry_ms;
         why.code
     }
+}
+
+/// Refusals a terminal can have in a loop for nothing: no password
+/// check, no exchange and no ledger write behind them, and the connection
+/// stays open. Their audit lines are throttled; every other refusal is
+/// bounded by a rate limit (password checks, exchanges) or by the
+/// handshake rate (those that close), and logged one by one.
+fn free_refusal(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Busy | ErrorCode::Unexpected | ErrorCode::NotLoggedIn | ErrorCode::NotReleased
+    )
 }
 
 /// Counts a refused handshake and logs it, once per source and reason per
@@ -401,6 +480,11 @@ async fn serve(
         fingerprint,
         keys,
         peer: peer.map_or_else(|| "unknown".into(), |a| a.to_string().into()),
+        source,
+        user: None,
+        serial: None,
+        market: None,
+        refusals: core.refusals.clone(),
         released: None,
         hold: false,
         held: false,
@@ -426,7 +510,7 @@ async fn serve(
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     if c.revoked(core) {
-                        c.cut(&session, frame.id).await;
+                        c.cut(frame.id).await;
                         return;
                     }
                     c.hold = decoder.ready();
@@ -461,7 +545,7 @@ async fn serve(
         // Registered before this first check: a revocation the core saw
         // earlier is in the set, a later one wakes the read below.
         if c.revoked(core) {
-            c.cut(&session, 0).await;
+            c.cut(0).await;
             return;
         }
         let read = compio::time::timeout(wait, async {
@@ -474,7 +558,7 @@ async fn serve(
         .await;
         match read {
             Ok(None) => {
-                c.cut(&session, 0).await;
+                c.cut(0).await;
                 return;
             }
             Ok(Some(Ok(0))) | Ok(Some(Err(_))) => return,
@@ -496,10 +580,6 @@ async fn serve(
     }
 }
 
-/// Exchanges refused over their user's rate, logged once a second.
-static OVER_RATE: crate::logs::Throttle =
-    crate::logs::Throttle::new(std::time::Duration::from_secs(1));
-
 /// Runs a closure when dropped, so a gauge comes back down on every path.
 struct Defer<F: FnMut()>(F);
 
@@ -519,7 +599,10 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
         let _done = Defer(move || crate::metrics::inflight(-i64::from(waits)));
         match action {
             Action::Reply(f) => {
-                if !c.send(&f).await {
+                let sent = c.send(&f).await;
+                // An exchange's answer (and its audit line) has left.
+                c.market = None;
+                if !sent {
                     return false;
                 }
             }
@@ -528,6 +611,7 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 return false;
             }
             Action::CheckLogin { id, user, password } => {
+                c.user = Some(user.as_str().into());
                 let r = shared
                     .auth
                     .check(Which::Access, c.fingerprint, &user, password)
@@ -552,14 +636,11 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 market,
                 ephemeral,
             } => {
+                c.market = Some(market.as_str().into());
                 let r = match (&c.released, shared.exchange_allowed(&user)) {
                     (None, _) => Err(ErrorCode::NotReleased),
                     (Some(_), Err(ms)) => {
-                        // Not an exchange: one line a second for them all.
-                        if let Some(suppressed) = OVER_RATE.pass() {
-                            tracing::info!(target: "audit", user, peer = %c.peer, suppressed,
-                                "exchanges over the user's rate refused");
-                        }
+                        // Not an exchange: its busy's audit line is throttled.
                         c.retry_ms = Some(ms);
                         next = Some(done(c, session, id, Err(ErrorCode::Busy)));
                         continue;
@@ -574,21 +655,14 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 } else {
                     "full"
                 };
-                match &r {
-                    Ok(_) => {
-                        tracing::info!(target: "audit", user, peer = %c.peer, market, mode, result = "ok", "exchange")
-                    }
-                    Err(code) => {
-                        tracing::info!(target: "audit", user, peer = %c.peer, market, mode, result = code.name(), "exchange")
-                    }
+                // A refused one has its line as it is sent (`Conn::audit`).
+                if r.is_ok() {
+                    tracing::info!(target: "audit", user, peer = %c.peer, market, mode, result = "ok", "exchange");
                 }
                 next = Some(done(c, session, id, r));
             }
             Action::Wallet { id, user, call } => {
                 let r = super::wallet::handle(core, c.released.as_ref(), &user, call).await;
-                if let Err(code) = &r {
-                    tracing::info!(target: "audit", user, result = code.name(), "wallet operation refused");
-                }
                 next = Some(done(c, session, id, r));
             }
         }

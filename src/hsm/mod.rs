@@ -61,6 +61,16 @@ pub enum HsmError {
     KeyNotFound { token: String, label: String },
     #[error("HSM PIN unavailable: {0}")]
     Pin(String),
+    /// C_Login answered CKR_PIN_INCORRECT: the PIN read is not the token's.
+    #[error(
+        "the HSM refused the PIN in {0} (C_Login: CKR_PIN_INCORRECT); put the token's user PIN there"
+    )]
+    PinRefused(String),
+    /// C_Login answered CKR_PIN_LOCKED: too many wrong PINs.
+    #[error(
+        "the HSM has locked its user PIN after too many wrong ones (the last from {0}); the security officer must set it again (C_InitPIN)"
+    )]
+    PinLocked(String),
     /// A file or directory of the token that this process may not read.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
@@ -126,7 +136,7 @@ pub struct Hsm {
     token: String,
     anchor: Mutex<Session>,
     /// Kept (zeroized on drop) to log in again after the HSM comes back.
-    pin: AuthPin,
+    pin: Pin,
     /// Counts recoveries. Session objects (released keys) die with their
     /// sessions, and a handle from before a recovery may name another
     /// object after it, so a released key remembers the epoch it was made in.
@@ -154,32 +164,68 @@ pub fn export_softhsm_conf(cfg: &Config) {
     }
 }
 
-/// The user PIN: `KEYBROKER_HSM_PIN` if set, else the configured PIN file.
-pub fn user_pin(cfg: &Config) -> HsmResult<AuthPin> {
-    if let Ok(pin) = std::env::var(PIN_ENV) {
-        return Ok(AuthPin::from(pin));
-    }
-    read_pin(&cfg.path(&cfg.hsm.pin_file))
+/// A PIN and where it came from, so that a refusal names the place to fix.
+pub struct Pin {
+    pub pin: AuthPin,
+    /// `KEYBROKER_HSM_PIN` or the file's path.
+    pub from: String,
 }
 
-pub fn read_pin(path: &Path) -> HsmResult<AuthPin> {
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| HsmError::Pin(format!("{}: {e}", path.display())))?,
-    );
+/// The user PIN: `KEYBROKER_HSM_PIN` if set, else the configured PIN file.
+/// Set but empty is refused rather than tried: an empty PIN is always a
+/// mistake (an unexpanded variable in a unit file), and trying it would
+/// count a failed login against the token.
+pub fn user_pin(cfg: &Config) -> HsmResult<Pin> {
+    match std::env::var(PIN_ENV) {
+        Ok(pin) if pin.is_empty() => Err(HsmError::Pin(format!(
+            "{PIN_ENV} is set but empty; set it to the PIN, or unset it to read {}",
+            cfg.path(&cfg.hsm.pin_file).display()
+        ))),
+        Ok(pin) => Ok(Pin {
+            pin: AuthPin::from(pin),
+            from: PIN_ENV.to_owned(),
+        }),
+        Err(_) => read_pin(&cfg.path(&cfg.hsm.pin_file)),
+    }
+}
+
+/// Reads a PIN file: the first line, owner-only. Like ssh with a private
+/// key, a PIN file that group or others may read is refused, not warned
+/// about: whoever reads it can use every key in the token.
+pub fn read_pin(path: &Path) -> HsmResult<Pin> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let unavailable = |e: std::io::Error| HsmError::Pin(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(unavailable)?;
+    let mode = f.metadata().map_err(unavailable)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(HsmError::Pin(format!(
+            "{} may be read by group or others (mode {mode:04o}); a PIN file must be \
+             owner-only: run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    f.read_to_string(&mut text).map_err(unavailable)?;
     let pin = text.trim_end_matches(['\n', '\r']).to_owned();
     if pin.is_empty() {
         return Err(HsmError::Pin(format!("{} is empty", path.display())));
     }
-    Ok(AuthPin::from(pin))
+    Ok(Pin {
+        pin: AuthPin::from(pin),
+        from: path.display().to_string(),
+    })
 }
 
-fn login(s: &Session, pin: &AuthPin) -> HsmResult<()> {
-    match s.login(UserType::User, Some(pin)) {
-        Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
-            Ok(())
-        }
+/// Logs in as the user. A wrong PIN says where the PIN came from: the
+/// usual cause is a PIN file or variable out of step with the token.
+fn login(s: &Session, pin: &Pin) -> HsmResult<()> {
+    use cryptoki::error::{Error, RvError};
+    match s.login(UserType::User, Some(&pin.pin)) {
+        Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(Error::Pkcs11(RvError::PinIncorrect, _)) => Err(HsmError::PinRefused(pin.from.clone())),
+        Err(Error::Pkcs11(RvError::PinLocked, _)) => Err(HsmError::PinLocked(pin.from.clone())),
         Err(e) => Err(HsmError::Pkcs11 {
             op: "C_Login",
             source: e,
@@ -321,12 +367,13 @@ impl Hsm {
             }
         }
         let slot = free.ok_or_else(|| HsmError::TokenNotFound("(a free slot)".into()))?;
-        ctx.init_token(slot, &so_pin, label).op("C_InitToken")?;
+        ctx.init_token(slot, &so_pin.pin, label).op("C_InitToken")?;
         // SoftHSM moves the token to a new slot number: look it up again.
         let slot = find_slot(&ctx, label)?.ok_or_else(|| HsmError::TokenNotFound(label.clone()))?;
         let s = ctx.open_rw_session(slot).op("C_OpenSession")?;
-        s.login(UserType::So, Some(&so_pin)).op("C_Login (SO)")?;
-        s.init_pin(&user_pin).op("C_InitPIN")?;
+        s.login(UserType::So, Some(&so_pin.pin))
+            .op("C_Login (SO)")?;
+        s.init_pin(&user_pin.pin).op("C_InitPIN")?;
         s.logout().op("C_Logout")?;
         Ok(true)
     }

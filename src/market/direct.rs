@@ -16,6 +16,7 @@ struct Live {
     channel: Channel,
     user: String,
     expiry_ms: u64,
+    session: [u8; 16],
 }
 
 /// Why a connection was refused, for the alert and the audit line.
@@ -24,20 +25,28 @@ pub struct Refusal {
     pub code: ErrorCode,
     /// The session's user, once known.
     pub user: Option<String>,
+    /// The session the Hello named, once parsed: which exchange the
+    /// refused connection claimed to come from.
+    pub session: Option<[u8; 16]>,
 }
 
 impl Refusal {
-    fn of(code: ErrorCode, user: &str) -> Self {
+    fn of(code: ErrorCode, user: &str, session: [u8; 16]) -> Self {
         Self {
             code,
             user: Some(user.to_owned()),
+            session: Some(session),
         }
     }
 }
 
 impl From<ErrorCode> for Refusal {
     fn from(code: ErrorCode) -> Self {
-        Self { code, user: None }
+        Self {
+            code,
+            user: None,
+            session: None,
+        }
     }
 }
 
@@ -69,7 +78,7 @@ impl DirectConn {
                 Ok(())
             }
             (direct::RECORD, Some(live)) => {
-                let refuse = |code| Refusal::of(code, &live.user);
+                let refuse = |code| Refusal::of(code, &live.user, live.session);
                 if now_ms >= live.expiry_ms {
                     return Err(refuse(ErrorCode::SessionExpired));
                 }
@@ -81,6 +90,7 @@ impl DirectConn {
             (_, live) => Err(Refusal {
                 code: ErrorCode::Unexpected,
                 user: live.as_ref().map(|l| l.user.clone()),
+                session: live.as_ref().map(|l| l.session),
             }),
         }
     }
@@ -93,8 +103,12 @@ fn hello(
     out: &mut Vec<u8>,
 ) -> Result<Live, Refusal> {
     let hello = Hello::parse(payload).map_err(|e| Refusal::from(e.code()))?;
-    let (x, user, expiry_ms) = state.session(&hello.session_id, now_ms)?;
-    let refuse = |code| Refusal::of(code, &user);
+    let session = hello.session_id;
+    let (x, user, expiry_ms) = state.session(&session, now_ms).map_err(|code| Refusal {
+        session: Some(session),
+        ..Refusal::from(code)
+    })?;
+    let refuse = |code| Refusal::of(code, &user, session);
     let mark = out.len();
     let channel = hello.accept(&x, out).map_err(|e| refuse(e.code()))?;
     // Counted only once the handshake proved X, so junk Hellos cannot use
@@ -107,5 +121,6 @@ fn hello(
         channel,
         user,
         expiry_ms,
+        session,
     })
 }

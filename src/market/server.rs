@@ -273,9 +273,11 @@ async fn write(sock: &mut TcpStream, out: Vec<u8>) -> Option<Vec<u8>> {
 /// Sends `out` (answers held so far) with an alert after it; the channel
 /// then ends. Every refusal is an audit line with the peer.
 async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, peer: &str, why: Refusal) {
-    tracing::info!(
+    tracing::warn!(
+        target: "audit",
         peer = %peer,
         user = %why.user.as_deref().unwrap_or("-"),
+        session = %why.session.map_or_else(|| "-".to_owned(), hex::encode),
         code = %why.code.name(),
         "direct channel refused"
     );

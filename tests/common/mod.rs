@@ -159,6 +159,17 @@ impl Env {
         self.dir.path().join("terminals").join(name)
     }
 
+    /// `keybroker terminal CMD` as user `u` on its terminal against `b`,
+    /// its test passwords on stdin, then `rest`.
+    pub fn terminal_cli(&self, b: &Broker, u: &str, cmd: &str, rest: &[&str]) -> Output {
+        let (p1, p2) = pw(u);
+        let (dir, broker) = (self.terminal_dir(u), b.addr.to_string());
+        let mut args = vec!["terminal", cmd, "--dir", path_str(&dir), "--user", u];
+        args.extend_from_slice(&["--broker", &broker]);
+        args.extend_from_slice(rest);
+        self.kb_in(&args, &format!("{p1}\n{p2}\n"))
+    }
+
     /// Starts `keybroker serve` and waits for its `listening` line.
     pub fn broker(&self) -> Broker {
         self.broker_logging(None)
