@@ -312,3 +312,20 @@ fn session(
     }
     Ok(t)
 }
+
+#[cfg(test)]
+mod tests {
+    /// README's quick start is what `make run` prints, line for line.
+    #[test]
+    fn the_readme_quick_start_is_the_printed_block() {
+        let readme = include_str!("../README.md");
+        let block = super::try_it(std::path::Path::new("var"));
+        let commands: Vec<&str> = block.lines().skip(2).filter(|l| !l.is_empty()).collect();
+        assert!(commands.len() >= 8, "{block}");
+        let at = readme
+            .find(commands[0])
+            .expect("README has the try-it block");
+        let readme_lines: Vec<&str> = readme[at..].lines().take(commands.len()).collect();
+        assert_eq!(readme_lines, commands);
+    }
+}
