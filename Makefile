@@ -5,11 +5,15 @@ BIN       := target/release/keybroker
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # System packages. Running needs SoftHSM (the HSM), OpenSSL's tools and
 # pkg-config; the tests also need Prometheus (promtool and the server),
-# pip for aiosmtpd (a real SMTP relay) and noiseprotocol (an independent
-# Noise implementation for the direct channel's vectors), PostgreSQL
+# pip for aiosmtpd (a real SMTP relay), noiseprotocol (an independent
+# Noise implementation for the direct channel's vectors) and Grafana's
+# foundation SDK (the dashboard's schema), PostgreSQL
 # (tests/wallet_pg.rs starts a throwaway cluster) and HAProxy (tests/cluster.rs).
 RUN_PACKAGES  := softhsm2 opensc openssl ca-certificates pkg-config
 TEST_PACKAGES := $(RUN_PACKAGES) prometheus python3-pip postgresql haproxy
+# Grafana has no Debian package here: its foundation SDK builds the
+# dashboard (ops/grafana/dashboard.py) and checks it against Grafana's schema.
+PIP_PACKAGES  := aiosmtpd noiseprotocol grafana-foundation-sdk
 
 .PHONY: all setup deps deps-run build build-run run serve test lint demo bench bench-ledgers fuzz clean
 
@@ -30,7 +34,7 @@ deps-run:
 deps:
 	$(call apt_install,$(TEST_PACKAGES))
 	@# For whichever python3 is first on PATH (it may not be Debian's).
-	@python3 -c 'import aiosmtpd, noise' 2>/dev/null || python3 -m pip install -q aiosmtpd noiseprotocol || python3 -m pip install -q --break-system-packages aiosmtpd noiseprotocol
+	@python3 -c 'import aiosmtpd, noise, grafana_foundation_sdk' 2>/dev/null || python3 -m pip install -q $(PIP_PACKAGES) || python3 -m pip install -q --break-system-packages $(PIP_PACKAGES)
 
 build:
 	$(CARGO) build --release --workspace

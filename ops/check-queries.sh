@@ -5,11 +5,14 @@
 #   ops/check-queries.sh                 # all expressions, deduplicated
 #   ops/check-queries.sh --source        # "<file>:<where>\t<expr>" per line
 #   ops/check-queries.sh RULES.yml DASH.json ...   # other files
+#   ops/check-queries.sh --var instance=127.0.0.1:9464 --var job=keybroker
 #
 # Grafana's interval macros ($__rate_interval, $__interval, $__range, ...)
-# become 1m. Label matchers whose value uses a template variable ($var,
-# ${var}, [[var]]) are dropped, since the dashboard should not need any but
-# the datasource. Multi-line expressions are joined onto one line and PromQL
+# become 1m. With --var NAME=VALUE, a template variable ($NAME, ${NAME},
+# [[NAME]]) becomes VALUE, and a variable left without one is an error: a
+# query checked with a variable dropped is not the query Grafana sends.
+# Without any --var, label matchers whose value uses a variable are
+# dropped. Multi-line expressions are joined onto one line and PromQL
 # comments are removed. Exits non-zero if a file yields no expression.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +21,14 @@ import json, os, re, signal, sys
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet when piped into head
 
 here = sys.argv[1]
-args = [a for a in sys.argv[2:] if a != "--source"]
+args, values = [], {}
+it = iter(sys.argv[2:])
+for a in it:
+    if a == "--var":
+        name, _, value = next(it, "").partition("=")
+        values[name] = value
+    elif a != "--source":
+        args.append(a)
 with_source = "--source" in sys.argv[2:]
 files = args or [os.path.join(here, "prometheus", "alerts.yml"),
                  os.path.join(here, "grafana", "dashboards", "keybroker.json")]
@@ -48,6 +58,11 @@ def clean(expr):
         lines.append("".join(out))
     e = " ".join(" ".join(lines).split())
     e = MACRO.sub("1m", e)
+    if values:
+        e = re.sub(VAR, lambda m: values.get(m.group(1).strip("${}[]"), m.group(1)), e)
+        left = re.search(VAR, e)
+        if left:
+            sys.exit("check-queries: no --var for %s in %s" % (left.group(1), e))
     e = MATCHER.sub("", e)
     e = re.sub(r",\s*,", ",", e)
     e = re.sub(r"\{\s*,", "{", e)

@@ -360,8 +360,22 @@ fn an_older_copy_fails_the_audit_on_postgres_and_an_honest_restore_passes() {
     assert_audit_ok(f.l());
 }
 
+/// A series' value in this process's metrics (other tests of this binary
+/// only add to it).
+fn observed(series: &str) -> f64 {
+    keybroker::metrics::render()
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[test]
 fn mailer_drains_the_postgres_outbox_once() {
+    let commits = || observed("keybroker_ledger_commit_duration_seconds_count");
+    let groups = || observed("keybroker_ledger_group_size_count");
+    let mails = || observed("keybroker_mail_delivery_duration_seconds_count");
+    let (commits0, groups0, mails0) = (commits(), groups(), mails());
     let f = Fixture::new();
     fund(&f.ledger, "max", eur(1_000));
     for i in 0..5 {
@@ -384,6 +398,11 @@ fn mailer_drains_the_postgres_outbox_once() {
     a.stop();
     b.stop();
     assert_eq!(std::fs::read_dir(md.path().join("new")).unwrap().count(), 6);
+    // The PostgreSQL writer feeds the same ledger metrics as SQLite's: a
+    // top-up and five purchases, each its own group; six mails handed over.
+    assert!(commits() >= commits0 + 6.0, "ledger commits counted");
+    assert!(groups() >= groups0 + 6.0, "ledger groups counted");
+    assert!(mails() >= mails0 + 6.0, "mail deliveries counted");
 }
 
 #[test]

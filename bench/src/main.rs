@@ -22,7 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use load::{Op, RunResult};
 use report::Entry;
 use serde_json::{Map, Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -138,10 +138,11 @@ fn main() {
 }
 
 /// Everything a scenario needs.
+/// Fields drop in order: the broker stops before the market in `env`.
 struct Ctx<'a> {
     cli: &'a Cli,
-    env: Env,
     broker: Option<Broker>,
+    env: Env,
     floors: Value,
     entries: Vec<Entry>,
     /// Closed-loop peak of exchange_software, ops/s.
@@ -828,14 +829,51 @@ fn idle(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Where the bench writes, and only there: the workspace's `target/bench`
+/// (`$CARGO_TARGET_DIR/bench` when set), wherever the binary was started
+/// from or copied to.
+fn bench_root() -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+        },
+        PathBuf::from,
+    );
+    let root = target.join("bench");
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    Ok(root.canonicalize()?)
+}
+
+/// `--out`, which must name a file under `root` (a relative path is taken
+/// from the current directory, as a shell user means it).
+fn report_path(out: Option<&Path>, root: &Path) -> Result<PathBuf> {
+    let Some(out) = out else {
+        return Ok(root.join("report.json"));
+    };
+    let name = out.file_name().context("--out names no file")?;
+    let dir = match out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => std::env::current_dir()?,
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    if !dir.starts_with(root) {
+        bail!(
+            "--out {}: the bench writes only under {}",
+            out.display(),
+            root.display()
+        );
+    }
+    Ok(dir.join(name))
+}
+
 fn run(cli: &Cli) -> Result<()> {
     let exe = std::env::current_exe()?;
     let bindir = exe.parent().context("exe dir")?.to_path_buf();
-    let target = bindir.parent().context("target dir")?.to_path_buf();
-    let out = cli
-        .out
-        .clone()
-        .unwrap_or_else(|| target.join("bench").join("report.json"));
+    let root = bench_root()?;
+    let out = report_path(cli.out.as_deref(), &root)?;
     let chosen: Vec<&str> = if cli.scenario == "all" {
         SCENARIOS.to_vec()
     } else {
@@ -853,10 +891,7 @@ fn run(cli: &Cli) -> Result<()> {
     // Declared before the brokers, so dropped (stopped) after them, also
     // on error.
     let (cluster, postgres_url) = ledger_db(cli)?;
-    eprintln!(
-        "setting up under {} ...",
-        target.join("bench/run").display()
-    );
+    eprintln!("setting up under {} ...", root.join("run").display());
     let settings = Settings {
         users: if cli.quick { 2 } else { 4 },
         terminals_per_user: if cli.quick { 8 } else { 16 },
@@ -865,11 +900,7 @@ fn run(cli: &Cli) -> Result<()> {
         hsm_dispatch: cli.hsm_dispatch.clone(),
         postgres_url,
     };
-    let env = Env::create(
-        bindir.join("keybroker"),
-        target.join("bench").join("run"),
-        &settings,
-    )?;
+    let env = Env::create(bindir.join("keybroker"), root.join("run"), &settings)?;
     eprintln!(
         "set up {} users, {} terminals, market on {} in {:.1}s",
         settings.users,
@@ -935,7 +966,7 @@ fn run(cli: &Cli) -> Result<()> {
         r.with_context(|| format!("scenario {s}"))?;
     }
     ctx.broker = None;
-    env::remove_old_runs(&target.join("bench").join("run"));
+    env::remove_old_runs(&root.join("run"));
     let unavailable: Vec<(&str, &str)> = Vec::new();
     let ledger = match (cli.ledger, &cluster) {
         (Ledger::Sqlite, _) => "sqlite (WAL, synchronous=FULL, in the data dir)".to_owned(),
@@ -994,7 +1025,7 @@ fn run(cli: &Cli) -> Result<()> {
         "latency{}.svg",
         stem.strip_prefix("report").unwrap_or("")
     ));
-    report::chart(&ctx.entries, &svg).context("latency chart")?;
+    report::chart(&ctx.entries, &svg, P99_TARGET_MS).context("latency chart")?;
     print_floor(&ctx.floors);
     println!("{table}");
     println!(
@@ -1003,6 +1034,12 @@ fn run(cli: &Cli) -> Result<()> {
         svg.display(),
         t0.elapsed().as_secs_f64()
     );
+    // The scratch run (data dir, 100,000-odd mails, logs: about 250 MB)
+    // goes once the market and brokers are stopped; a run that failed
+    // stays for its logs, and the next run moves it aside and removes it.
+    let scratch = ctx.env.run.clone();
+    drop(ctx);
+    std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
     Ok(())
 }
 
@@ -1058,4 +1095,22 @@ fn print_floor(f: &Value) {
         }
     }
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_go_under_the_bench_root_only() {
+        let root = bench_root().unwrap();
+        assert_eq!(report_path(None, &root).unwrap(), root.join("report.json"));
+        let inside = root.join("sub").join("report-x.json");
+        assert_eq!(report_path(Some(&inside), &root).unwrap(), inside);
+        let outside = std::env::temp_dir().join("report.json");
+        assert!(report_path(Some(&outside), &root).is_err());
+        let escaping = root.join("..").join("report.json");
+        assert!(report_path(Some(&escaping), &root).is_err());
+        let _ = std::fs::remove_dir(root.join("sub"));
+    }
 }

@@ -174,7 +174,9 @@ pub fn table(ledger: &str, entries: &[Entry], unavailable: &[(&str, &str)]) -> S
 
 /// Latency percentile curves per scenario: x is the percentile on a
 /// "nines" scale (90, 99, 99.9, 99.99), y the latency in ms on a log axis.
-pub fn chart(entries: &[Entry], path: &Path) -> anyhow::Result<()> {
+/// The SLO (`slo_ms` at p99) is a dashed cross: a curve passing under its
+/// corner meets it. The legend sits right of the plot, never over a curve.
+pub fn chart(entries: &[Entry], path: &Path, slo_ms: f64) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let curves: Vec<(&str, Vec<(f64, f64)>)> = entries
         .iter()
@@ -193,7 +195,7 @@ pub fn chart(entries: &[Entry], path: &Path) -> anyhow::Result<()> {
     let ymax = curves
         .iter()
         .flat_map(|(_, p)| p.iter().map(|v| v.1))
-        .fold(1.0f64, f64::max)
+        .fold(slo_ms, f64::max)
         * 2.0;
     let ymin = curves
         .iter()
@@ -201,9 +203,12 @@ pub fn chart(entries: &[Entry], path: &Path) -> anyhow::Result<()> {
         .fold(ymax, f64::min)
         .max(0.001)
         / 2.0;
-    let root = SVGBackend::new(path, (1100, 700)).into_drawing_area();
+    let root = SVGBackend::new(path, (1350, 700)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut c = ChartBuilder::on(&root)
+    // The legend's own column: plotters draws series labels inside the
+    // plot, where with a dozen curves they hid the tails that matter.
+    let (plot, legend) = root.split_horizontally(1100);
+    let mut c = ChartBuilder::on(&plot)
         .caption(
             "keybroker latency by percentile (open loop: from intended send time)",
             ("sans-serif", 20),
@@ -222,19 +227,31 @@ pub fn chart(entries: &[Entry], path: &Path) -> anyhow::Result<()> {
         })
         .y_label_formatter(&|y| format!("{y:.2}"))
         .draw()?;
+    let p99 = 2.0; // 1 - 10^-2 on the nines scale
+    let slo = RED.mix(0.8).stroke_width(2);
+    c.draw_series(DashedLineSeries::new(
+        [(0.0, slo_ms), (4.0, slo_ms)],
+        8,
+        5,
+        slo,
+    ))?;
+    c.draw_series(DashedLineSeries::new([(p99, ymin), (p99, ymax)], 8, 5, slo))?;
+    let row = |i: usize| 40 + 22 * i as i32;
+    let text = ("sans-serif", 15).into_font();
+    let mut labels = vec![(format!("SLO: p99 ≤ {slo_ms} ms"), RED.mix(0.8))];
     for (i, (name, pts)) in curves.into_iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        c.draw_series(LineSeries::new(pts, color.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+        c.draw_series(LineSeries::new(pts, color.stroke_width(2)))?;
+        labels.push((name.to_owned(), color));
     }
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
+    for (i, (name, color)) in labels.into_iter().enumerate() {
+        let y = row(i);
+        legend.draw(&PathElement::new(
+            vec![(10, y), (34, y)],
+            color.stroke_width(2),
+        ))?;
+        legend.draw(&Text::new(name, (42, y - 8), text.clone()))?;
+    }
     root.present()?;
     Ok(())
 }

@@ -293,6 +293,7 @@ impl<S: Store> Writer<S> {
 
     /// Applies `group` in one transaction and answers every request.
     pub(crate) fn run_group(&mut self, group: &mut Vec<Request>) {
+        let started = Instant::now();
         let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
         let mut audits = Vec::new();
         let mut restores = Vec::new();
@@ -333,6 +334,9 @@ impl<S: Store> Writer<S> {
             fatal = self.store.commit().err();
             if fatal.is_none() {
                 self.known = self.head;
+                // Here, so both stores (SQLite, PostgreSQL) are measured
+                // alike: from taking the write lock to the durable commit.
+                crate::metrics::ledger_commit(started.elapsed(), answers.len());
             }
         } else if fatal.is_none() {
             fatal = self.store.rollback().err();

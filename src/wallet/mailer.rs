@@ -289,6 +289,8 @@ struct Staged {
     /// An unnamed file (`O_TMPFILE` in `tmp/`), linked into `new/` at
     /// publication; `None`: a file named `tmp/<name>`, renamed instead.
     file: Option<std::fs::File>,
+    /// Time spent writing it; its delivery time adds the round's publication.
+    took: Duration,
 }
 
 static MAILDIR_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -354,7 +356,9 @@ impl Round<'_> {
                 sent.map(|()| true)
             }
             Sender_::Maildir(dir) => {
-                let staged = stage_maildir(dir, &msg.formatted())?;
+                let started = std::time::Instant::now();
+                let mut staged = stage_maildir(dir, &msg.formatted())?;
+                staged.took = started.elapsed();
                 self.staged.push((m.id, staged));
                 Ok(false)
             }
@@ -372,10 +376,20 @@ impl Round<'_> {
         if self.staged.is_empty() {
             return Vec::new();
         }
+        let started = std::time::Instant::now();
         let done = publish_maildir(dir, &self.staged).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "Maildir delivery failed; the round is retried");
             0
         });
+        // A message is handed over once it is durable in new/: its own
+        // write plus the round's one sync and link.
+        let publish = started.elapsed();
+        for (_, s) in &self.staged[..done] {
+            crate::metrics::mail_delivered(s.took + publish);
+        }
+        for _ in done..self.staged.len() {
+            crate::metrics::mail_failed();
+        }
         self.staged[..done].iter().map(|(id, _)| *id).collect()
     }
 }
@@ -415,13 +429,18 @@ fn stage_maildir(dir: &Path, bytes: &[u8]) -> Result<Staged, String> {
             .open(tmp.join(&name))
             .and_then(|mut f| f.write_all(bytes))
             .map_err(io)?;
-        return Ok(Staged { name, file: None });
+        return Ok(Staged {
+            name,
+            file: None,
+            took: Duration::ZERO,
+        });
     };
     let mut f = std::fs::File::from(fd);
     f.write_all(bytes).map_err(io)?;
     Ok(Staged {
         name,
         file: Some(f),
+        took: Duration::ZERO,
     })
 }
 
@@ -480,8 +499,10 @@ fn drain_once(
     // leaves them in the Maildir and queued, delivered again under the
     // same Message-ID.
     for (i, m) in due.iter().enumerate() {
+        let started = std::time::Instant::now();
         match round.send(&cfg.from, m) {
             Ok(true) => {
+                crate::metrics::mail_delivered(started.elapsed());
                 if let Err(e) = c.mark_sent(&[m.id]) {
                     let _ = round.finish();
                     return Err(e);
@@ -489,6 +510,7 @@ fn drain_once(
             }
             Ok(false) => {}
             Err(e) => {
+                crate::metrics::mail_failed();
                 let attempts = m.attempts.saturating_add(1);
                 tracing::warn!(message_id = %m.message_id, attempts, error = %e, "mail not accepted");
                 let delay = i64::try_from(cfg.backoff(attempts).as_millis()).unwrap_or(i64::MAX);
