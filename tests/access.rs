@@ -292,11 +292,7 @@ fn client_without_certificate_fails_the_handshake() {
     let env = Env::new("");
     let alice = env.user("alice");
     let b = env.broker();
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(env.terminal_dir("alice").join("broker-ca.crt")).unwrap();
-    for c in keybroker::pki::certs_pem(&ca).unwrap() {
-        roots.add(c).unwrap();
-    }
+    let roots = env.broker_roots();
     let anon = TerminalConfig::new(roots, None).unwrap();
     // TLS 1.3: the client finishes first, then learns of the alert.
     let r = Terminal::connect(b.addr, &anon, TIMEOUT).and_then(|mut t| t.ping());

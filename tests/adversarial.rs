@@ -624,11 +624,7 @@ fn every_refused_handshake_kind_is_counted_and_logged_once() {
     let _alice = env.user("alice");
     let log = env.dir.path().join("broker.log");
     let b = env.broker_with(Some((&log, "info")), None);
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(env.terminal_dir("alice").join("broker-ca.crt")).unwrap();
-    for c in keybroker::pki::certs_pem(&ca).unwrap() {
-        roots.add(c).unwrap();
-    }
+    let roots = env.broker_roots();
     let identity = |cert: rustls::pki_types::CertificateDer<'static>, key: &KeyPair| {
         let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
         TerminalConfig::new(roots.clone(), Some((vec![cert], key.into())))

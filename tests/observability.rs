@@ -354,12 +354,7 @@ fn workload(
 
 /// The CA the terminals trust, to build one without a certificate.
 fn rustls_roots(env: &Env) -> rustls::RootCertStore {
-    let pem = std::fs::read(env.terminal_dir("alice").join("broker-ca.crt")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in rustls_pemfile::certs(&mut &pem[..]) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    roots
+    env.broker_roots()
 }
 
 #[test]

@@ -101,6 +101,16 @@ impl Env {
         env
     }
 
+    /// The broker CA the terminals trust (alice's copy), as rustls roots.
+    pub fn broker_roots(&self) -> rustls::RootCertStore {
+        let pem = std::fs::read(self.terminal_dir("alice").join("broker-ca.crt")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in keybroker::pki::certs_pem(&pem).unwrap() {
+            roots.add(c).unwrap();
+        }
+        roots
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("var")
     }
