@@ -279,6 +279,81 @@ pub fn user_add(
     })
 }
 
+/// Which password `user passwd` changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhichPassword {
+    /// The first (login): a new hash; the old one is not needed, as an
+    /// operator's reset of a forgotten one.
+    Access,
+    /// The second (release): only the current one opens the home card, so
+    /// it is needed, and the key is wrapped again inside the HSM.
+    Release,
+}
+
+/// `keybroker user passwd`. `current` is the second password in force
+/// (ignored for the first).
+pub fn user_passwd(
+    admin: &Admin,
+    id: &str,
+    which: WhichPassword,
+    current: Option<&str>,
+    new: &str,
+) -> Result<()> {
+    let a = &admin.cfg.auth;
+    let u = admin
+        .store
+        .user_get(id)?
+        .with_context(|| format!("no user {id}"))?;
+    match which {
+        WhichPassword::Access => {
+            passwords::check_policy("first password", new, a.min_password_len)?;
+            let h = passwords::hash(new.as_bytes(), a.argon2_m_kib, a.argon2_t)?;
+            admin.store.set_access_password(id, &h)?;
+        }
+        WhichPassword::Release => {
+            passwords::check_policy("second password", new, a.min_password_len)?;
+            let current = current.context("the current second password is needed")?;
+            if passwords::verify(new.as_bytes(), &u.pw_access) {
+                bail!("the two passwords must differ");
+            }
+            let Some(passwords::Stored::Bound(old, verifier)) = passwords::stored(&u.pw_release)
+            else {
+                bail!(
+                    "{id}'s home card is not bound to its second password yet: it is at the next release; change it after that"
+                );
+            };
+            let old = old.card_secret(current.as_bytes(), id)?;
+            let binding = passwords::Binding::new(a.argon2_m_kib, a.argon2_t)?;
+            let secret = binding.card_secret(new.as_bytes(), id)?;
+            let keys = admin.keys()?;
+            let changed = ops::rebind_user_key(
+                &admin.session,
+                &keys,
+                &old.kek_data,
+                &verifier,
+                &u.wrapped_key,
+                &secret.kek_data,
+            )?;
+            let (wrapped, verifier) = match changed {
+                Ok(v) => v,
+                Err(ops::Refusal::Password) => bail!("the current second password is wrong"),
+                Err(ops::Refusal::Blob(e)) => {
+                    bail!(
+                        "the HSM refused {id}'s home-card key ({e}); check the registry (`keybroker check`)"
+                    )
+                }
+            };
+            if !admin
+                .store
+                .rebind(id, &u.wrapped_key, &wrapped, &binding.encode(&verifier))?
+            {
+                bail!("{id}'s home card changed meanwhile; try again");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How long a terminal certificate is valid unless enrolment says otherwise.
 pub const TERMINAL_LIFETIME: Duration = Duration::from_secs(365 * 86400);
 

@@ -172,6 +172,25 @@ enum UserCmd {
         /// The user id.
         id: String,
     },
+    /// Change a password. The first needs no old one (an operator's reset);
+    /// the second needs the current one, since only it opens the home card,
+    /// whose key is then wrapped again inside the HSM. The new password
+    /// meets auth.min_password_len. Sessions released before keep working.
+    Passwd {
+        /// The user id.
+        id: String,
+        /// Change the second (release) password instead of the first.
+        #[arg(long)]
+        second: bool,
+        /// File holding the current second password (with --second); "-":
+        /// a line of stdin, asked for without echo on a terminal.
+        #[arg(long, default_value = "-")]
+        current_password_file: String,
+        /// File holding the new password; "-": a line of stdin (after the
+        /// current one, with --second).
+        #[arg(long, default_value = "-")]
+        new_password_file: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -604,6 +623,29 @@ fn user(cfg: &Config, c: UserCmd, stdin: &mut Stdin<'_>) -> Result<()> {
             let p2 = read_secret(&release_password_file, "second password", stdin)?;
             enroll::user_add(&admin, &id, &mail, &p1, &p2)?;
             println!("added user {id}");
+        }
+        UserCmd::Passwd {
+            id,
+            second,
+            current_password_file,
+            new_password_file,
+        } => {
+            let (which, current) = if second {
+                let c = read_secret(&current_password_file, "current second password", stdin)?;
+                (enroll::WhichPassword::Release, Some(c))
+            } else {
+                (enroll::WhichPassword::Access, None)
+            };
+            let new = read_secret(&new_password_file, "new password", stdin)?;
+            enroll::user_passwd(
+                &admin,
+                &id,
+                which,
+                current.as_deref().map(|s| s.as_str()),
+                &new,
+            )?;
+            let which = if second { "second" } else { "first" };
+            println!("changed {id}'s {which} password");
         }
         UserCmd::List => {
             for u in admin.store.user_list()? {

@@ -458,7 +458,7 @@ impl Store {
             self.conn
                 .prepare_cached(
                     "UPDATE users SET wrapped_key = ?2, pw_release = ?3, failures = ?4, locked = ?5,
-                                      generation = ?6, mac = ?7
+                                      generation = ?6, mac = ?7, pw_access = ?10
                      WHERE id = ?1 AND generation = ?8 AND mac IS ?9",
                 )?
                 .execute(params![
@@ -470,7 +470,8 @@ impl Store {
                     generation,
                     mac,
                     old.generation,
-                    old.mac
+                    old.mac,
+                    u.pw_access
                 ])
         })
     }
@@ -561,10 +562,20 @@ impl Store {
             .is_some())
     }
 
-    /// Migration of a home-card key to its second-password binding: the
-    /// user's `old` blob (under the plain master key) becomes `wrapped`,
-    /// with the binding `pw_release`. False if the row holds another blob
-    /// by now (another release migrated it first).
+    /// A new first-password hash for user `id`; false if there is none.
+    pub fn set_access_password(&self, id: &str, phc: &str) -> Result<bool> {
+        Ok(self
+            .update_user(id, |u| {
+                u.pw_access = phc.to_owned();
+                true
+            })?
+            .is_some())
+    }
+
+    /// A home-card key wrapped again: the user's `old` blob becomes
+    /// `wrapped`, with the binding `pw_release` (a migration from the plain
+    /// master key, or a second-password change). False if the row holds
+    /// another blob by now (another release or change came first).
     pub fn rebind(&self, id: &str, old: &[u8], wrapped: &[u8], pw_release: &str) -> Result<bool> {
         let u = self.update_user(id, |u| {
             if u.wrapped_key != old {

@@ -188,3 +188,47 @@ fn unknown_users_duplicates_and_missing_files_are_told_plainly() {
         "terminal.crt",
     );
 }
+
+#[test]
+fn passwords_change_and_the_second_only_with_the_current_one() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let b = env.broker();
+    let (p1, p2) = pw("alice");
+    let passwd = |args: &[&str], input: &str| {
+        let mut all = vec!["user", "passwd", "alice"];
+        all.extend_from_slice(args);
+        env.kb_in(&all, input)
+    };
+    let login = |p: &str| b.connect(&alice).login("alice", p.as_bytes());
+
+    // The first: an operator's reset, no old one asked; the floor holds.
+    fails_saying(passwd(&[], "short\n"), "the first password is too short");
+    passwd(&[], "alice-new-first\n").success();
+    assert_eq!(
+        refused(login(&p1)),
+        keybroker::proto::ErrorCode::WrongPassword
+    );
+    login("alice-new-first").expect("the new first password");
+
+    // The second: only with the current one, which opens the home card.
+    fails_saying(
+        passwd(&["--second"], "not-the-second\nalice-new-second\n"),
+        "the current second password is wrong",
+    );
+    fails_saying(
+        passwd(&["--second"], &format!("{p2}\nalice-new-first\n")),
+        "the two passwords must differ",
+    );
+    passwd(&["--second"], &format!("{p2}\nalice-new-second\n")).success();
+    let mut t = b.connect(&alice);
+    t.login("alice", b"alice-new-first").unwrap();
+    assert_eq!(
+        refused(t.release(p2.as_bytes())),
+        keybroker::proto::ErrorCode::WrongPassword
+    );
+    t.release(b"alice-new-second")
+        .expect("the home card opens with the new second password");
+    drop(b);
+    env.kb(&["check"]).success();
+}

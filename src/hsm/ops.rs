@@ -334,11 +334,47 @@ pub fn rewrap_legacy_user_key(
     data: &[u8; 32],
     legacy: &[u8],
 ) -> HsmResult<(Vec<u8>, [u8; 32])> {
+    rewrap(s, keys, keys.master_wrap, legacy, data)
+}
+
+/// A home-card key wrapped again: the blob and the verifier of its binding.
+pub type Rebound = (Vec<u8>, [u8; 32]);
+
+/// A second-password change: if `old` gives `verifier`, the key its KEK
+/// unwraps from `wrapped` is wrapped again under the KEK of `new`, inside
+/// the HSM (as [`rewrap_legacy_user_key`]); returns the new blob and the
+/// verifier of `new`.
+pub fn rebind_user_key(
+    s: &Session,
+    keys: &super::KeyHandles,
+    old: &[u8; 32],
+    verifier: &[u8; 32],
+    wrapped: &[u8],
+    new: &[u8; 32],
+) -> HsmResult<Result<Rebound, Refusal>> {
+    if !crate::crypto::ct_eq(&release_verifier(s, keys.registry_mac, old)?, verifier) {
+        return Ok(Err(Refusal::Password));
+    }
+    refused_blob(with_kek(s, keys.kek_base, old, KekUse::Unwrap, |kek| {
+        rewrap(s, keys, kek, wrapped, new)
+    }))
+}
+
+/// `blob`, unwrapped with `from` as an extractable session object that can
+/// do nothing else, wrapped under the KEK of `data`, and destroyed; with
+/// the verifier of `data`. The key never leaves the HSM.
+fn rewrap(
+    s: &Session,
+    keys: &super::KeyHandles,
+    from: ObjectHandle,
+    blob: &[u8],
+    data: &[u8; 32],
+) -> HsmResult<(Vec<u8>, [u8; 32])> {
     let key = s
         .unwrap_key(
             &Mechanism::AesKeyWrapPad,
-            keys.master_wrap,
-            legacy,
+            from,
+            blob,
             &[
                 Attribute::Token(false),
                 Attribute::Class(ObjectClass::PRIVATE_KEY),
@@ -352,7 +388,7 @@ pub fn rewrap_legacy_user_key(
                 Attribute::Derive(false),
             ],
         )
-        .op("C_UnwrapKey (legacy)")?;
+        .op("C_UnwrapKey (to wrap again)")?;
     let r = with_kek(s, keys.kek_base, data, KekUse::Wrap, |kek| {
         s.wrap_key(&Mechanism::AesKeyWrapPad, kek, key)
             .op("C_WrapKey")
