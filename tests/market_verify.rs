@@ -268,3 +268,18 @@ fn a_user_over_its_quota_loses_its_oldest_unused_session_and_no_one_elses_room()
     let more = request(&mallory, "mallory", [1; 32], t + 1, [20; 16]);
     assert_eq!(m.exchange(&more, [1; 32], t + 1), Err(ErrorCode::Busy));
 }
+
+#[test]
+fn a_user_certificate_is_checked_at_the_time_the_market_is_given() {
+    let (ca, ca_key) = setup();
+    // Valid for an hour from now.
+    let alice = user(&ca, &ca_key, "alice");
+    let m = MarketState::new(config(&["*"]), &ca, "127.0.0.1:1".into()).unwrap();
+    let later = now_ms() + 2 * 3600 * 1000;
+    let req = request(&alice, "alice", [1; 32], later, [40; 16]);
+    assert_eq!(
+        m.exchange(&req, [1; 32], later).map(|_| ()),
+        Err(ErrorCode::BadSignature),
+        "past its notAfter at the market's now, whatever the wall clock says"
+    );
+}
