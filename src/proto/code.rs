@@ -4,8 +4,20 @@
 //! renumber one. Each code says whose fault it is and whether the broker
 //! closes the connection after sending it.
 
-/// Error code sent to a terminal. `u16` on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Error code sent to a terminal. `u16` on the wire; its name is the
+/// variant's in snake_case (strum), which the tests hold to PROTOCOL.md.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::VariantArray,
+    strum::IntoStaticStr,
+    strum::FromRepr,
+)]
+#[strum(serialize_all = "snake_case")]
 #[repr(u16)]
 pub enum ErrorCode {
     /// The frame could not be parsed. Closes.
@@ -89,49 +101,11 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 38] = [
-        Self::Malformed,
-        Self::TooLarge,
-        Self::Unexpected,
-        Self::Busy,
-        Self::Internal,
-        Self::Timeout,
-        Self::UnknownUser,
-        Self::WrongPassword,
-        Self::Locked,
-        Self::WrongTerminal,
-        Self::TerminalRevoked,
-        Self::NotLoggedIn,
-        Self::NotReleased,
-        Self::HsmUnavailable,
-        Self::UnknownMarket,
-        Self::MarketUnavailable,
-        Self::MarketTimeout,
-        Self::UserNotAllowed,
-        Self::BadSignature,
-        Self::Replay,
-        Self::Stale,
-        Self::MarketInternal,
-        Self::TooManyInFlight,
-        Self::UnknownSession,
-        Self::SessionExpired,
-        Self::BadRecord,
-        Self::BadHandshake,
-        Self::TooManyConnections,
-        Self::InsufficientFunds,
-        Self::UnknownCurrency,
-        Self::InvalidAmount,
-        Self::UnknownDecision,
-        Self::NotYourDecision,
-        Self::AlreadyCancelled,
-        Self::VoucherUsed,
-        Self::BadVoucher,
-        Self::BadAuthorisation,
-        Self::InvalidInput,
-    ];
+    /// Every code, in declaration order.
+    pub const ALL: &'static [ErrorCode] = <Self as strum::VariantArray>::VARIANTS;
 
     pub fn from_u16(v: u16) -> Option<Self> {
-        Self::ALL.iter().copied().find(|c| *c as u16 == v)
+        Self::from_repr(v)
     }
 
     /// Whether the broker closes the connection after sending this code.
@@ -153,46 +127,7 @@ impl ErrorCode {
 
     /// Stable snake_case name, used in logs and metric labels.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::TooLarge => "too_large",
-            Self::Unexpected => "unexpected",
-            Self::Busy => "busy",
-            Self::Internal => "internal",
-            Self::Timeout => "timeout",
-            Self::UnknownUser => "unknown_user",
-            Self::WrongPassword => "wrong_password",
-            Self::Locked => "locked",
-            Self::WrongTerminal => "wrong_terminal",
-            Self::TerminalRevoked => "terminal_revoked",
-            Self::NotLoggedIn => "not_logged_in",
-            Self::NotReleased => "not_released",
-            Self::HsmUnavailable => "hsm_unavailable",
-            Self::UnknownMarket => "unknown_market",
-            Self::MarketUnavailable => "market_unavailable",
-            Self::MarketTimeout => "market_timeout",
-            Self::UserNotAllowed => "user_not_allowed",
-            Self::BadSignature => "bad_signature",
-            Self::Replay => "replay",
-            Self::Stale => "stale",
-            Self::MarketInternal => "market_internal",
-            Self::TooManyInFlight => "too_many_in_flight",
-            Self::InsufficientFunds => "insufficient_funds",
-            Self::UnknownCurrency => "unknown_currency",
-            Self::InvalidAmount => "invalid_amount",
-            Self::UnknownDecision => "unknown_decision",
-            Self::NotYourDecision => "not_your_decision",
-            Self::AlreadyCancelled => "already_cancelled",
-            Self::VoucherUsed => "voucher_used",
-            Self::BadVoucher => "bad_voucher",
-            Self::BadAuthorisation => "bad_authorisation",
-            Self::InvalidInput => "invalid_input",
-            Self::UnknownSession => "unknown_session",
-            Self::SessionExpired => "session_expired",
-            Self::BadRecord => "bad_record",
-            Self::BadHandshake => "bad_handshake",
-            Self::TooManyConnections => "too_many_connections",
-        }
+        self.into()
     }
 }
 
@@ -208,13 +143,30 @@ mod tests {
 
     #[test]
     fn codes_round_trip_and_are_unique() {
-        for c in ErrorCode::ALL {
+        for &c in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_u16(c as u16), Some(c));
         }
+        // The names the wire docs and metric labels use.
+        assert_eq!(ErrorCode::TooManyInFlight.name(), "too_many_in_flight");
+        assert_eq!(
+            ErrorCode::HsmUnavailable.to_string(),
+            "hsm_unavailable (20)"
+        );
+        assert_eq!(ErrorCode::ALL.len(), 38);
         let mut seen: Vec<u16> = ErrorCode::ALL.iter().map(|c| *c as u16).collect();
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), ErrorCode::ALL.len());
         assert_eq!(ErrorCode::from_u16(999), None);
+    }
+
+    /// Every code is a row of PROTOCOL.md's table, number and name.
+    #[test]
+    fn the_spec_lists_every_code() {
+        let spec = include_str!("../../docs/PROTOCOL.md");
+        for &c in ErrorCode::ALL {
+            let row = format!("| {} | {} |", c as u16, c.name());
+            assert!(spec.contains(&row), "PROTOCOL.md has no row {row}");
+        }
     }
 }
