@@ -345,3 +345,23 @@ fn an_exchange_whose_market_channel_broke_unseen_is_asked_again_on_the_next() {
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     assert_eq!(retried(), 2.0);
 }
+
+#[test]
+fn the_market_audits_the_exchanges_it_refuses() {
+    let env = Env::new("");
+    let alice = env.user("alice");
+    let log = env.dir.path().join("market.log");
+    let _m = env.market_with("m1", "bob", "", Some(&log));
+    let b = env.broker();
+    let mut t = released(&b, &alice, "alice");
+    assert_eq!(refused(t.exchange("m1")), ErrorCode::UserNotAllowed);
+    wait_until("the market's audit line", TIMEOUT, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().any(|l| {
+            l.contains("audit: market refused exchange")
+                && l.contains("broker=127.0.0.1:")
+                && l.contains("user=alice")
+                && l.contains("code=\"user_not_allowed\"")
+        })
+    });
+}

@@ -29,7 +29,17 @@ use std::time::{Duration, Instant};
 
 /// Refused exchanges, logged once a second with a count: a user flooding
 /// the market must not flood its log too.
-static REFUSED: crate::logs::Throttle = crate::logs::Throttle::new(Duration::from_secs(1));
+/// Refused exchanges: an audit line per user and code a second, with the
+/// count held back, for the whole process. A broker is authenticated, but
+/// what it forwards comes from terminals.
+static REFUSED: std::sync::LazyLock<
+    std::sync::Mutex<crate::logs::KeyedThrottle<(String, crate::proto::ErrorCode)>>,
+> = std::sync::LazyLock::new(|| {
+    std::sync::Mutex::new(crate::logs::KeyedThrottle::new(
+        Duration::from_secs(1),
+        4096,
+    ))
+});
 
 /// Market-channel connections per core: one per broker core per market.
 const MAX_CHANNELS_PER_CORE: usize = 1024;
@@ -193,6 +203,9 @@ fn run_core(
 
 async fn serve_channel(state: &MarketState, tls: Arc<ServerConfig>, stream: TcpStream) {
     let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let Ok(conn) = ServerConnection::new(tls) else {
         return;
     };
@@ -241,8 +254,12 @@ async fn serve_channel(state: &MarketState, tls: Arc<ServerConfig>, stream: TcpS
                     match &result {
                         Ok(_) => tracing::debug!(user = %r.user, request = r.request_id, "exchange accepted"),
                         Err(code) => {
-                            if let Some(suppressed) = REFUSED.pass() {
-                                tracing::info!(user = %r.user, request = r.request_id, %code, suppressed, "exchange refused");
+                            let passed = REFUSED
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .pass((r.user.clone(), *code), crate::limits::mono_ms());
+                            if let Some(suppressed) = passed {
+                                tracing::info!(target: "audit", broker = %peer, user = %r.user, request = r.request_id, code = code.name(), suppressed, "market refused exchange");
                             }
                         }
                     }
