@@ -172,8 +172,9 @@ pub async fn exchange(
         eph,
         digest,
     } = asked.map_err(Failure::code)?;
-    let kx = shared.cfg().exchange.kx;
-    let x = match eph {
+    // The mode the attempt ran in, not the config read again: a reload
+    // between the two would mislabel the exchange.
+    let (kx, x) = match eph {
         Eph::Terminal => {
             crate::metrics::exchange_done("partial", started.elapsed());
             return Ok(Message::PartialOk {
@@ -184,9 +185,11 @@ pub async fn exchange(
                 transcript: digest,
             });
         }
-        Eph::Software(e) => e
-            .x(&accepted.ephemeral, &digest, &accepted.ephemeral)
-            .ok_or(ErrorCode::MarketInternal)?,
+        Eph::Software(e) => (
+            "software",
+            e.x(&accepted.ephemeral, &digest, &accepted.ephemeral)
+                .ok_or(ErrorCode::MarketInternal)?,
+        ),
         Eph::Hsm(private) => {
             let peer = accepted.ephemeral;
             if peer.group() != Group::P256 {
@@ -199,16 +202,16 @@ pub async fn exchange(
                 crate::hsm::ops::derive_x(&w.session, private, peer.as_bytes(), &input)
             })
             .await?;
-            zeroize::Zeroizing::new(
-                <[u8; 32]>::try_from(x.as_slice()).map_err(|_| ErrorCode::HsmUnavailable)?,
+            (
+                "hsm",
+                zeroize::Zeroizing::new(
+                    <[u8; 32]>::try_from(x.as_slice()).map_err(|_| ErrorCode::HsmUnavailable)?,
+                ),
             )
         }
     };
     let wrapped_x = exchange::wrap(wrap_key, &x);
-    crate::metrics::exchange_done(
-        if kx == Kx::Hsm { "hsm" } else { "software" },
-        started.elapsed(),
-    );
+    crate::metrics::exchange_done(kx, started.elapsed());
     Ok(Message::ExchangeOk {
         session_id: accepted.session_id,
         expiry_ms: accepted.expiry_ms,
