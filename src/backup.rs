@@ -169,16 +169,28 @@ fn copy_db(from: &Path, dir: &Path, name: &str, role: &str) -> Result<Copied> {
     described(&to, name, role)
 }
 
+/// A file's size and SHA-256, read in blocks: a ledger of gigabytes is
+/// never held in memory whole.
 fn described(path: &Path, name: &str, role: &str) -> Result<Copied> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    use std::io::Read;
+    let reading = || format!("reading {}", path.display());
+    let mut f = std::fs::File::open(path).with_context(reading)?;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).with_context(reading)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        bytes += n as u64;
+    }
     Ok(Copied {
         name: name.to_owned(),
         role: role.to_owned(),
-        bytes: bytes.len() as u64,
-        sha256: hex::encode(aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA256,
-            &bytes,
-        )),
+        bytes,
+        sha256: hex::encode(ctx.finish()),
     })
 }
 
