@@ -248,6 +248,31 @@ impl Market {
             .unwrap()
             .success();
         assert!(ok, "kill {sig} failed");
+        if sig == "-STOP" {
+            self.wait_stopped();
+        }
+    }
+
+    /// Waits until every thread of the market is stopped. `kill` returns
+    /// once the signal is queued; the kernel stops the threads only as each
+    /// is next scheduled, so on a loaded machine a market thread can still
+    /// answer an exchange for a while after `kill -STOP`.
+    fn wait_stopped(&self) {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let stopped = || {
+            std::fs::read_dir(&tasks).unwrap().all(|t| {
+                let stat =
+                    std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            })
+        };
+        wait_until(
+            "the market's threads to stop",
+            Duration::from_secs(10),
+            stopped,
+        );
     }
 }
 
