@@ -15,7 +15,7 @@ TEST_PACKAGES := $(RUN_PACKAGES) prometheus python3-pip postgresql haproxy
 # dashboard (ops/grafana/dashboard.py) and checks it against Grafana's schema.
 PIP_PACKAGES  := aiosmtpd noiseprotocol grafana-foundation-sdk
 
-.PHONY: all setup deps deps-run build build-run run serve test lint demo bench bench-ledgers fuzz clean
+.PHONY: all setup deps deps-run build build-run run serve test lint demo bench bench-ledgers fuzz sim clean
 
 all: build
 
@@ -92,6 +92,12 @@ bench-ledgers:
 # toolchain accept them (only this one is installable here).
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := access_frames market_frames direct_records direct_handshake access_session wallet_blobs
+# The deterministic simulation (tests/sim.rs) over more seeds than
+# `make test` runs; a failing seed prints the command that replays it.
+SEEDS ?= 1000
+sim:
+	SIM_SEEDS=$(SEEDS) $(CARGO) test --release --test sim -- --nocapture
+
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

@@ -1,33 +1,30 @@
-//! One core's persistent connection to one market, with batching.
+//! One core's persistent connection to one market: the shell around the
+//! sans-IO [`crate::proto::link::LinkCore`], which decides everything
+//! (batches, the market timeout, keepalive, loss, backoff with jitter).
 //!
 //! ```text
-//! exchanges ──try_send──► bounded queue ──► link task: first request, then more until
-//!                                           batch_max or batch_delay ─► one frame ─► market
-//! oneshot replies ◄── match by request id ◄── one reply frame ◄──────────────────┘
+//! exchanges ──try_send──► bounded queue ──► run: LinkCore::handle_submit
+//!                                            LinkCore::poll_action ─► dial / send / read / wait / close
+//! oneshot replies ◄── Event::Reply ◄── LinkCore::handle_bytes ◄── market
 //! ```
 //!
-//! One batch is in flight at a time; requests arriving meanwhile form the
-//! next one, so batches grow with load without waiting. `batch_delay_us`
-//! (0 by default) makes a batch also wait that long for company. While the
-//! market is down, new requests fail at once with `market_unavailable`; a
-//! request whose channel broke after it was queued or sent answers
-//! [`Failure::Broken`] (the exchange retries it once on the next channel),
-//! one the market went silent on `market_timeout`. Reconnects back
-//! off exponentially. An idle channel is pinged every `keepalive_ms`, so a
-//! market that closed it (idle timeout) or died is found and redialled
-//! before an exchange needs it, and `keybroker_market_up` follows.
+//! This file only moves bytes and time in and out, and tells the exchanges
+//! on its core the channel's binding ([`Link::binding_when_up`],
+//! [`Link::binding_after`]). A request whose channel broke after it was
+//! queued or sent answers [`Failure::Broken`] (the exchange retries it once
+//! on the next channel); one the market went silent on, `market_timeout`.
 
 use crate::config::ExchangeConfig;
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
-use crate::proto::market::{self, Accepted, ExchangeRequest, Splitter};
+use crate::proto::link::{Action, Event, LinkCore, Timers};
+use crate::proto::market::ExchangeRequest;
 use compio::net::TcpStream;
 use futures_channel::{mpsc, oneshot};
 use futures_util::StreamExt;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,33 +39,7 @@ pub struct MarketInfo {
     pub server_name: ServerName<'static>,
 }
 
-pub type Reply = Result<Accepted, Failure>;
-
-/// Why a request got no acceptance.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
-    /// The market's answer, or the link's at once (down, queue full).
-    Code(ErrorCode),
-    /// The channel broke with the request queued or sent and unanswered.
-    /// The request was signed for that channel's binding, so it can only
-    /// be asked again, signed afresh, on the next channel.
-    Broken,
-}
-
-impl From<ErrorCode> for Failure {
-    fn from(c: ErrorCode) -> Self {
-        Self::Code(c)
-    }
-}
-
-impl Failure {
-    pub fn code(self) -> ErrorCode {
-        match self {
-            Self::Code(c) => c,
-            Self::Broken => ErrorCode::MarketUnavailable,
-        }
-    }
-}
+pub use crate::proto::link::{Failure, Reply};
 
 pub struct Pending {
     pub req: ExchangeRequest,
@@ -182,12 +153,6 @@ impl Link {
     }
 }
 
-fn fail_all(rx: &mut mpsc::Receiver<Pending>, why: Failure) {
-    while let Ok(p) = rx.try_recv() {
-        let _ = p.reply.send(Err(why));
-    }
-}
-
 async fn connect(
     info: &MarketInfo,
     timeout: Duration,
@@ -214,192 +179,126 @@ async fn run(
     state: Rc<State>,
     mut rx: mpsc::Receiver<Pending>,
 ) {
-    let min = Duration::from_millis(cfg.reconnect_min_ms);
-    let max = Duration::from_millis(cfg.reconnect_max_ms);
     let timeout = Duration::from_millis(cfg.market_timeout_ms);
-    let mut backoff = min;
-    // One warning per state change: the first failed dial after the link
-    // was up (or at start), then the retries at debug level.
-    let mut warned = false;
+    let mut core = LinkCore::new(timers(&cfg), rand::random());
+    let mut io: Option<TlsIo<ClientConnection>> = None;
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let connected = connect(&info, timeout).await;
-        // The binding first: a waiter woken by the dial sees its outcome.
-        if let Ok((_, binding)) = &connected {
-            state.set_binding(Some(*binding));
+        // What is queued now joins the next batch.
+        loop {
+            match rx.try_recv() {
+                Ok(p) => core.handle_submit(Instant::now(), p.req, p.binding, p.reply),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Closed) => return shut_down(core, io, &state, &info).await,
+            }
         }
-        state.dialled();
-        match connected {
-            Ok((mut io, binding)) => {
+        events(&mut core, &state, &info);
+        match core.poll_action(Instant::now()) {
+            Action::Dial => {
+                let r = match connect(&info, timeout).await {
+                    Ok((c, binding)) => {
+                        io = Some(c);
+                        Ok(binding)
+                    }
+                    Err(e) => Err(format!("{e:#}")),
+                };
+                core.handle_dialled(Instant::now(), r);
+            }
+            Action::Send(bytes) => {
+                let ok = match io.as_mut() {
+                    Some(c) => c.send(&bytes).await.is_ok(),
+                    None => false,
+                };
+                core.handle_sent(Instant::now(), ok);
+            }
+            Action::Read { until } => {
+                let Some(c) = io.as_mut() else {
+                    core.handle_lost(Instant::now());
+                    continue;
+                };
+                match compio::time::timeout_at(until, c.read_some(&mut buf)).await {
+                    Err(_) => core.handle_timeout(Instant::now()),
+                    Ok(Ok(0)) | Ok(Err(_)) => core.handle_lost(Instant::now()),
+                    Ok(Ok(n)) => core.handle_bytes(Instant::now(), &buf[..n]),
+                }
+            }
+            Action::Wait { until } => match compio::time::timeout_at(until, rx.next()).await {
+                Ok(Some(p)) => core.handle_submit(Instant::now(), p.req, p.binding, p.reply),
+                Ok(None) => return shut_down(core, io, &state, &info).await,
+                Err(_) => {}
+            },
+            Action::Close => {
+                if let Some(c) = io.take() {
+                    c.close().await;
+                }
+                core.handle_closed(Instant::now());
+            }
+        }
+    }
+}
+
+fn timers(cfg: &ExchangeConfig) -> Timers {
+    Timers {
+        batch_max: cfg.batch_max,
+        batch_delay: Duration::from_micros(cfg.batch_delay_us),
+        market_timeout: Duration::from_millis(cfg.market_timeout_ms),
+        keepalive: Duration::from_millis(cfg.keepalive_ms),
+        reconnect_min: Duration::from_millis(cfg.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(cfg.reconnect_max_ms),
+        queue: cfg.queue,
+    }
+}
+
+/// Every exchange on this core is gone (the core stops, or the market was
+/// removed): what is left is answered and the channel closed.
+async fn shut_down(
+    mut core: LinkCore<oneshot::Sender<Reply>>,
+    io: Option<TlsIo<ClientConnection>>,
+    state: &State,
+    info: &MarketInfo,
+) {
+    core.handle_shutdown();
+    events(&mut core, state, info);
+    if let Some(c) = io {
+        c.close().await;
+    }
+}
+
+/// Answers the exchanges and tells the waiters, the metrics and the log.
+fn events(core: &mut LinkCore<oneshot::Sender<Reply>>, state: &State, info: &MarketInfo) {
+    while let Some(e) = core.poll_event() {
+        match e {
+            Event::Reply(tx, r) => {
+                let _ = tx.send(r);
+            }
+            // The binding first: a waiter woken by the dial sees its outcome.
+            Event::Up(binding) => {
+                state.set_binding(Some(binding));
                 tracing::info!(market = %info.id, "market channel up");
-                warned = false;
                 crate::metrics::market_link(&info.id, true);
-                backoff = min;
-                let closed = serve(&mut io, &mut rx, &cfg, binding).await;
+            }
+            Event::Dialled => state.dialled(),
+            Event::DialFailed { error, first: true } => {
+                tracing::warn!(market = %info.id, error, "market unreachable; retrying with backoff (further failures at debug level)")
+            }
+            Event::DialFailed {
+                error,
+                first: false,
+            } => {
+                tracing::debug!(market = %info.id, error, "market unreachable")
+            }
+            Event::Down { lost } => {
                 state.set_binding(None);
                 crate::metrics::market_link(&info.id, false);
-                fail_all(&mut rx, Failure::Broken);
-                io.close().await;
-                if closed {
-                    return;
+                if lost {
+                    tracing::warn!(market = %info.id, "market channel lost");
                 }
-                tracing::warn!(market = %info.id, "market channel lost");
             }
-            Err(e) if !warned => {
-                warned = true;
-                tracing::warn!(market = %info.id, error = %e, "market unreachable; retrying with backoff (further failures at debug level)")
-            }
-            Err(e) => {
-                tracing::debug!(market = %info.id, error = %e, retry_ms = backoff.as_millis() as u64, "market unreachable")
+            Event::Batch(n) => crate::metrics::market_batch(n),
+            Event::RoundTrip(d) => crate::metrics::market_round_trip(d),
+            Event::Malformed(why) => {
+                tracing::warn!(market = %info.id, error = why, "malformed reply from the market")
             }
         }
-        // Down: fail whatever still arrives, until the backoff ends. Its
-        // jitter (a random half to whole) keeps the cores, and brokers,
-        // that lost one market together from redialling it in step.
-        let until = Instant::now() + backoff.mul_f64(rand::random_range(0.5..=1.0));
-        loop {
-            match compio::time::timeout_at(until, rx.next()).await {
-                Ok(Some(p)) => {
-                    let _ = p
-                        .reply
-                        .send(Err(Failure::Code(ErrorCode::MarketUnavailable)));
-                }
-                Ok(None) => return,
-                Err(_) => break,
-            }
-        }
-        backoff = (backoff * 2).min(max);
-    }
-}
-
-/// Serves batches until the connection fails (false) or every sender is
-/// gone (true).
-async fn serve(
-    io: &mut TlsIo<ClientConnection>,
-    rx: &mut mpsc::Receiver<Pending>,
-    cfg: &ExchangeConfig,
-    binding: [u8; 32],
-) -> bool {
-    let delay = Duration::from_micros(cfg.batch_delay_us);
-    let timeout = Duration::from_millis(cfg.market_timeout_ms);
-    let mut batch: Vec<Pending> = Vec::with_capacity(cfg.batch_max);
-    let mut out = Vec::with_capacity(16 * 1024);
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut split = Splitter::default();
-    let keepalive = Duration::from_millis(cfg.keepalive_ms);
-    loop {
-        let first = match compio::time::timeout(keepalive, rx.next()).await {
-            Ok(Some(p)) => p,
-            Ok(None) => return true,
-            Err(_) => {
-                if !ping(io, &mut split, &mut buf, timeout).await {
-                    return false;
-                }
-                continue;
-            }
-        };
-        batch.push(first);
-        let deadline = Instant::now() + delay;
-        while batch.len() < cfg.batch_max {
-            match rx.try_recv() {
-                Ok(p) => {
-                    batch.push(p);
-                    continue;
-                }
-                Err(mpsc::TryRecvError::Empty) if !delay.is_zero() => {}
-                Err(_) => break,
-            }
-            match compio::time::timeout_at(deadline, rx.next()).await {
-                Ok(Some(p)) => batch.push(p),
-                _ => break,
-            }
-        }
-        let started = Instant::now();
-        let mut waiting: HashMap<u64, oneshot::Sender<Reply>> = HashMap::with_capacity(batch.len());
-        let mut reqs = Vec::with_capacity(batch.len());
-        for p in batch.drain(..) {
-            if p.binding != binding {
-                let _ = p.reply.send(Err(Failure::Broken));
-                continue;
-            }
-            waiting.insert(p.req.request_id, p.reply);
-            reqs.push(p.req);
-        }
-        if reqs.is_empty() {
-            continue;
-        }
-        out.clear();
-        market::encode_requests(reqs.iter(), &mut out);
-        crate::metrics::market_batch(reqs.len());
-        if io.send(&out).await.is_err() {
-            fail(waiting, Failure::Broken);
-            return false;
-        }
-        while !waiting.is_empty() {
-            let why = match compio::time::timeout(timeout, io.read_some(&mut buf)).await {
-                // Silent, not gone: asking again would double the wait.
-                Err(_) => Failure::Code(ErrorCode::MarketTimeout),
-                Ok(Ok(0)) | Ok(Err(_)) => Failure::Broken,
-                Ok(Ok(n)) => {
-                    split.push(&buf[..n]);
-                    match dispatch(&mut split, &mut waiting) {
-                        Ok(()) => continue,
-                        Err(()) => Failure::Code(ErrorCode::MarketUnavailable),
-                    }
-                }
-            };
-            fail(waiting, why);
-            return false;
-        }
-        crate::metrics::market_round_trip(started.elapsed());
-    }
-}
-
-/// Pings an idle channel and waits up to `timeout` for the Pong: a market
-/// that closed the channel or died is found now, not by the next exchange.
-async fn ping(
-    io: &mut TlsIo<ClientConnection>,
-    split: &mut Splitter,
-    buf: &mut [u8],
-    timeout: Duration,
-) -> bool {
-    let mut out = Vec::with_capacity(8);
-    market::encode_keepalive(market::TYPE_PING, &mut out);
-    if io.send(&out).await.is_err() {
-        return false;
-    }
-    let until = Instant::now() + timeout;
-    loop {
-        match split.next_frame() {
-            Ok(Some(f)) => return market::is_keepalive(&f, market::TYPE_PONG),
-            Ok(None) => {}
-            Err(_) => return false,
-        }
-        match compio::time::timeout_at(until, io.read_some(buf)).await {
-            Ok(Ok(n)) if n > 0 => split.push(&buf[..n]),
-            _ => return false,
-        }
-    }
-}
-
-fn dispatch(
-    split: &mut Splitter,
-    waiting: &mut HashMap<u64, oneshot::Sender<Reply>>,
-) -> Result<(), ()> {
-    while let Some(frame) = split.next_frame().map_err(drop)? {
-        let replies = market::decode_replies(&frame).map_err(|e| {
-            tracing::warn!(error = %e, "malformed reply from the market");
-        })?;
-        for r in replies {
-            if let Some(tx) = waiting.remove(&r.request_id) {
-                let _ = tx.send(r.result.map_err(Failure::Code));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn fail(waiting: HashMap<u64, oneshot::Sender<Reply>>, why: Failure) {
-    for (_, tx) in waiting {
-        let _ = tx.send(Err(why));
     }
 }

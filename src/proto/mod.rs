@@ -11,6 +11,7 @@
 pub mod access;
 pub mod code;
 pub mod direct;
+pub mod link;
 pub mod market;
 mod noise;
 pub mod point;
