@@ -204,7 +204,6 @@ struct Conn {
     fingerprint: [u8; 32],
     /// X': the confirmation went into the session; the wrap key is kept.
     keys: AccessKeys,
-    released: Option<Released>,
     /// The terminal's address (from the PROXY header behind HAProxy),
     /// formatted once for the connection's audit lines.
     peer: Box<str>,
@@ -485,7 +484,6 @@ async fn serve(
         serial: None,
         market: None,
         refusals: core.refusals.clone(),
-        released: None,
         hold: false,
         held: false,
         revocations_seen: 0,
@@ -590,7 +588,12 @@ impl<F: FnMut()> Drop for Defer<F> {
 }
 
 /// Carries out `action` and what follows from it. False: close.
-async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action: Action) -> bool {
+async fn perform(
+    core: &Core,
+    session: &mut AccessSession<Released>,
+    c: &mut Conn,
+    action: Action,
+) -> bool {
     let shared = &core.shared;
     let mut next = Some(action);
     while let Some(action) = next.take() {
@@ -610,43 +613,45 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 c.queue(&f);
                 return false;
             }
-            Action::CheckLogin { id, user, password } => {
-                c.user = Some(user.as_str().into());
+            Action::CheckLogin { check, password } => {
+                let user = check.user();
+                c.user = Some(user.into());
                 let r = shared
                     .auth
-                    .check(Which::Access, c.fingerprint, &user, password)
+                    .check(Which::Access, c.fingerprint, user, password)
                     .await
                     .map(drop)
                     .map_err(|why| c.refused(why));
                 if r.is_ok() {
                     tracing::info!(target: "audit", user, peer = %c.peer, "login");
                 }
-                next = Some(session.login_done(id, user, r));
+                next = Some(session.login_done(check, r));
             }
-            Action::CheckRelease { id, user, password } => {
-                let r = release(core, c, &user, password).await;
+            Action::CheckRelease { check, password } => {
+                let user = check.user();
+                let r = release(core, c, user, password).await;
                 if r.is_ok() {
                     tracing::info!(target: "audit", user, peer = %c.peer, "released");
                 }
-                next = Some(session.release_done(id, r));
+                next = Some(session.release_done(check, r));
             }
             Action::Exchange {
-                id,
-                user,
+                req,
                 market,
                 ephemeral,
             } => {
+                let user = req.user();
                 c.market = Some(market.as_str().into());
-                let r = match (&c.released, shared.exchange_allowed(&user)) {
-                    (None, _) => Err(ErrorCode::NotReleased),
-                    (Some(_), Err(ms)) => {
-                        // Not an exchange: its busy's audit line is throttled.
-                        c.retry_ms = Some(ms);
-                        next = Some(done(c, session, id, Err(ErrorCode::Busy)));
-                        continue;
-                    }
-                    (Some(rel), Ok(())) => {
-                        exchange::exchange(core, rel, &user, &market, ephemeral, c.keys.wrap_key())
+                if let Err(ms) = shared.exchange_allowed(user) {
+                    // Not an exchange: its busy's audit line is throttled.
+                    c.retry_ms = Some(ms);
+                    next = Some(session.request_done(req, Err(ErrorCode::Busy)));
+                    continue;
+                }
+                let r = match session.released() {
+                    None => Err(ErrorCode::NotReleased),
+                    Some(rel) => {
+                        exchange::exchange(core, rel, user, &market, ephemeral, c.keys.wrap_key())
                             .await
                     }
                 };
@@ -659,28 +664,15 @@ async fn perform(core: &Core, session: &mut AccessSession, c: &mut Conn, action:
                 if r.is_ok() {
                     tracing::info!(target: "audit", user, peer = %c.peer, market, mode, result = "ok", "exchange");
                 }
-                next = Some(done(c, session, id, r));
+                next = Some(session.request_done(req, r));
             }
-            Action::Wallet { id, user, call } => {
-                let r = super::wallet::handle(core, c.released.as_ref(), &user, call).await;
-                next = Some(done(c, session, id, r));
+            Action::Wallet { req, call } => {
+                let r = super::wallet::handle(core, session.released(), req.user(), call).await;
+                next = Some(session.request_done(req, r));
             }
         }
     }
     true
-}
-
-/// A request's answer; a key the HSM lost is forgotten here too.
-fn done(
-    c: &mut Conn,
-    session: &mut AccessSession,
-    id: u32,
-    r: Result<crate::proto::access::Message, ErrorCode>,
-) -> Action {
-    if matches!(r, Err(ErrorCode::NotReleased)) {
-        c.released = None;
-    }
-    session.request_done(id, r)
 }
 
 async fn release(
@@ -688,16 +680,15 @@ async fn release(
     c: &mut Conn,
     user: &str,
     password: crate::proto::access::Password,
-) -> Result<(), ErrorCode> {
+) -> Result<Released, ErrorCode> {
     let (key, record) = super::card::open(core, c.fingerprint, user, password)
         .await
         .map_err(|why| c.refused(why))?;
-    c.released = Some(Released {
+    Ok(Released {
         key,
         terminal: c.fingerprint,
         mail: record.mail.clone(),
         fingerprint: crate::pki::fingerprint(&record.cert),
         cert: Arc::new(record.cert),
-    });
-    Ok(())
+    })
 }
