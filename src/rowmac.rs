@@ -276,9 +276,7 @@ impl Sealer {
 /// `prev`, and at least the clock in microseconds, so a row re-created or
 /// unlocked later is newer than any copy of it from before.
 pub fn next_gen(prev: i64) -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
+    let now = i64::try_from(crate::clock::now().as_micros()).unwrap_or(i64::MAX);
     (prev + 1).max(now)
 }
 

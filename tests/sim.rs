@@ -9,8 +9,9 @@
 //!   late, broker restarts and clock jumps.
 //! - `wallet`: the real ledger ([`GroupLedger`] over a real SQLite file)
 //!   with storage and MAC faults injected under it, a commit that lands but
-//!   whose acknowledgement is lost, client retries, and crashes (the ledger
-//!   dropped and reopened) at any step.
+//!   whose acknowledgement is lost, client retries, crashes (the ledger
+//!   dropped and reopened) at any step, and its clock jumping forward by
+//!   days and back by hours.
 //!
 //! `SIM_SEEDS=N` runs seeds 0..N (CI runs the default), `SIM_SEED=S` one
 //! seed; `make sim SEEDS=N`. A failing seed prints the command that replays
@@ -18,10 +19,12 @@
 //! seeds twice and compares.
 
 use aws_lc_rs::digest;
+use keybroker::clock::ManualClock;
 use keybroker::proto::ErrorCode;
 use keybroker::proto::link::{Action, Event, Failure, LinkCore, Timers};
 use keybroker::proto::market::{self, Accepted, ExchangeReply, ExchangeRequest, Splitter};
 use keybroker::proto::point::{Group, Mode, Point};
+use keybroker::wallet::anchor::AnchorConfig;
 use keybroker::wallet::chain::{ChainMac, SoftChainMac};
 use keybroker::wallet::ledger::{GroupLedger, LedgerConfig};
 use keybroker::wallet::sqlite::SqliteStore;
@@ -740,12 +743,16 @@ struct WalletStats {
     ops: u64,
     faults: u64,
     crashes: u64,
+    jumps: u64,
     entries: u64,
     hash: String,
 }
 
 struct WalletWorld {
     rng: StdRng,
+    /// The ledger's clock, ms since the epoch.
+    clock: Arc<ManualClock>,
+    t_ms: u64,
     dir: std::path::PathBuf,
     faults: Arc<Faults>,
     ledger: Option<GroupLedger<FaultStore>>,
@@ -767,8 +774,12 @@ impl WalletWorld {
         let dir = std::env::temp_dir().join(format!("kb-sim-{}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // 2026-12-04, so day keys and decision ids look as they will.
+        let t_ms = 1_796_342_400_000;
         let mut w = Self {
             rng: StdRng::seed_from_u64(seed),
+            clock: Arc::new(ManualClock::at(Duration::from_millis(t_ms))),
+            t_ms,
             dir,
             faults: Arc::default(),
             ledger: None,
@@ -795,7 +806,16 @@ impl WalletWorld {
                 faults: f2.clone(),
             })
         };
-        self.ledger = Some(GroupLedger::start(LedgerConfig::default(), mac, open).unwrap());
+        // The head is anchored after every group (interval zero), so the
+        // anchors are as deterministic as the rest.
+        let mut anchor = AnchorConfig::new(self.dir.join("anchors"));
+        anchor.interval = Duration::ZERO;
+        let cfg = LedgerConfig {
+            clock: self.clock.clone(),
+            anchor: Some(anchor),
+            ..LedgerConfig::default()
+        };
+        self.ledger = Some(GroupLedger::start(cfg, mac, open).unwrap());
     }
 
     fn ledger(&self) -> &GroupLedger<FaultStore> {
@@ -834,10 +854,25 @@ impl WalletWorld {
         (fault, r)
     }
 
+    /// With probability `p`, one of the `earlier` (key, amount) pairs again,
+    /// as a client that lost the answer would send it; else `fresh` with an
+    /// amount from `amounts`. True if it is a retry.
+    fn again_or(
+        &mut self,
+        earlier: Vec<(String, i64)>,
+        p: f64,
+        fresh: String,
+        amounts: std::ops::RangeInclusive<i64>,
+    ) -> (bool, String, i64) {
+        if !earlier.is_empty() && self.rng.random_bool(p) {
+            let (k, a) = earlier[self.rng.random_range(0..earlier.len())].clone();
+            return (true, k, a);
+        }
+        (false, fresh, self.rng.random_range(amounts))
+    }
+
     fn purchase(&mut self) {
         let u = self.rng.random_range(0..USERS);
-        // A retry of an earlier purchase now and then, as a client that
-        // lost the answer would.
         let earlier: Vec<_> = self
             .asks
             .purchases
@@ -845,15 +880,11 @@ impl WalletWorld {
             .filter(|((pu, _), _)| *pu == user(u))
             .map(|((_, k), a)| (k.clone(), *a))
             .collect();
-        let retry = !earlier.is_empty() && self.rng.random_bool(0.3);
-        let (key, amount) = if retry {
-            earlier[self.rng.random_range(0..earlier.len())].clone()
-        } else {
-            let key = format!("k{}", self.stats.ops);
-            let amount = self.rng.random_range(1..=400);
+        let key = format!("k{}", self.stats.ops);
+        let (retry, key, amount) = self.again_or(earlier, 0.3, key, 1..=400);
+        if !retry {
             self.asks.purchases.insert((user(u), key.clone()), amount);
-            (key, amount)
-        };
+        }
         let req = PurchaseRequest {
             user: user(u),
             market: "m1".into(),
@@ -891,14 +922,11 @@ impl WalletWorld {
             .filter(|(_, (vu, _))| *vu == user(u))
             .map(|(v, (_, a))| (v.clone(), *a))
             .collect();
-        let (voucher, amount) = if !earlier.is_empty() && self.rng.random_bool(0.2) {
-            earlier[self.rng.random_range(0..earlier.len())].clone()
-        } else {
-            let v = format!("{:032x}", self.rng.random::<u128>());
-            let amount = self.rng.random_range(100..=1_000);
-            self.asks.top_ups.insert(v.clone(), (user(u), amount));
-            (v, amount)
-        };
+        let fresh = format!("{:032x}", self.rng.random::<u128>());
+        let (retry, voucher, amount) = self.again_or(earlier, 0.2, fresh, 100..=1_000);
+        if !retry {
+            self.asks.top_ups.insert(voucher.clone(), (user(u), amount));
+        }
         let req = TopUpRequest {
             user: user(u),
             amount: eur(amount),
@@ -1078,8 +1106,25 @@ impl WalletWorld {
         self.trace.note(("check", entries, total));
     }
 
+    /// Time passes; now and then the clock jumps, forward by hours to days
+    /// (across day keys), or back by up to two hours (a clock corrected).
+    fn tick(&mut self) {
+        let r = self.rng.random_range(0..100);
+        self.t_ms = match r {
+            0..3 => self.t_ms + self.rng.random_range(3_600_000..3 * 86_400_000),
+            3..5 => self.t_ms - self.rng.random_range(1..7_200_000),
+            _ => self.t_ms + self.rng.random_range(1..500),
+        };
+        if r < 5 {
+            self.stats.jumps += 1;
+            self.trace.note(("clock", self.t_ms));
+        }
+        self.clock.set(Duration::from_millis(self.t_ms));
+    }
+
     fn step(&mut self) {
         self.stats.ops += 1;
+        self.tick();
         match self.rng.random_range(0..100) {
             0..30 => self.top_up(),
             30..75 => self.purchase(),
@@ -1106,6 +1151,10 @@ fn wallet_world(seed: u64) -> WalletStats {
     w.check();
     let audit = w.ledger().audit().unwrap();
     assert!(audit.ok, "{:?}", audit.problems);
+    assert!(
+        audit.anchors > 0 || w.stats.entries == 0,
+        "nothing anchored"
+    );
     w.stats.hash = std::mem::replace(&mut w.trace, Trace::new()).hash();
     std::mem::take(&mut w.stats)
 }

@@ -366,6 +366,7 @@ pub fn open_ledger(
         group_max: w.group_max,
         currencies: w.currencies.clone(),
         anchor: Some(anchor),
+        clock: crate::clock::system(),
     };
     let mac: crate::wallet::ledger::MacFactory =
         Box::new(move || Ok(Box::new(HsmChainMac::new(hsm)?) as Box<dyn ChainMac>));

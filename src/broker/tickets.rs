@@ -40,7 +40,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectClass;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const LABEL: &[u8] = b"keybroker ticket key v1";
 /// The ticket format above; also in the AAD.
@@ -173,9 +173,7 @@ fn aad(issued: u64) -> [u8; 9] {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::now().as_secs()
 }
 
 impl HsmTicketer {

@@ -569,6 +569,13 @@ mod tests {
         std::iter::from_fn(|| l.poll_event()).collect()
     }
 
+    /// Request `id`, sent in a batch of its own.
+    fn sent_one(l: &mut LinkCore<u64>, now: Instant, id: u64) {
+        l.handle_submit(now, req(id), [1; 32], id);
+        assert!(matches!(l.poll_action(now), Action::Send(_)));
+        l.handle_sent(now, true);
+    }
+
     fn up(now: Instant) -> LinkCore<u64> {
         let mut l = LinkCore::new(timers(), 1);
         assert_eq!(l.poll_action(now), Action::Dial);
@@ -630,9 +637,7 @@ mod tests {
     fn silence_times_out_the_batch_and_a_loss_breaks_it_then_backoff_grows_to_its_cap() {
         let now = Instant::now();
         let mut l = up(now);
-        l.handle_submit(now, req(1), [1; 32], 1);
-        let _ = l.poll_action(now);
-        l.handle_sent(now, true);
+        sent_one(&mut l, now, 1);
         l.handle_timeout(now + Duration::from_secs(1));
         assert!(matches!(l.poll_action(now), Action::Read { .. }), "not yet");
         l.handle_timeout(now + Duration::from_secs(2));
@@ -670,9 +675,7 @@ mod tests {
     fn a_lost_channel_breaks_what_was_sent_and_queued() {
         let now = Instant::now();
         let mut l = up(now);
-        l.handle_submit(now, req(1), [1; 32], 1);
-        let _ = l.poll_action(now);
-        l.handle_sent(now, true);
+        sent_one(&mut l, now, 1);
         l.handle_submit(now, req(2), [1; 32], 2);
         l.handle_lost(now);
         let ev = events(&mut l);

@@ -18,9 +18,11 @@ use super::store::{NewMail, Scanned, Store};
 use super::{
     Amount, AuditReport, CancelRequest, ChainMac, Currency, Decision, Entry, EntryKind, MAX_AMOUNT,
     PurchaseRequest, Restored, TopUpRequest, WalletError, WalletResult, check_id, check_mail,
-    check_text, now_ms,
+    check_text,
 };
+use crate::clock::Clock;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A decision id: 48 bits of milliseconds, then 80 random bits (the layout
@@ -28,9 +30,9 @@ use std::time::{Duration, Instant};
 /// of the `decisions` B-tree and of the outbox's `message_id` index, so a
 /// group commit dirties a few pages there instead of one random page per
 /// purchase in each (every dirty page is a 4 KiB WAL frame).
-fn new_decision_id() -> String {
+fn new_decision_id(now_ms: i64) -> String {
     let mut b = [0u8; 16];
-    let ms = u64::try_from(now_ms()).unwrap_or(0);
+    let ms = u64::try_from(now_ms).unwrap_or(0);
     b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
     rand::fill(&mut b[6..]);
     hex::encode(b)
@@ -62,6 +64,8 @@ pub(crate) struct Writer<S> {
     /// lose it.
     known: (i64, [u8; 32]),
     anchor: Option<Anchoring>,
+    /// What stamps entries, decisions and anchors.
+    clock: Arc<dyn Clock>,
     /// Set at start when the anchors show that appending would fork or
     /// bless a damaged history; cleared by a restore.
     refuse: Option<String>,
@@ -97,6 +101,7 @@ impl Anchoring {
         mac: &dyn ChainMac,
         restore: Option<&str>,
         head: (i64, [u8; 32]),
+        now_ms: i64,
     ) -> WalletResult<(Option<Anchor>, Option<Anchor>)> {
         let file = self.file.as_mut().ok_or_else(|| {
             WalletError::Storage("the anchor file is not open for writing here".into())
@@ -118,7 +123,7 @@ impl Anchoring {
                 mac: head.1,
             }];
             let prev = newest.map_or(GENESIS, |n| n.mac);
-            Anchor::seal(mac, kind, now_ms(), prev, heads).map(Some)
+            Anchor::seal(mac, kind, now_ms, prev, heads).map(Some)
         })?;
         // The second place: journald under systemd, out of reach of
         // whoever can write the database or the data directory.
@@ -145,11 +150,13 @@ impl<S: Store> Writer<S> {
         mac: Box<dyn ChainMac>,
         currencies: Vec<Currency>,
         anchor: Option<AnchorConfig>,
+        clock: Arc<dyn Clock>,
     ) -> WalletResult<Self> {
         let mut w = Self {
             store,
             mac,
             currencies,
+            clock,
             head: (0, GENESIS),
             known: (0, GENESIS),
             anchor: None,
@@ -256,7 +263,7 @@ impl<S: Store> Writer<S> {
             return;
         }
         a.tried = Some(Instant::now());
-        if let Err(e) = a.append(self.mac.as_ref(), None, known) {
+        if let Err(e) = a.append(self.mac.as_ref(), None, known, self.clock.now_ms()) {
             tracing::error!(target: "audit", error = %e, seq = known.0,
                 "anchoring the ledger head failed; retrying after wallet.anchor_interval_ms");
         }
@@ -417,8 +424,8 @@ impl<S: Store> Writer<S> {
         if after < 0 {
             return Err(WalletError::InsufficientFunds);
         }
-        let id = new_decision_id();
-        let now = now_ms();
+        let now = self.clock.now_ms();
+        let id = new_decision_id(now);
         self.store.set_balance(&r.user, cur, after)?;
         let e = self.append(Entry {
             seq: 0,
@@ -488,7 +495,7 @@ impl<S: Store> Writer<S> {
             .balance_of(&r.user, &d.currency)?
             .checked_add(d.amount)
             .ok_or(WalletError::Overflow)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         self.store.mark_cancelled(&r.decision_id)?;
         self.store.set_balance(&r.user, &d.currency, after)?;
         let amount = Amount {
@@ -543,7 +550,7 @@ impl<S: Store> Writer<S> {
             .balance_of(&r.user, cur)?
             .checked_add(r.amount.minor)
             .ok_or(WalletError::Overflow)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         self.store.set_balance(&r.user, cur, after)?;
         let e = self.append(Entry {
             seq: 0,
@@ -586,7 +593,11 @@ impl<S: Store> Writer<S> {
     /// writer's new anchors cannot make an honest ledger fail.
     pub(crate) fn audit(&mut self) -> WalletResult<AuditReport> {
         let anchors = match &self.anchor {
-            Some(a) => Some(Anchors::read(&a.cfg, self.mac.as_ref())?),
+            Some(a) => Some(Anchors::read(
+                &a.cfg,
+                self.mac.as_ref(),
+                self.clock.now_ms(),
+            )?),
             None => None,
         };
         Ok(self.scan(anchors)?.0)
@@ -633,7 +644,8 @@ impl<S: Store> Writer<S> {
                 superseded: a.last.clone(),
             });
         }
-        let (superseded, record) = a.append(self.mac.as_ref(), Some(reason), head)?;
+        let (superseded, record) =
+            a.append(self.mac.as_ref(), Some(reason), head, self.clock.now_ms())?;
         self.known = head;
         self.refuse = None;
         Ok(Restored {
@@ -664,7 +676,7 @@ impl Anchors {
     /// fsync, an HSM operation, a group in progress).
     const GRACE_MS: i64 = 5_000;
 
-    fn read(cfg: &AnchorConfig, mac: &dyn ChainMac) -> WalletResult<Self> {
+    fn read(cfg: &AnchorConfig, mac: &dyn ChainMac, now_ms: i64) -> WalletResult<Self> {
         let (sources, file_exists) = anchor::check_all(cfg, mac)?;
         let mut a = Self {
             pins: Vec::new(),
@@ -673,7 +685,7 @@ impl Anchors {
             notes: Vec::new(),
             file: cfg.path.display().to_string(),
             file_exists,
-            due_before_ms: now_ms()
+            due_before_ms: now_ms
                 - i64::try_from(cfg.interval.as_millis()).unwrap_or(i64::MAX / 2)
                 - Self::GRACE_MS,
             strict: cfg.write,
@@ -917,9 +929,9 @@ mod tests {
 
     #[test]
     fn decision_ids_are_time_ordered_and_unique() {
-        let first = new_decision_id();
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let ids: Vec<String> = (0..1000).map(|_| new_decision_id()).collect();
+        let t = 1_780_000_000_000;
+        let first = new_decision_id(t);
+        let ids: Vec<String> = (0..1000).map(|i| new_decision_id(t + 1 + i / 10)).collect();
         for id in &ids {
             assert_eq!(id.len(), 32);
             assert!(check_id("decision", id).is_ok(), "{id}");
@@ -928,7 +940,6 @@ mod tests {
         let unique: std::collections::BTreeSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
         // The first 48 bits are the time in milliseconds.
-        let ms = i64::from_str_radix(&first[..12], 16).unwrap();
-        assert!((now_ms() - ms).abs() < 60_000);
+        assert_eq!(i64::from_str_radix(&first[..12], 16).unwrap(), t);
     }
 }

@@ -47,6 +47,9 @@ pub struct LedgerConfig {
     /// Where the chain's head is anchored; `None` (unit tests, benches of
     /// the writer alone): nowhere, and the audit catches edits only.
     pub anchor: Option<AnchorConfig>,
+    /// What stamps entries, decisions and anchors: the host's, or the
+    /// simulation's.
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 impl Default for LedgerConfig {
@@ -59,6 +62,7 @@ impl Default for LedgerConfig {
                 .map(|(c, _)| (*c).to_owned())
                 .collect(),
             anchor: None,
+            clock: crate::clock::system(),
         }
     }
 }
@@ -134,10 +138,11 @@ impl<S: Store> GroupLedger<S> {
         let group_max = cfg.group_max.max(1);
         let open_w = open.clone();
         let anchor = cfg.anchor.clone();
+        let clock = cfg.clock.clone();
         let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
-                match open_w().and_then(|s| Writer::new(s, mac()?, currencies, anchor)) {
+                match open_w().and_then(|s| Writer::new(s, mac()?, currencies, anchor, clock)) {
                     Ok(w) => {
                         let _ = ready_tx.send(Ok(w.refusing()));
                         writer_loop(w, &rx, group_max);

@@ -401,9 +401,7 @@ impl Round<'_> {
 /// entry).
 fn stage_maildir(dir: &Path, bytes: &[u8]) -> Result<Staged, String> {
     use rustix::fs::{Mode, OFlags};
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = crate::clock::now();
     let mut r = [0u8; 6];
     rand::fill(&mut r);
     let name = format!(

@@ -336,10 +336,11 @@ pub trait Ledger: Send + Sync {
     fn refusing(&self) -> Option<String>;
 }
 
+/// The host's clock in ms, for callers outside the ledger (vouchers,
+/// backups); the ledger reads its own [`ledger::LedgerConfig::clock`].
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    use crate::clock::Clock;
+    crate::clock::SystemClock.now_ms()
 }
 
 /// A user or market id (`syntax::is_id`).
