@@ -30,6 +30,10 @@ fn setup() -> (Vec<u8>, rcgen::KeyPair) {
 }
 
 fn user(ca: &[u8], ca_key: &rcgen::KeyPair, name: &str) -> User {
+    user_for(ca, ca_key, name, Usage::Signing)
+}
+
+fn user_for(ca: &[u8], ca_key: &rcgen::KeyPair, name: &str, usage: Usage) -> User {
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
     let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref()).unwrap();
@@ -39,7 +43,7 @@ fn user(ca: &[u8], ca_key: &rcgen::KeyPair, name: &str) -> User {
         ca_key,
         &format!("user {name}"),
         &[],
-        Usage::Signing,
+        usage,
         Duration::from_secs(3600),
         &public,
     )
@@ -282,4 +286,20 @@ fn a_user_certificate_is_checked_at_the_time_the_market_is_given() {
         Err(ErrorCode::BadSignature),
         "past its notAfter at the market's now, whatever the wall clock says"
     );
+}
+
+#[test]
+fn a_user_certificate_for_another_use_is_refused() {
+    // The one X.509 check (webpki): a certificate of the user CA that
+    // names a key usage must name document signing.
+    let (ca, ca_key) = setup();
+    let m = MarketState::new(config(&["*"]), &ca, "127.0.0.1:1".into()).unwrap();
+    let now = now_ms();
+    let tls = user_for(&ca, &ca_key, "alice", Usage::TlsServer);
+    let req = request(&tls, "alice", [1; 32], now, [3; 16]);
+    assert_eq!(m.exchange(&req, [1; 32], now), Err(ErrorCode::BadSignature));
+    let signing = user_for(&ca, &ca_key, "alice", Usage::DocumentSigning);
+    let req = request(&signing, "alice", [1; 32], now, [4; 16]);
+    m.exchange(&req, [1; 32], now)
+        .expect("document signing is a T signature's use");
 }

@@ -205,7 +205,9 @@ pub struct MarketState {
     signer: Option<(aws_lc_rs::signature::EcdsaKeyPair, Vec<u8>)>,
     orders: Mutex<orders::Orders>,
     pub endpoint: String,
-    user_ca_spki: Vec<u8>,
+    /// The user CA's certificate (DER), the anchor user certificates
+    /// chain to.
+    user_ca: Vec<u8>,
     certs: Mutex<HashMap<[u8; 32], UserKey>>,
     replay: Mutex<Replay>,
     sessions: Mutex<Expiring<[u8; 16], Session>>,
@@ -305,9 +307,16 @@ pub use crate::clock::now_ms;
 
 const MAX_CERT_CACHE: usize = 100_000;
 
+/// User certificates carry no extended key usage (`pki::Usage::Signing`);
+/// one that names some must name document signing, as a T signature is.
+const USER_CERT_USAGE: webpki::KeyUsage =
+    webpki::KeyUsage::required_if_present(crate::cancel_auth::EKU_DOCUMENT_SIGNING);
+
 impl MarketState {
     pub fn new(cfg: MarketConfig, user_ca_der: &[u8], endpoint: String) -> Result<Self> {
-        let (_, ca) = x509_parser::parse_x509_certificate(user_ca_der)
+        // Its validity and CA bits are checked with every user
+        // certificate (`pki::verify_issued`), at that request's time.
+        x509_parser::parse_x509_certificate(user_ca_der)
             .map_err(|e| anyhow::anyhow!("user CA: {e}"))?;
         Ok(Self {
             replay: Mutex::new(Replay {
@@ -320,7 +329,7 @@ impl MarketState {
             signer: None,
             orders: Mutex::new(orders::Orders::in_memory()?),
             endpoint,
-            user_ca_spki: ca.public_key().raw.to_vec(),
+            user_ca: user_ca_der.to_vec(),
             certs: Mutex::new(HashMap::new()),
         })
     }
@@ -336,19 +345,20 @@ impl MarketState {
         {
             return Ok(k.clone());
         }
+        // The one X.509 check (webpki, as for TLS peers and the cancel
+        // key): the CA's signature, both certificates' validity at the
+        // `now` this check is given (the time every other check of the
+        // request uses), no CA certificate as a leaf, and no key usage but
+        // document signing if the certificate names one.
+        let at =
+            rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(now));
+        crate::pki::verify_issued(der, &self.user_ca, USER_CERT_USAGE, at).map_err(|e| {
+            tracing::debug!(error = %format!("{e:#}"), "user certificate refused");
+            ErrorCode::BadSignature
+        })?;
+        // Its fields, from the certificate webpki has just accepted.
         let (_, cert) =
             x509_parser::parse_x509_certificate(der).map_err(|_| ErrorCode::BadSignature)?;
-        let (_, ca_spki) = <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(&self.user_ca_spki)
-            .map_err(|_| ErrorCode::MarketInternal)?;
-        cert.verify_signature(Some(&ca_spki))
-            .map_err(|_| ErrorCode::BadSignature)?;
-        // At the `now` this check is given, not the clock's: the caller's
-        // time is the one every other check of the request uses.
-        let at = x509_parser::time::ASN1Time::from_timestamp((now / 1000) as i64)
-            .map_err(|_| ErrorCode::MarketInternal)?;
-        if !cert.validity().is_valid_at(at) {
-            return Err(ErrorCode::BadSignature);
-        }
         let cn = cert
             .subject()
             .iter_common_name()
