@@ -7,6 +7,11 @@
 //!   out of order, duplicate and corrupt frames, go silent, die and come
 //!   back, over channels that break, deliver bytes in random pieces and
 //!   late, broker restarts and clock jumps.
+//! - `broker`: terminals on those links, each with its access session
+//!   ([`AccessSession`]) and its exchanges ([`Flow`]), against markets that
+//!   check the signature over T and derive X; the X a terminal gets must
+//!   be the one the market issued to it, and once the faults stop every
+//!   terminal must broker a key again.
 //! - `wallet`: the real ledger ([`GroupLedger`] over a real SQLite file)
 //!   with storage and MAC faults injected under it, a commit that lands but
 //!   whose acknowledgement is lost, client retries, crashes (the ledger
@@ -20,10 +25,17 @@
 
 use aws_lc_rs::digest;
 use keybroker::clock::ManualClock;
+use keybroker::config::Kx;
+use keybroker::exchange::flow::{Action as FlowAction, Flow, Fresh, KeyJob, Params};
+use keybroker::exchange::{Ephemeral, Transcript};
 use keybroker::proto::ErrorCode;
+use keybroker::proto::access::{Frame, Message, Password};
 use keybroker::proto::link::{Action, Event, Failure, LinkCore, Timers};
 use keybroker::proto::market::{self, Accepted, ExchangeReply, ExchangeRequest, Splitter};
 use keybroker::proto::point::{Group, Mode, Point};
+use keybroker::proto::session::{
+    AccessSession, Action as SessionAction, LoginCheck, ReleaseCheck, Request,
+};
 use keybroker::wallet::anchor::AnchorConfig;
 use keybroker::wallet::chain::{ChainMac, SoftChainMac};
 use keybroker::wallet::ledger::{GroupLedger, LedgerConfig};
@@ -42,9 +54,11 @@ use std::time::{Duration, Instant};
 /// Seeds CI runs for each world.
 const CI_SEEDS: u64 = 40;
 const WALLET_CI_SEEDS: u64 = 8;
+const BROKER_CI_SEEDS: u64 = 16;
 /// Seeds that once failed; they run in every run.
 const LINK_REGRESSIONS: &[u64] = &[];
 const WALLET_REGRESSIONS: &[u64] = &[];
+const BROKER_REGRESSIONS: &[u64] = &[];
 
 fn seeds(ci: u64, regressions: &[u64]) -> Vec<u64> {
     if let Ok(s) = std::env::var("SIM_SEED") {
@@ -113,6 +127,7 @@ fn link_timers(rng: &mut StdRng) -> Timers {
 
 /// One TCP connection between a link and a market, both directions.
 struct Conn {
+    binding: [u8; 32],
     to_market: VecDeque<(u64, Vec<u8>)>,
     to_broker: VecDeque<(u64, Vec<u8>)>,
     market_split: Splitter,
@@ -163,6 +178,10 @@ struct LinkWorld {
     next_request: u64,
     trace: Trace,
     stats: LinkStats,
+    /// Terminals brokered through the links (the `broker` world), if any.
+    broker: Option<Broker>,
+    /// No faults: markets up, nothing dropped, corrupted or failed.
+    calm: bool,
 }
 
 /// What the market answers to `req`, so a reply proves whose it is: the
@@ -216,6 +235,8 @@ impl LinkWorld {
             next_request: 1,
             trace: Trace::new(),
             stats: LinkStats::default(),
+            broker: None,
+            calm: false,
         }
     }
 
@@ -285,6 +306,7 @@ impl LinkWorld {
                     let r = if ok {
                         let binding: [u8; 32] = self.rng.random();
                         self.links[i].conn = Some(Conn {
+                            binding,
                             to_market: VecDeque::new(),
                             to_broker: VecDeque::new(),
                             market_split: Splitter::default(),
@@ -349,6 +371,7 @@ impl LinkWorld {
             let Some(c) = &mut self.links[i].conn else {
                 continue;
             };
+            let binding = c.binding;
             if !alive {
                 c.broken = true;
                 continue;
@@ -374,7 +397,10 @@ impl LinkWorld {
                         .iter()
                         .map(|r| ExchangeReply {
                             request_id: r.request_id,
-                            result: market_answer(m, r),
+                            result: match &mut self.broker {
+                                Some(b) => b.answer(m, binding, r),
+                                None => market_answer(m, r),
+                            },
                         })
                         .collect();
                     // Any order, in one frame or several, some twice.
@@ -392,7 +418,7 @@ impl LinkWorld {
                         market::encode_replies(&replies[..1], &mut out);
                     }
                 }
-                if self.rng.random_bool(0.003) {
+                if self.rng.random_bool(0.003) && !self.calm {
                     // A corrupted frame: the link must drop the channel.
                     self.stats.faults += 1;
                     out[4] ^= 0x40;
@@ -440,7 +466,18 @@ impl LinkWorld {
                 let seed = self.rng.random();
                 self.links[i].core = LinkCore::new(self.timers, seed);
                 self.links[i].conn = None;
-                self.asked.retain(|_, a| a.link != i);
+                let lost: Vec<u64> = self
+                    .asked
+                    .iter()
+                    .filter(|(_, a)| a.link == i)
+                    .map(|(t, _)| *t)
+                    .collect();
+                for token in lost {
+                    self.asked.remove(&token);
+                    if let Some(b) = &mut self.broker {
+                        b.lost(token);
+                    }
+                }
             }
             _ => self.stats.faults -= 1,
         }
@@ -462,6 +499,12 @@ impl LinkWorld {
             panic!("reply to a request that has none outstanding: token {token}")
         });
         assert_eq!(a.link, i, "a reply came from another link");
+        if let Some(b) = &mut self.broker
+            && b.replied(token, &r)
+        {
+            self.trace.note(("reply", i, token, r.map(|a| a.expiry_ms)));
+            return;
+        }
         let m = self.links[i].market;
         let probe = ExchangeRequest {
             request_id: a.request_id,
@@ -522,7 +565,7 @@ impl LinkWorld {
                     self.ask(i);
                 }
             }
-            55..62 => self.fault(),
+            55..62 if !self.calm => self.fault(),
             _ => self.t += self.rng.random_range(1..=25),
         }
         for m in 0..MARKETS {
@@ -534,16 +577,21 @@ impl LinkWorld {
         for i in 0..self.links.len() {
             self.drive(i);
         }
+        self.terminals();
     }
 
     /// Faults stop; every request still outstanding must end.
     fn settle(&mut self) {
+        if let Some(b) = &mut self.broker {
+            b.settling = true;
+        }
         for m in &mut self.markets {
             m.alive = true;
             m.silent_until = 0;
         }
         for _ in 0..2_000 {
-            if self.asked.is_empty() {
+            let busy = self.broker.as_ref().map_or(0, Broker::busy);
+            if self.asked.is_empty() && busy == 0 {
                 return;
             }
             self.t += 10;
@@ -551,6 +599,7 @@ impl LinkWorld {
             for i in 0..self.links.len() {
                 self.drive(i);
             }
+            self.terminals();
         }
         panic!("{} requests never ended", self.asked.len());
     }
@@ -591,6 +640,544 @@ fn link_trace_depends_only_on_the_seed() {
         assert!(a.accepted > 0 && a.failed > 0, "{a:?}");
     }
     assert_ne!(link_world(1).hash, link_world(2).hash);
+}
+
+// -------------------------------------------------------------- broker --
+//
+// Terminals on the links above: each one's access session
+// (`proto::session`), its exchanges as `exchange::flow::Flow`s, a key
+// holder that fails now and then, and markets that check the signature
+// over T and derive X as a real market does. The check: the X a terminal
+// ends up with (unwrapped under its own X'wrap, or derived itself in
+// partial mode) is the X the market made for that session id and user,
+// and no other terminal's X'wrap opens it.
+
+const TERMINALS: usize = 8;
+
+fn sha(data: &[u8]) -> [u8; 32] {
+    digest::digest(&digest::SHA256, data)
+        .as_ref()
+        .try_into()
+        .unwrap()
+}
+
+/// The simulation's home card: an HMAC key per user stands for the user's
+/// signing key (a deterministic "signature", so traces repeat).
+fn card_sign(key: &[u8; 32], digest: &[u8; 32]) -> Vec<u8> {
+    let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+    aws_lc_rs::hmac::sign(&k, digest).as_ref().to_vec()
+}
+
+/// What a terminal's session asked for and has not been answered.
+enum Pending {
+    Login(LoginCheck, bool),
+    Release(ReleaseCheck, bool),
+    Exchange(Box<InExchange>),
+}
+
+struct InExchange {
+    req: Request,
+    flow: Flow<u64>,
+    link: usize,
+    /// The request on the link, once submitted.
+    token: Option<u64>,
+    reply: Option<Result<Accepted, Failure>>,
+    /// Partial mode: the terminal's own ephemeral.
+    partial: Option<Ephemeral>,
+    /// A retry's Binding action waiting for the link to drop the broken
+    /// channel (as `Link::binding_after` waits).
+    stalled: Option<[u8; 32]>,
+}
+
+struct Term {
+    user: String,
+    card: [u8; 32],
+    /// X'wrap of this connection (a new one per connection).
+    wrap: [u8; 32],
+    session: AccessSession<[u8; 32]>,
+    pending: Option<Pending>,
+    next_id: u32,
+    /// Exchanges that gave this terminal its X.
+    ok: u64,
+}
+
+#[derive(Default)]
+struct Broker {
+    terms: Vec<Term>,
+    by_token: BTreeMap<u64, usize>,
+    /// The X each market issued, by session id: (user, X).
+    issued: BTreeMap<[u8; 16], (String, [u8; 32])>,
+    settling: bool,
+    exchanges_ok: u64,
+    exchanges_failed: u64,
+    reconnects: u64,
+}
+
+impl Broker {
+    fn new(rng: &mut StdRng) -> Self {
+        let terms = (0..TERMINALS)
+            .map(|k| Term {
+                user: format!("t{k}"),
+                card: rng.random(),
+                wrap: rng.random(),
+                session: AccessSession::new([0; 32]),
+                pending: None,
+                next_id: 1,
+                ok: 0,
+            })
+            .collect();
+        Self {
+            terms,
+            ..Self::default()
+        }
+    }
+
+    fn busy(&self) -> usize {
+        self.terms.iter().filter(|t| t.pending.is_some()).count()
+    }
+
+    /// The market's side: T rebuilt from the request and the channel, the
+    /// card's signature checked, X derived and remembered.
+    fn answer(
+        &mut self,
+        m: usize,
+        binding: [u8; 32],
+        r: &ExchangeRequest,
+    ) -> Result<Accepted, ErrorCode> {
+        let Some(term) = self.terms.iter().find(|t| t.user == r.user) else {
+            return market_answer(m, r);
+        };
+        let t = Transcript {
+            mode: r.mode,
+            market: format!("m{m}"),
+            user: r.user.clone(),
+            cert_fingerprint: sha(&r.user_cert),
+            request_id: r.request_id,
+            ephemeral: r.ephemeral,
+            time_ms: r.time_ms,
+            nonce: r.nonce,
+            binding,
+        };
+        let digest = t.digest();
+        if card_sign(&term.card, &digest) != r.signature {
+            return Err(ErrorCode::BadSignature);
+        }
+        let seed = sha(format!("market {m} eph {}", r.request_id).as_bytes());
+        let eph = Ephemeral::from_private_bytes_for_vectors(Group::X25519, &seed).unwrap();
+        let x = eph
+            .x(&r.ephemeral, &digest, &eph.public)
+            .ok_or(ErrorCode::Malformed)?;
+        let mut session_id = [0; 16];
+        session_id.copy_from_slice(&sha(format!("{m}/{}", r.request_id).as_bytes())[..16]);
+        self.issued.insert(session_id, (r.user.clone(), *x));
+        Ok(Accepted {
+            session_id,
+            ephemeral: eph.public,
+            expiry_ms: r.request_id,
+            endpoint: format!("m{m}"),
+        })
+    }
+
+    /// A link answered `token`; true if it was a terminal's.
+    fn replied(&mut self, token: u64, r: &Result<Accepted, Failure>) -> bool {
+        let Some(k) = self.by_token.remove(&token) else {
+            return false;
+        };
+        if let Some(Pending::Exchange(x)) = &mut self.terms[k].pending {
+            x.reply = Some(r.clone());
+        }
+        true
+    }
+
+    /// The core holding `token` restarted: the terminal's connection went
+    /// with it.
+    fn lost(&mut self, token: u64) {
+        if let Some(k) = self.by_token.remove(&token) {
+            self.reconnect(k);
+        }
+    }
+
+    fn reconnect(&mut self, k: usize) {
+        self.reconnects += 1;
+        let t = &mut self.terms[k];
+        t.session = AccessSession::new([0; 32]);
+        t.pending = None;
+        t.wrap = sha(&t.wrap);
+    }
+}
+
+impl LinkWorld {
+    fn broker_new(seed: u64) -> Self {
+        let mut w = Self::new(seed);
+        w.broker = Some(Broker::new(&mut w.rng));
+        w
+    }
+
+    fn terminals(&mut self) {
+        let Some(mut b) = self.broker.take() else {
+            return;
+        };
+        for k in 0..b.terms.len() {
+            self.terminal(&mut b, k);
+        }
+        self.broker = Some(b);
+    }
+
+    /// One terminal's turn: answer what its session asked, or send it a
+    /// frame.
+    fn terminal(&mut self, b: &mut Broker, k: usize) {
+        match b.terms[k].pending.take() {
+            Some(Pending::Login(check, right)) => {
+                let r = if right {
+                    Ok(())
+                } else {
+                    Err(ErrorCode::WrongPassword)
+                };
+                let a = b.terms[k].session.login_done(check, r);
+                self.frame_back(b, k, a);
+            }
+            Some(Pending::Release(check, right)) => {
+                let r = match (right, self.rng.random_bool(0.03) && !self.calm) {
+                    (false, _) => Err(ErrorCode::WrongPassword),
+                    (true, true) => Err(ErrorCode::HsmUnavailable),
+                    (true, false) => Ok(b.terms[k].card),
+                };
+                let a = b.terms[k].session.release_done(check, r);
+                self.frame_back(b, k, a);
+            }
+            Some(Pending::Exchange(x)) => self.exchange_step(b, k, x),
+            None if b.settling => {}
+            None => self.send(b, k),
+        }
+    }
+
+    fn send(&mut self, b: &mut Broker, k: usize) {
+        if !self.chance(0.3) {
+            return;
+        }
+        if b.terms[k].session.is_closed() {
+            return b.reconnect(k);
+        }
+        let t = &mut b.terms[k];
+        let id = t.next_id;
+        t.next_id += 1;
+        let right = !self.rng.random_bool(0.1);
+        let pw = |r: bool| {
+            Password::new(if r {
+                b"right".to_vec()
+            } else {
+                b"wrong".to_vec()
+            })
+        };
+        let market = self.rng.random_range(0..MARKETS);
+        let partial = self.rng.random_bool(0.3);
+        let msg = match (t.session.user(), t.session.is_released()) {
+            (None, _) => Message::Login {
+                user: t.user.clone(),
+                password: pw(right),
+            },
+            (Some(_), false) => Message::Release {
+                password: pw(right),
+            },
+            _ if self.rng.random_bool(0.02) => Message::Logout,
+            _ if partial => {
+                let e = Ephemeral::from_private_bytes_for_vectors(
+                    Group::X25519,
+                    &self.rng.random::<[u8; 32]>(),
+                )
+                .unwrap();
+                let msg = Message::ExchangePartial {
+                    market: format!("m{market}"),
+                    ephemeral: e.public,
+                };
+                return self.handle(b, k, Frame { id, msg }, right, Some(e));
+            }
+            _ => Message::Exchange {
+                market: format!("m{market}"),
+            },
+        };
+        self.handle(b, k, Frame { id, msg }, right, None);
+    }
+
+    fn handle(
+        &mut self,
+        b: &mut Broker,
+        k: usize,
+        f: Frame,
+        right: bool,
+        partial: Option<Ephemeral>,
+    ) {
+        let a = b.terms[k].session.handle(f);
+        match a {
+            SessionAction::CheckLogin { check, .. } => {
+                assert_eq!(check.user(), b.terms[k].user);
+                b.terms[k].pending = Some(Pending::Login(check, right));
+            }
+            SessionAction::CheckRelease { check, .. } => {
+                b.terms[k].pending = Some(Pending::Release(check, right))
+            }
+            SessionAction::Exchange {
+                req,
+                market,
+                ephemeral,
+            } => {
+                assert!(
+                    b.terms[k].session.is_released(),
+                    "an exchange without the release"
+                );
+                let m: usize = market[1..].parse().unwrap();
+                let link = (k % CORES) * MARKETS + m;
+                let t = &b.terms[k];
+                let flow = Flow::new(Params {
+                    user: t.user.clone(),
+                    market,
+                    cert: t.user.as_bytes().to_vec(),
+                    fingerprint: sha(t.user.as_bytes()),
+                    kx: Kx::Software,
+                    terminal_eph: ephemeral,
+                    wrap_key: zeroize::Zeroizing::new(t.wrap),
+                });
+                b.terms[k].pending = Some(Pending::Exchange(Box::new(InExchange {
+                    req,
+                    flow,
+                    link,
+                    token: None,
+                    reply: None,
+                    partial,
+                    stalled: None,
+                })));
+            }
+            other => self.frame_back(b, k, other),
+        }
+    }
+
+    /// Carries the flow's actions out until it waits for the link.
+    fn exchange_step(&mut self, b: &mut Broker, k: usize, mut x: Box<InExchange>) {
+        if let Some(r) = x.reply.take() {
+            x.token = None;
+            x.flow.handle_reply(r);
+        } else if x.token.is_some() {
+            b.terms[k].pending = Some(Pending::Exchange(x));
+            return;
+        }
+        let mut next = x
+            .stalled
+            .take()
+            .map(|after| FlowAction::Binding { after: Some(after) });
+        while let Some(a) = next.take().or_else(|| x.flow.poll_action()) {
+            match a {
+                FlowAction::Binding { after } => {
+                    let now = self.links[x.link].core.binding();
+                    // As `Link::binding_after`: wait while the link still
+                    // holds the broken channel.
+                    if after.is_some() && now == after {
+                        x.stalled = after;
+                        break;
+                    }
+                    let fresh = Fresh {
+                        request_id: self.next_request,
+                        nonce: self.rng.random(),
+                        time_ms: self.t,
+                        software: Ephemeral::from_private_bytes_for_vectors(
+                            Group::X25519,
+                            &self.rng.random::<[u8; 32]>(),
+                        ),
+                    };
+                    self.next_request += 1;
+                    x.flow.handle_binding(now.map(|b| (b, fresh)));
+                }
+                FlowAction::Key(KeyJob::Sign { digest }) => {
+                    let r = if self.chance(0.03) && !self.calm {
+                        Err(ErrorCode::HsmUnavailable)
+                    } else {
+                        Ok(card_sign(&b.terms[k].card, &digest))
+                    };
+                    x.flow.handle_signed(r);
+                }
+                FlowAction::Key(other) => panic!("kx=software asked for {other:?}"),
+                FlowAction::Submit { req, binding } => {
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    self.asked.insert(
+                        token,
+                        Asked {
+                            link: x.link,
+                            request_id: req.request_id,
+                            user: req.user.clone(),
+                            at: self.t,
+                        },
+                    );
+                    b.by_token.insert(token, k);
+                    x.token = Some(token);
+                    let now = self.now();
+                    // The link answers some at once (a stale binding, a full
+                    // queue): its events are drained with the link's next.
+                    self.links[x.link]
+                        .core
+                        .handle_submit(now, req, binding, token);
+                    b.terms[k].pending = Some(Pending::Exchange(x));
+                    return;
+                }
+                FlowAction::Destroy(_) => panic!("kx=software has nothing to destroy"),
+                FlowAction::Done(r, _) => {
+                    self.check_exchange(b, k, &x, &r);
+                    let a = b.terms[k].session.request_done(x.req, r);
+                    return self.frame_back(b, k, a);
+                }
+            }
+        }
+        b.terms[k].pending = Some(Pending::Exchange(x));
+    }
+
+    fn check_exchange(
+        &mut self,
+        b: &mut Broker,
+        k: usize,
+        x: &InExchange,
+        r: &Result<Message, ErrorCode>,
+    ) {
+        let me = &b.terms[k];
+        let (session_id, got) = match r {
+            Ok(Message::ExchangeOk {
+                session_id,
+                wrapped_x,
+                ..
+            }) => {
+                let x = keybroker::exchange::unwrap(&me.wrap, wrapped_x)
+                    .expect("the terminal's own X'wrap opens its X");
+                for other in b.terms.iter().filter(|o| o.user != me.user) {
+                    assert!(
+                        keybroker::exchange::unwrap(&other.wrap, wrapped_x).is_none(),
+                        "another terminal's X'wrap opens X"
+                    );
+                }
+                (*session_id, *x)
+            }
+            Ok(Message::PartialOk {
+                session_id,
+                market_ephemeral,
+                transcript,
+                ..
+            }) => {
+                let e = x
+                    .partial
+                    .as_ref()
+                    .expect("partial answer to a full exchange");
+                let x = e.x(market_ephemeral, transcript, market_ephemeral).unwrap();
+                (*session_id, *x)
+            }
+            Ok(other) => panic!("an exchange answered {other:?}"),
+            Err(c) => {
+                assert!(
+                    matches!(
+                        c,
+                        ErrorCode::MarketUnavailable
+                            | ErrorCode::MarketTimeout
+                            | ErrorCode::Busy
+                            | ErrorCode::HsmUnavailable
+                    ),
+                    "exchange failed with {c:?}"
+                );
+                b.exchanges_failed += 1;
+                self.trace.note(("exchange", k, c));
+                return;
+            }
+        };
+        let issued = b
+            .issued
+            .get(&session_id)
+            .expect("a session the market never issued");
+        assert_eq!(
+            issued,
+            &(me.user.clone(), got),
+            "X went to a session that did not ask for it"
+        );
+        b.exchanges_ok += 1;
+        b.terms[k].ok += 1;
+        self.trace.note(("exchange", k, "ok", session_id));
+    }
+
+    /// A frame the session sends the terminal.
+    fn frame_back(&mut self, b: &mut Broker, k: usize, a: SessionAction) {
+        match a {
+            SessionAction::Reply(f) => self.trace.note(("frame", k, f.id, f.msg.type_byte())),
+            SessionAction::Close(f) => {
+                self.trace.note(("close", k, f.id, f.msg.type_byte()));
+                assert!(b.terms[k].session.is_closed() || matches!(f.msg, Message::Error { .. }));
+            }
+            other => panic!("the session answered a frame with {other:?}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BrokerStats {
+    link: LinkStats,
+    exchanges_ok: u64,
+    exchanges_failed: u64,
+    reconnects: u64,
+}
+
+fn broker_world(seed: u64) -> BrokerStats {
+    let mut w = LinkWorld::broker_new(seed);
+    for _ in 0..STEPS / 2 {
+        w.step();
+    }
+    w.settle();
+    assert_eq!(
+        w.broker.as_ref().unwrap().busy(),
+        0,
+        "a terminal's request never ended"
+    );
+    // Once the faults stop, every terminal brokers a key again.
+    w.calm = true;
+    let b = w.broker.as_mut().unwrap();
+    b.settling = false;
+    let before: Vec<u64> = b.terms.iter().map(|t| t.ok).collect();
+    let healed = (0..5_000).any(|_| {
+        w.step();
+        let b = w.broker.as_ref().unwrap();
+        b.terms.iter().zip(&before).all(|(t, n)| t.ok > *n)
+    });
+    let b = w.broker.take().unwrap();
+    let stuck: Vec<_> = b
+        .terms
+        .iter()
+        .zip(&before)
+        .filter(|(t, n)| t.ok == **n)
+        .map(|(t, _)| &t.user)
+        .collect();
+    assert!(
+        healed,
+        "after the faults stopped, {stuck:?} brokered no key"
+    );
+    w.stats.sim_ms = w.t;
+    w.stats.hash = std::mem::replace(&mut w.trace, Trace::new()).hash();
+    BrokerStats {
+        link: std::mem::take(&mut w.stats),
+        exchanges_ok: b.exchanges_ok,
+        exchanges_failed: b.exchanges_failed,
+        reconnects: b.reconnects,
+    }
+}
+
+#[test]
+fn broker() {
+    run_seeds(
+        "broker",
+        seeds(BROKER_CI_SEEDS, BROKER_REGRESSIONS),
+        broker_world,
+    );
+}
+
+#[test]
+fn broker_trace_depends_only_on_the_seed() {
+    let (a, b) = (broker_world(5), broker_world(5));
+    assert_eq!(a.link.hash, b.link.hash);
+    assert!(
+        a.exchanges_ok > 0 && a.exchanges_failed > 0 && a.reconnects > 0,
+        "{a:?}"
+    );
 }
 
 // -------------------------------------------------------------- wallet --

@@ -1,5 +1,6 @@
-//! One brokered exchange on a core: sign in the HSM, batch to the market,
-//! derive X, wrap it under X'wrap.
+//! One brokered exchange on a core: the shell that carries out what the
+//! sans-IO [`crate::exchange::flow::Flow`] asks (the link's binding, HSM
+//! jobs, the submit on the link) and records the metrics.
 //!
 //! ```text
 //! kx=software: aws-lc-rs ephemeral ─► HSM: sign T ─► market ─► aws-lc-rs ECDH+HMAC ─► wrap
@@ -8,15 +9,15 @@
 //! ```
 
 use super::conn::Core;
-use super::link::{Failure, Link, Pending};
+use super::link::{Failure, Pending};
 use super::{HsmWorker, Shared};
 use crate::config::Kx;
-use crate::exchange::{self, Ephemeral, Group, Mode, Point, Transcript};
+use crate::exchange::flow::{Action, Flow, Fresh, KeyJob, Params};
+use crate::exchange::{Ephemeral, Group, Point, Transcript};
 use crate::hsm::{HsmError, SessionKey};
 use crate::pool::PoolError;
 use crate::proto::ErrorCode;
 use crate::proto::access::Message;
-use crate::proto::market::{Accepted, ExchangeRequest};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -123,13 +124,6 @@ fn recover(w: &mut HsmWorker, e: &HsmError) -> bool {
     }
 }
 
-/// The requester's ephemeral key.
-enum Eph {
-    Software(Ephemeral),
-    Hsm(SessionKey),
-    Terminal,
-}
-
 pub async fn exchange(
     core: &Core,
     rel: &Released,
@@ -139,176 +133,91 @@ pub async fn exchange(
     wrap_key: &[u8; 32],
 ) -> Result<Message, ErrorCode> {
     let started = Instant::now();
-    let shared = &core.shared;
     let link = core.link(market)?;
-    let binding = link
-        .binding_when_up()
-        .await
-        .ok_or(ErrorCode::MarketUnavailable)?;
-    let req = Ask {
-        core,
-        rel,
-        user,
-        market,
+    let kx = core.shared.cfg().exchange.kx;
+    let key = rel.key.key;
+    let mut flow = Flow::new(Params {
+        user: user.to_owned(),
+        market: market.to_owned(),
+        cert: rel.cert.to_vec(),
+        fingerprint: rel.fingerprint,
+        kx,
         terminal_eph,
-        link: &link,
-    };
-    let asked = match req.ask(binding).await {
-        // Nothing is done until X is wrapped, and the market holds nothing
-        // but an unused session it will expire: a request whose channel
-        // broke under it is asked once more, signed for the next channel.
-        Err(Failure::Broken) => {
-            crate::metrics::exchange_retried(market);
-            let next = link
-                .binding_after(binding)
+        wrap_key: zeroize::Zeroizing::new(*wrap_key),
+    });
+    // The flow decides; this loop only carries its actions out.
+    while let Some(action) = flow.poll_action() {
+        match action {
+            Action::Binding { after } => {
+                let b = match after {
+                    None => link.binding_when_up().await,
+                    Some(old) => {
+                        crate::metrics::exchange_retried(market);
+                        link.binding_after(old).await
+                    }
+                };
+                flow.handle_binding(b.map(|b| (b, fresh(core, kx, terminal_eph.is_none()))));
+            }
+            Action::Key(KeyJob::Sign { digest }) => flow.handle_signed(
+                hsm(core, "sign", move |w| {
+                    crate::hsm::ops::sign_digest_p256(&w.session, w.hsm.live(key)?, &digest)
+                })
+                .await,
+            ),
+            Action::Key(KeyJob::KeygenSign { transcript }) => {
+                flow.handle_keygen_signed(keygen_sign(core, key, transcript).await)
+            }
+            Action::Key(KeyJob::Derive {
+                private,
+                peer,
+                input,
+            }) => {
+                let x = hsm(core, "derive", move |w| {
+                    let private = w.hsm.live(private)?;
+                    crate::hsm::ops::derive_x(&w.session, private, peer.as_bytes(), &input)
+                })
                 .await
-                .ok_or(ErrorCode::MarketUnavailable)?;
-            req.ask(next).await
-        }
-        r => r,
-    };
-    let Asked {
-        accepted,
-        eph,
-        digest,
-    } = asked.map_err(Failure::code)?;
-    // The mode the attempt ran in, not the config read again: a reload
-    // between the two would mislabel the exchange.
-    let (kx, x) = match eph {
-        Eph::Terminal => {
-            crate::metrics::exchange_done("partial", started.elapsed());
-            return Ok(Message::PartialOk {
-                session_id: accepted.session_id,
-                expiry_ms: accepted.expiry_ms,
-                endpoint: accepted.endpoint,
-                market_ephemeral: accepted.ephemeral,
-                transcript: digest,
-            });
-        }
-        Eph::Software(e) => (
-            "software",
-            e.x(&accepted.ephemeral, &digest, &accepted.ephemeral)
-                .ok_or(ErrorCode::MarketInternal)?,
-        ),
-        Eph::Hsm(private) => {
-            let peer = accepted.ephemeral;
-            if peer.group() != Group::P256 {
-                destroy_later(shared, private);
-                return Err(ErrorCode::MarketInternal);
+                .and_then(|x| {
+                    <[u8; 32]>::try_from(x.as_slice())
+                        .map(zeroize::Zeroizing::new)
+                        .map_err(|_| ErrorCode::HsmUnavailable)
+                });
+                flow.handle_derived(x)
             }
-            let input = exchange::x_input(&digest, &peer);
-            let x = hsm(core, "derive", move |w| {
-                let private = w.hsm.live(private)?;
-                crate::hsm::ops::derive_x(&w.session, private, peer.as_bytes(), &input)
-            })
-            .await?;
-            (
-                "hsm",
-                zeroize::Zeroizing::new(
-                    <[u8; 32]>::try_from(x.as_slice()).map_err(|_| ErrorCode::HsmUnavailable)?,
-                ),
-            )
-        }
-    };
-    let wrapped_x = exchange::wrap(wrap_key, &x);
-    crate::metrics::exchange_done(kx, started.elapsed());
-    Ok(Message::ExchangeOk {
-        session_id: accepted.session_id,
-        expiry_ms: accepted.expiry_ms,
-        endpoint: accepted.endpoint,
-        wrapped_x,
-    })
-}
-
-/// What one attempt needs; [`Ask::ask`] can run twice.
-struct Ask<'a> {
-    core: &'a Core,
-    rel: &'a Released,
-    user: &'a str,
-    market: &'a str,
-    terminal_eph: Option<Point>,
-    link: &'a Link,
-}
-
-/// The market's acceptance, with what X is derived from on this side.
-struct Asked {
-    accepted: Accepted,
-    eph: Eph,
-    digest: [u8; 32],
-}
-
-impl Ask<'_> {
-    /// Signs T for the channel `binding` names and asks the market.
-    async fn ask(&self, binding: [u8; 32]) -> Result<Asked, Failure> {
-        let core = self.core;
-        let mut nonce = [0u8; 16];
-        rand::fill(&mut nonce);
-        let mut t = Transcript {
-            mode: if self.terminal_eph.is_some() {
-                Mode::Partial
-            } else {
-                Mode::Full
-            },
-            market: self.market.to_owned(),
-            user: self.user.to_owned(),
-            cert_fingerprint: self.rel.fingerprint,
-            request_id: core.request_id(),
-            ephemeral: Point::UNSET,
-            time_ms: crate::clock::now_ms(),
-            nonce,
-            binding,
-        };
-        let key = self.rel.key.key;
-        let (eph, digest, signature) = match (self.terminal_eph, core.shared.cfg().exchange.kx) {
-            (Some(p), _) => {
-                t.ephemeral = p;
-                let (d, sig) = sign(core, key, &t).await?;
-                (Eph::Terminal, d, sig)
+            Action::Submit { req, binding } => {
+                let (tx, rx) = futures_channel::oneshot::channel();
+                let r = match link.submit(Pending {
+                    req,
+                    binding,
+                    reply: tx,
+                }) {
+                    Ok(()) => rx.await.unwrap_or(Err(Failure::Broken)),
+                    Err(why) => Err(why),
+                };
+                flow.handle_reply(r)
             }
-            (None, Kx::Software) => {
-                let e = Ephemeral::generate(Group::X25519);
-                t.ephemeral = e.public;
-                let (d, sig) = sign(core, key, &t).await?;
-                (Eph::Software(e), d, sig)
-            }
-            (None, Kx::Hsm) => {
-                let (point, private, digest, sig) = keygen_sign(core, key, &t).await?;
-                t.ephemeral = point;
-                (Eph::Hsm(private), digest, sig)
-            }
-        };
-        let (tx, rx) = futures_channel::oneshot::channel();
-        let pending = Pending {
-            req: ExchangeRequest {
-                request_id: t.request_id,
-                mode: t.mode,
-                user: t.user,
-                user_cert: self.rel.cert.to_vec(),
-                ephemeral: t.ephemeral,
-                time_ms: t.time_ms,
-                nonce: t.nonce,
-                signature,
-            },
-            binding,
-            reply: tx,
-        };
-        let answer = match self.link.submit(pending) {
-            Ok(()) => rx.await.unwrap_or(Err(Failure::Broken)),
-            Err(why) => Err(why),
-        };
-        match answer {
-            Ok(accepted) => Ok(Asked {
-                accepted,
-                eph,
-                digest,
-            }),
-            Err(why) => {
-                if let Eph::Hsm(h) = eph {
-                    destroy_later(&core.shared, h);
+            Action::Destroy(private) => destroy_later(&core.shared, private),
+            Action::Done(r, kx) => {
+                if r.is_ok() {
+                    crate::metrics::exchange_done(kx, started.elapsed());
                 }
-                Err(why)
+                return r;
             }
         }
+    }
+    // The flow always ends with Done; an empty queue before it is a bug.
+    Err(ErrorCode::Internal)
+}
+
+/// An attempt's unique and random values.
+fn fresh(core: &Core, kx: Kx, full: bool) -> Fresh {
+    let mut nonce = [0u8; 16];
+    rand::fill(&mut nonce);
+    Fresh {
+        request_id: core.request_id(),
+        nonce,
+        time_ms: crate::clock::now_ms(),
+        software: (full && kx == Kx::Software).then(|| Ephemeral::generate(Group::X25519)),
     }
 }
 
@@ -317,9 +226,8 @@ impl Ask<'_> {
 async fn keygen_sign(
     core: &Core,
     key: SessionKey,
-    t: &Transcript,
+    tt: Transcript,
 ) -> Result<(Point, SessionKey, [u8; 32], Vec<u8>), ErrorCode> {
-    let tt = t.clone();
     hsm(core, "keygen_sign", move |w| {
         let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
         let mut tt = tt.clone();
@@ -338,18 +246,4 @@ async fn keygen_sign(
         }
     })
     .await
-}
-
-/// T and the home-card key's signature over it.
-async fn sign(
-    core: &Core,
-    key: SessionKey,
-    t: &Transcript,
-) -> Result<([u8; 32], Vec<u8>), ErrorCode> {
-    let digest = t.digest();
-    let sig = hsm(core, "sign", move |w| {
-        crate::hsm::ops::sign_digest_p256(&w.session, w.hsm.live(key)?, &digest)
-    })
-    .await?;
-    Ok((digest, sig))
 }

@@ -24,6 +24,8 @@ use aws_lc_rs::agreement::{self, Algorithm, ECDH_P256, PrivateKey, UnparsedPubli
 use aws_lc_rs::key_wrap::{AES_256, KeyEncryptionKey, KeyWrapPadded};
 use zeroize::Zeroizing;
 
+pub mod flow;
+
 pub const PREIMAGE_LABEL: &[u8] = b"keybroker exchange v2";
 pub const X_LABEL: &[u8] = b"keybroker X v1";
 /// TLS exporter label binding exchanges to one market-channel connection.
