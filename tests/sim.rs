@@ -184,23 +184,24 @@ struct LinkWorld {
     calm: bool,
 }
 
-/// What the market answers to `req`, so a reply proves whose it is: the
-/// session id and key are derived from the market, the request id and the
-/// user. One request in 13 is refused by the market with a code.
-fn market_answer(market: usize, req: &ExchangeRequest) -> Result<Accepted, ErrorCode> {
-    if req.request_id.is_multiple_of(13) {
+/// What the market answers to request `request_id` of `user`, so a reply
+/// proves whose it is: the session id and key are derived from the market,
+/// the request id and the user. One request in 13 is refused by the
+/// market with a code.
+fn market_answer(market: usize, request_id: u64, user: &str) -> Result<Accepted, ErrorCode> {
+    if request_id.is_multiple_of(13) {
         return Err(ErrorCode::BadSignature);
     }
     let d = digest::digest(
         &digest::SHA256,
-        format!("{market}/{}/{}", req.request_id, req.user).as_bytes(),
+        format!("{market}/{request_id}/{user}").as_bytes(),
     );
     let mut session_id = [0; 16];
     session_id.copy_from_slice(&d.as_ref()[..16]);
     Ok(Accepted {
         session_id,
         ephemeral: Point::new(Group::X25519, &d.as_ref()[..32]).unwrap(),
-        expiry_ms: req.request_id,
+        expiry_ms: request_id,
         endpoint: format!("m{market}"),
     })
 }
@@ -399,7 +400,7 @@ impl LinkWorld {
                             request_id: r.request_id,
                             result: match &mut self.broker {
                                 Some(b) => b.answer(m, binding, r),
-                                None => market_answer(m, r),
+                                None => market_answer(m, r.request_id, &r.user),
                             },
                         })
                         .collect();
@@ -506,17 +507,7 @@ impl LinkWorld {
             return;
         }
         let m = self.links[i].market;
-        let probe = ExchangeRequest {
-            request_id: a.request_id,
-            mode: Mode::Full,
-            user: a.user.clone(),
-            user_cert: vec![],
-            ephemeral: Point::new(Group::X25519, &[0; 32]).unwrap(),
-            time_ms: 0,
-            nonce: [0; 16],
-            signature: vec![],
-        };
-        let expected = market_answer(m, &probe);
+        let expected = market_answer(m, a.request_id, &a.user);
         match &r {
             Ok(acc) => {
                 assert_eq!(
@@ -745,7 +736,7 @@ impl Broker {
         r: &ExchangeRequest,
     ) -> Result<Accepted, ErrorCode> {
         let Some(term) = self.terms.iter().find(|t| t.user == r.user) else {
-            return market_answer(m, r);
+            return market_answer(m, r.request_id, &r.user);
         };
         let t = Transcript {
             mode: r.mode,
@@ -931,7 +922,7 @@ impl LinkWorld {
                 let flow = Flow::new(Params {
                     user: t.user.clone(),
                     market,
-                    cert: t.user.as_bytes().to_vec(),
+                    cert: Arc::new(t.user.as_bytes().to_vec()),
                     fingerprint: sha(t.user.as_bytes()),
                     kx: Kx::Software,
                     terminal_eph: ephemeral,

@@ -139,7 +139,7 @@ pub async fn exchange(
     let mut flow = Flow::new(Params {
         user: user.to_owned(),
         market: market.to_owned(),
-        cert: rel.cert.to_vec(),
+        cert: rel.cert.clone(),
         fingerprint: rel.fingerprint,
         kx,
         terminal_eph,

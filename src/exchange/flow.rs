@@ -32,14 +32,16 @@ use crate::proto::access::Message;
 use crate::proto::link::{Failure, Reply};
 use crate::proto::market::{Accepted, ExchangeRequest};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// Who asks, for what: fixed for the whole exchange.
 pub struct Params {
     pub user: String,
     pub market: String,
-    /// The user's certificate (DER) and its SHA-256.
-    pub cert: Vec<u8>,
+    /// The user's certificate (DER), shared with its released session,
+    /// and its SHA-256.
+    pub cert: Arc<Vec<u8>>,
     pub fingerprint: [u8; 32],
     /// The key exchange, read once: a reload meanwhile changes nothing.
     pub kx: Kx,
@@ -249,7 +251,7 @@ impl<P> Flow<P> {
                 request_id: t.request_id,
                 mode: t.mode,
                 user: t.user,
-                user_cert: self.p.cert.clone(),
+                user_cert: self.p.cert.to_vec(),
                 ephemeral: t.ephemeral,
                 time_ms: t.time_ms,
                 nonce: t.nonce,
@@ -348,7 +350,7 @@ mod tests {
         Params {
             user: "alice".into(),
             market: "m1".into(),
-            cert: vec![0x30],
+            cert: Arc::new(vec![0x30]),
             fingerprint: [3; 32],
             kx,
             terminal_eph,

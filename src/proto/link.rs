@@ -456,6 +456,13 @@ impl<T> LinkCore<T> {
     /// The channel is done for: what was sent on it gets `in_flight`, what
     /// was queued for it [`Failure::Broken`] (it can be asked again).
     fn lose(&mut self, in_flight: Failure) {
+        self.go_down(in_flight, true);
+    }
+
+    /// Leaves an up channel (for `Closing`), answering what was sent on it
+    /// with `in_flight` and what was queued with [`Failure::Broken`]; a
+    /// link that was not up stays as it is.
+    fn go_down(&mut self, in_flight: Failure, lost: bool) {
         let waiting = match std::mem::replace(&mut self.phase, Phase::Closing) {
             Phase::Sending { waiting, .. } | Phase::Awaiting { waiting, .. } => Some(waiting),
             Phase::Idle { .. } | Phase::Pinging { .. } => None,
@@ -464,7 +471,7 @@ impl<T> LinkCore<T> {
                 return;
             }
         };
-        self.events.push_back(Event::Down { lost: true });
+        self.events.push_back(Event::Down { lost });
         for (_, tx) in waiting.into_iter().flatten() {
             self.events.push_back(Event::Reply(tx, Err(in_flight)));
         }
@@ -486,19 +493,11 @@ impl<T> LinkCore<T> {
 
     /// Every requester is gone: answer what is left; the shell closes.
     pub fn handle_shutdown(&mut self) {
-        let up = self.binding().is_some();
-        let waiting = match std::mem::replace(&mut self.phase, Phase::Closing) {
-            Phase::Sending { waiting, .. } | Phase::Awaiting { waiting, .. } => Some(waiting),
-            _ => None,
-        };
-        if up {
-            self.events.push_back(Event::Down { lost: false });
-        }
-        for (_, tx) in waiting.into_iter().flatten() {
-            self.events
-                .push_back(Event::Reply(tx, Err(Failure::Broken)));
-        }
-        self.fail_queued(Failure::Broken);
+        // Only an up link holds requests (`handle_submit` queues a request
+        // only for the current binding).
+        self.go_down(Failure::Broken, false);
+        debug_assert!(self.queue.is_empty());
+        self.phase = Phase::Closing;
     }
 
     fn answer(&mut self, reply: T, r: Reply) {

@@ -222,26 +222,18 @@ impl<K> AccessSession<K> {
                 }
                 _ => error(id, ErrorCode::Unexpected, "already logged in"),
             },
-            Message::Release { password } => {
-                match std::mem::replace(&mut self.state, State::Closed) {
-                    State::LoggedIn { user } => {
-                        self.state = State::CheckingRelease { user: user.clone() };
-                        Action::CheckRelease {
-                            check: ReleaseCheck { id, user },
-                            password,
-                        }
-                    }
-                    other => {
-                        let logged_in = !matches!(other, State::AwaitLogin);
-                        self.state = other;
-                        if logged_in {
-                            error(id, ErrorCode::Unexpected, "already released")
-                        } else {
-                            error(id, ErrorCode::NotLoggedIn, "log in first")
-                        }
+            Message::Release { password } => match &self.state {
+                State::LoggedIn { user } => {
+                    let user = user.clone();
+                    self.state = State::CheckingRelease { user: user.clone() };
+                    Action::CheckRelease {
+                        check: ReleaseCheck { id, user },
+                        password,
                     }
                 }
-            }
+                State::AwaitLogin => error(id, ErrorCode::NotLoggedIn, "log in first"),
+                _ => error(id, ErrorCode::Unexpected, "already released"),
+            },
             msg @ (Message::Exchange { .. }
             | Message::ExchangePartial { .. }
             | Message::Purchase { .. }
