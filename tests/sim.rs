@@ -7,9 +7,12 @@
 //!   out of order, duplicate and corrupt frames, go silent, die and come
 //!   back, over channels that break, deliver bytes in random pieces and
 //!   late, broker restarts and clock jumps.
-//! - `broker`: terminals on those links, each with its access session
-//!   ([`AccessSession`]) and its exchanges ([`Flow`]), against markets that
-//!   check the signature over T and derive X; the X a terminal gets must
+//! - `broker`: terminals on those links, each with its connection's core
+//!   ([`ConnCore`]: frame decoding, pipelining, timeouts, revocation, the
+//!   access session) and its exchanges ([`Flow`]), against markets that
+//!   check the signature over T and derive X. Terminals pipeline frames,
+//!   send them cut at random points, stall mid-frame, and are revoked; each
+//!   frame must be answered once and in order, the X a terminal gets must
 //!   be the one the market issued to it, and once the faults stop every
 //!   terminal must broker a key again.
 //! - `wallet`: the real ledger ([`GroupLedger`] over a real SQLite file)
@@ -29,13 +32,14 @@ use keybroker::config::Kx;
 use keybroker::exchange::flow::{Action as FlowAction, Flow, Fresh, KeyJob, Params};
 use keybroker::exchange::{Ephemeral, Transcript};
 use keybroker::proto::ErrorCode;
-use keybroker::proto::access::{Frame, Message, Password};
+use keybroker::proto::access::{Frame, FrameDecoder, Message, Password, encode};
+use keybroker::proto::conn::{
+    Action as ConnAction, ConnCore, Event as ConnEvent, Refused, Timeouts, Work,
+};
 use keybroker::proto::link::{Action, Event, Failure, LinkCore, Timers};
 use keybroker::proto::market::{self, Accepted, ExchangeReply, ExchangeRequest, Splitter};
 use keybroker::proto::point::{Group, Mode, Point};
-use keybroker::proto::session::{
-    AccessSession, Action as SessionAction, LoginCheck, ReleaseCheck, Request,
-};
+use keybroker::proto::session::{LoginCheck, ReleaseCheck, Request};
 use keybroker::wallet::anchor::AnchorConfig;
 use keybroker::wallet::chain::{ChainMac, SoftChainMac};
 use keybroker::wallet::ledger::{GroupLedger, LedgerConfig};
@@ -451,7 +455,6 @@ impl LinkWorld {
             45..60 => {
                 self.markets[m].silent_until = self.t + self.rng.random_range(100..1_500);
             }
-            // The clock jumps.
             // The clock jumps. A jump is instantaneous to the cores, so a
             // request's time to end counts from it.
             60..75 => {
@@ -635,8 +638,9 @@ fn link_trace_depends_only_on_the_seed() {
 
 // -------------------------------------------------------------- broker --
 //
-// Terminals on the links above: each one's access session
-// (`proto::session`), its exchanges as `exchange::flow::Flow`s, a key
+// Terminals on the links above: each one's connection core
+// (`proto::conn`, with its access session), its exchanges as
+// `exchange::flow::Flow`s, a key
 // holder that fails now and then, and markets that check the signature
 // over T and derive X as a real market does. The check: the X a terminal
 // ends up with (unwrapped under its own X'wrap, or derived itself in
@@ -680,16 +684,50 @@ struct InExchange {
     stalled: Option<[u8; 32]>,
 }
 
+/// The terminal connections' timers: an idle terminal is cut after
+/// 15 s of silence (a clock jump does it), a stalled frame after 2 s.
+const CONN_TIMEOUTS: Timeouts = Timeouts {
+    idle: Duration::from_secs(15),
+    frame: Duration::from_secs(2),
+};
+
 struct Term {
     user: String,
     card: [u8; 32],
     /// X'wrap of this connection (a new one per connection).
     wrap: [u8; 32],
-    session: AccessSession<[u8; 32]>,
+    conn: ConnCore<[u8; 32]>,
     pending: Option<Pending>,
     next_id: u32,
+    /// Ids sent on this connection and not yet answered, in order.
+    unanswered: VecDeque<u32>,
+    /// What the terminal meant by each frame not yet taken up: whether its
+    /// password is right, and its own ephemeral in partial mode.
+    intents: BTreeMap<u32, (bool, Option<Ephemeral>)>,
+    /// Bytes written but not yet delivered (frames cut in pieces).
+    unsent: Vec<u8>,
+    /// The rest of a cut frame never comes (slowloris).
+    stalled: bool,
+    /// The read deadline the connection last asked for.
+    until: Option<Instant>,
     /// Exchanges that gave this terminal its X.
     ok: u64,
+}
+
+fn conn() -> ConnCore<[u8; 32]> {
+    ConnCore::new([0; 32], 1 << 16, CONN_TIMEOUTS)
+}
+
+/// The frames in what the broker sent.
+fn frames(bytes: &[u8]) -> Vec<Frame> {
+    let mut d = FrameDecoder::new(1 << 16);
+    d.push(bytes);
+    let mut v = Vec::new();
+    while let Some(f) = d.next_frame().expect("the broker sends whole frames") {
+        v.push(f);
+    }
+    assert_eq!(d.pending(), 0, "the broker sent part of a frame");
+    v
 }
 
 #[derive(Default)]
@@ -702,6 +740,9 @@ struct Broker {
     exchanges_ok: u64,
     exchanges_failed: u64,
     reconnects: u64,
+    /// Connections ended by the broker's timers, and by revocation.
+    timeouts: u64,
+    revoked: u64,
 }
 
 impl Broker {
@@ -711,9 +752,14 @@ impl Broker {
                 user: format!("t{k}"),
                 card: rng.random(),
                 wrap: rng.random(),
-                session: AccessSession::new([0; 32]),
+                conn: conn(),
                 pending: None,
                 next_id: 1,
+                unanswered: VecDeque::new(),
+                intents: BTreeMap::new(),
+                unsent: Vec::new(),
+                stalled: false,
+                until: None,
                 ok: 0,
             })
             .collect();
@@ -791,8 +837,13 @@ impl Broker {
     fn reconnect(&mut self, k: usize) {
         self.reconnects += 1;
         let t = &mut self.terms[k];
-        t.session = AccessSession::new([0; 32]);
+        t.conn = conn();
         t.pending = None;
+        t.unanswered.clear();
+        t.intents.clear();
+        t.unsent.clear();
+        t.stalled = false;
+        t.until = None;
         t.wrap = sha(&t.wrap);
     }
 }
@@ -814,45 +865,58 @@ impl LinkWorld {
         self.broker = Some(b);
     }
 
-    /// One terminal's turn: answer what its session asked, or send it a
-    /// frame.
+    /// One terminal's turn: its read deadline, what its connection asked
+    /// for, and the frames it writes.
     fn terminal(&mut self, b: &mut Broker, k: usize) {
+        let now = self.now();
+        if b.terms[k].until.is_some_and(|u| now >= u) {
+            b.terms[k].conn.handle_timeout(now);
+            self.drive_conn(b, k);
+        }
         match b.terms[k].pending.take() {
             Some(Pending::Login(check, right)) => {
                 let r = if right {
                     Ok(())
                 } else {
-                    Err(ErrorCode::WrongPassword)
+                    Err(ErrorCode::WrongPassword.into())
                 };
-                let a = b.terms[k].session.login_done(check, r);
-                self.frame_back(b, k, a);
+                b.terms[k].conn.login_done(check, r);
+                self.drive_conn(b, k);
             }
             Some(Pending::Release(check, right)) => {
                 let r = match (right, self.rng.random_bool(0.03) && !self.calm) {
-                    (false, _) => Err(ErrorCode::WrongPassword),
-                    (true, true) => Err(ErrorCode::HsmUnavailable),
+                    (false, _) => Err(ErrorCode::WrongPassword.into()),
+                    (true, true) => Err(ErrorCode::HsmUnavailable.into()),
                     (true, false) => Ok(b.terms[k].card),
                 };
-                let a = b.terms[k].session.release_done(check, r);
-                self.frame_back(b, k, a);
+                b.terms[k].conn.release_done(check, r);
+                self.drive_conn(b, k);
             }
             Some(Pending::Exchange(x)) => self.exchange_step(b, k, x),
-            None if b.settling => {}
-            None => self.send(b, k),
+            None => {
+                if !b.settling {
+                    self.send(b, k);
+                }
+                self.deliver(b, k);
+            }
         }
     }
 
+    /// The terminal writes a frame, now and then behind a ping in one burst.
     fn send(&mut self, b: &mut Broker, k: usize) {
         if !self.chance(0.3) {
             return;
         }
-        if b.terms[k].session.is_closed() {
-            return b.reconnect(k);
+        if !self.calm && self.chance(0.004) {
+            // Revoked (and, for the simulation, enrolled again at once).
+            b.terms[k].conn.handle_revoked();
+            return self.drive_conn(b, k);
         }
-        let t = &mut b.terms[k];
-        let id = t.next_id;
-        t.next_id += 1;
+        let burst = self.chance(0.15);
         let right = !self.rng.random_bool(0.1);
+        let market = self.rng.random_range(0..MARKETS);
+        let partial = self.rng.random_bool(0.3);
+        let t = &mut b.terms[k];
         let pw = |r: bool| {
             Password::new(if r {
                 b"right".to_vec()
@@ -860,9 +924,10 @@ impl LinkWorld {
                 b"wrong".to_vec()
             })
         };
-        let market = self.rng.random_range(0..MARKETS);
-        let partial = self.rng.random_bool(0.3);
-        let msg = match (t.session.user(), t.session.is_released()) {
+        let mut eph = None;
+        // What the terminal knows of its session; a pipelined frame may
+        // find it changed, and is answered for the state it finds.
+        let msg = match (t.conn.user(), t.conn.is_released()) {
             (None, _) => Message::Login {
                 user: t.user.clone(),
                 password: pw(right),
@@ -881,44 +946,150 @@ impl LinkWorld {
                     market: format!("m{market}"),
                     ephemeral: e.public,
                 };
-                return self.handle(b, k, Frame { id, msg }, right, Some(e));
+                eph = Some(e);
+                msg
             }
             _ => Message::Exchange {
                 market: format!("m{market}"),
             },
         };
-        self.handle(b, k, Frame { id, msg }, right, None);
+        let mut out = Vec::new();
+        if burst {
+            encode(
+                &Frame {
+                    id: t.next_id,
+                    msg: Message::Ping,
+                },
+                &mut out,
+            );
+            t.unanswered.push_back(t.next_id);
+            t.next_id += 1;
+        }
+        let id = t.next_id;
+        t.next_id += 1;
+        encode(&Frame { id, msg }, &mut out);
+        t.unanswered.push_back(id);
+        t.intents.insert(id, (right, eph));
+        t.unsent.extend_from_slice(&out);
     }
 
-    fn handle(
-        &mut self,
-        b: &mut Broker,
-        k: usize,
-        f: Frame,
-        right: bool,
-        partial: Option<Ephemeral>,
-    ) {
-        let a = b.terms[k].session.handle(f);
-        match a {
-            SessionAction::CheckLogin { check, .. } => {
-                assert_eq!(check.user(), b.terms[k].user);
-                b.terms[k].pending = Some(Pending::Login(check, right));
+    /// Delivers what the terminal wrote: all of it, or (with faults) up to a
+    /// random cut, the rest later or, stalled, never.
+    fn deliver(&mut self, b: &mut Broker, k: usize) {
+        let t = &b.terms[k];
+        if t.unsent.is_empty() || t.stalled {
+            return;
+        }
+        let cut = if !self.calm && self.chance(0.2) {
+            self.rng.random_range(1..=t.unsent.len())
+        } else {
+            t.unsent.len()
+        };
+        let stall = cut < t.unsent.len() && self.chance(0.05);
+        let t = &mut b.terms[k];
+        let bytes: Vec<u8> = t.unsent.drain(..cut).collect();
+        t.stalled = stall;
+        t.until = None;
+        t.conn.handle_bytes(&bytes);
+        self.drive_conn(b, k);
+    }
+
+    /// Does what the connection's core asks until it waits.
+    fn drive_conn(&mut self, b: &mut Broker, k: usize) {
+        loop {
+            let now = self.now();
+            let a = b.terms[k].conn.poll_action(now);
+            while let Some(ConnEvent::Refused { id, code, .. }) = b.terms[k].conn.poll_event() {
+                self.trace.note(("refused", k, id, code));
             }
-            SessionAction::CheckRelease { check, .. } => {
-                b.terms[k].pending = Some(Pending::Release(check, right))
+            match a {
+                ConnAction::Work(w) => return self.work(b, k, w),
+                ConnAction::Send => {
+                    let f = frames(b.terms[k].conn.out());
+                    b.terms[k].conn.sent();
+                    self.answers(b, k, f, false);
+                }
+                ConnAction::Close => {
+                    let f = frames(b.terms[k].conn.out());
+                    b.terms[k].conn.sent();
+                    self.answers(b, k, f, true);
+                    assert!(b.terms[k].pending.is_none(), "closed with a check out");
+                    return b.reconnect(k);
+                }
+                ConnAction::Read { until } => {
+                    b.terms[k].until = Some(until);
+                    return;
+                }
+                ConnAction::Wait => panic!("the connection waits with nothing out"),
             }
-            SessionAction::Exchange {
+        }
+    }
+
+    /// The broker's answers: each frame answered once, in order; the last
+    /// one before a close says why.
+    fn answers(&mut self, b: &mut Broker, k: usize, frames: Vec<Frame>, closing: bool) {
+        for f in &frames {
+            self.trace.note(("frame", k, f.id, f.msg.type_byte()));
+            if let Message::Error { code, .. } = &f.msg {
+                match code {
+                    ErrorCode::Timeout => b.timeouts += 1,
+                    ErrorCode::TerminalRevoked => b.revoked += 1,
+                    _ => {}
+                }
+            }
+            if f.id == 0 {
+                assert!(
+                    matches!(
+                        f.msg,
+                        Message::Error {
+                            code: ErrorCode::Timeout | ErrorCode::TerminalRevoked,
+                            ..
+                        }
+                    ),
+                    "id 0 answered {:?}",
+                    f.msg
+                );
+                continue;
+            }
+            assert_eq!(
+                b.terms[k].unanswered.pop_front(),
+                Some(f.id),
+                "frames answered out of order, twice, or unasked"
+            );
+        }
+        if closing {
+            let last = frames.last().expect("a close says why");
+            assert!(
+                matches!(last.msg, Message::Bye | Message::Error { .. }),
+                "closed after {:?}",
+                last.msg
+            );
+        }
+    }
+
+    /// A check or request the connection handed out.
+    fn work(&mut self, b: &mut Broker, k: usize, w: Work) {
+        let t = &mut b.terms[k];
+        let id = match &w {
+            Work::CheckLogin { check, .. } => check.id(),
+            Work::CheckRelease { check, .. } => check.id(),
+            Work::Exchange { req, .. } | Work::Wallet { req, .. } => req.id(),
+        };
+        let (right, partial) = t.intents.remove(&id).expect("work for a frame never sent");
+        match w {
+            Work::CheckLogin { check, .. } => {
+                assert_eq!(check.user(), t.user);
+                t.pending = Some(Pending::Login(check, right));
+            }
+            Work::CheckRelease { check, .. } => t.pending = Some(Pending::Release(check, right)),
+            Work::Exchange {
                 req,
                 market,
                 ephemeral,
             } => {
-                assert!(
-                    b.terms[k].session.is_released(),
-                    "an exchange without the release"
-                );
+                assert!(t.conn.is_released(), "an exchange without the release");
                 let m: usize = market[1..].parse().unwrap();
                 let link = (k % CORES) * MARKETS + m;
-                let t = &b.terms[k];
                 let flow = Flow::new(Params {
                     user: t.user.clone(),
                     market,
@@ -928,7 +1099,7 @@ impl LinkWorld {
                     terminal_eph: ephemeral,
                     wrap_key: zeroize::Zeroizing::new(t.wrap),
                 });
-                b.terms[k].pending = Some(Pending::Exchange(Box::new(InExchange {
+                t.pending = Some(Pending::Exchange(Box::new(InExchange {
                     req,
                     flow,
                     link,
@@ -938,7 +1109,7 @@ impl LinkWorld {
                     stalled: None,
                 })));
             }
-            other => self.frame_back(b, k, other),
+            Work::Wallet { .. } => panic!("the simulated terminals make no wallet calls"),
         }
     }
 
@@ -1012,8 +1183,10 @@ impl LinkWorld {
                 FlowAction::Destroy(_) => panic!("kx=software has nothing to destroy"),
                 FlowAction::Done(r, _) => {
                     self.check_exchange(b, k, &x, &r);
-                    let a = b.terms[k].session.request_done(x.req, r);
-                    return self.frame_back(b, k, a);
+                    b.terms[k]
+                        .conn
+                        .request_done(x.req, r.map_err(Refused::from));
+                    return self.drive_conn(b, k);
                 }
             }
         }
@@ -1087,18 +1260,6 @@ impl LinkWorld {
         b.terms[k].ok += 1;
         self.trace.note(("exchange", k, "ok", session_id));
     }
-
-    /// A frame the session sends the terminal.
-    fn frame_back(&mut self, b: &mut Broker, k: usize, a: SessionAction) {
-        match a {
-            SessionAction::Reply(f) => self.trace.note(("frame", k, f.id, f.msg.type_byte())),
-            SessionAction::Close(f) => {
-                self.trace.note(("close", k, f.id, f.msg.type_byte()));
-                assert!(b.terms[k].session.is_closed() || matches!(f.msg, Message::Error { .. }));
-            }
-            other => panic!("the session answered a frame with {other:?}"),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -1107,6 +1268,8 @@ struct BrokerStats {
     exchanges_ok: u64,
     exchanges_failed: u64,
     reconnects: u64,
+    timeouts: u64,
+    revoked: u64,
 }
 
 fn broker_world(seed: u64) -> BrokerStats {
@@ -1149,6 +1312,8 @@ fn broker_world(seed: u64) -> BrokerStats {
         exchanges_ok: b.exchanges_ok,
         exchanges_failed: b.exchanges_failed,
         reconnects: b.reconnects,
+        timeouts: b.timeouts,
+        revoked: b.revoked,
     }
 }
 
@@ -1166,7 +1331,11 @@ fn broker_trace_depends_only_on_the_seed() {
     let (a, b) = (broker_world(5), broker_world(5));
     assert_eq!(a.link.hash, b.link.hash);
     assert!(
-        a.exchanges_ok > 0 && a.exchanges_failed > 0 && a.reconnects > 0,
+        a.exchanges_ok > 0
+            && a.exchanges_failed > 0
+            && a.reconnects > 0
+            && a.timeouts > 0
+            && a.revoked > 0,
         "{a:?}"
     );
 }

@@ -43,22 +43,7 @@ pub struct AuthWorker {
 /// Terminals whose check rate is followed (`limits::Buckets`).
 const MAX_TERMINALS: usize = 100_000;
 
-/// A refusal before or from a check, with the hint a `busy` carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Refused {
-    pub code: ErrorCode,
-    /// When the terminal may try again, ms (over its rate).
-    pub retry_ms: Option<u64>,
-}
-
-impl From<ErrorCode> for Refused {
-    fn from(code: ErrorCode) -> Self {
-        Self {
-            code,
-            retry_ms: None,
-        }
-    }
-}
+pub use crate::proto::conn::Refused;
 
 /// The auth pool and the terminals' check rates.
 pub struct Checks {

@@ -1,14 +1,14 @@
 //! One core's accept loop and the life of one terminal connection.
 //!
 //! ```text
-//! accept ─► TLS handshake (timeout) ─► X' = exporter ─► read frames (idle timeout)
-//!        ─► AccessSession::handle ─► Action ─► auth pool / HSM pool ─► reply
+//! accept ─► TLS handshake (timeout) ─► X' = exporter ─► ConnCore (proto::conn)
+//!        ─► Work ─► auth pool / HSM pool / market link / ledger ─► *_done ─► answers
 //! ```
 //!
 //! A terminal revoked while connected is cut off (`revoke.rs`): before each
 //! frame, and while the connection waits for one.
 
-use super::auth::{Refused, Which};
+use super::auth::Which;
 use super::exchange::{self, Released};
 use super::link::Link;
 use super::revoke::{Batch, Live};
@@ -18,14 +18,14 @@ use crate::logs::KeyedThrottle;
 use crate::net::sources::{Pending, Source, SourceLimits, Sources};
 use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
-use crate::proto::access::{Frame, FrameDecoder, Message, encode};
-use crate::proto::session::{AccessSession, Action};
+use crate::proto::conn::{Action as ConnAction, ConnCore, Event, Refused, Timeouts, Work};
 use compio::net::{TcpListener, TcpStream};
 use rustls::ServerConnection;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub(super) struct Core {
     pub shared: Arc<Shared>,
@@ -198,9 +198,10 @@ impl Core {
     }
 }
 
+/// What the shell keeps beside the core: the channel, and whom the
+/// connection's audit lines concern.
 struct Conn {
     io: TlsIo<ServerConnection>,
-    out: Vec<u8>,
     fingerprint: [u8; 32],
     /// X': the confirmation went into the session; the wrap key is kept.
     keys: AccessKeys,
@@ -217,34 +218,11 @@ struct Conn {
     /// The market of the exchange being answered.
     market: Option<Box<str>>,
     refusals: Rc<RefCell<KeyedThrottle<(Source, ErrorCode)>>>,
-    /// More frames of a pipelined burst wait behind the one being handled:
-    /// its answer is held and leaves with the burst's last one.
-    hold: bool,
-    /// Answers held and not yet sent.
-    held: bool,
     /// The revocation epoch this connection last checked its terminal at.
     revocations_seen: u64,
-    /// The retry hint of the `busy` about to be sent (over a rate).
-    retry_ms: Option<u64>,
 }
 
 impl Conn {
-    async fn send(&mut self, frame: &Frame) -> bool {
-        if !self.queue(frame) {
-            return false;
-        }
-        if self.hold {
-            self.held = true;
-            return true;
-        }
-        self.flush().await
-    }
-
-    async fn flush(&mut self) -> bool {
-        self.held = false;
-        self.io.flush().await.is_ok()
-    }
-
     /// Whether this connection's terminal was revoked (or its user removed)
     /// since the session began: one atomic load while nothing was.
     fn revoked(&mut self, core: &Core) -> bool {
@@ -253,42 +231,20 @@ impl Conn {
             .check(&mut self.revocations_seen, &self.fingerprint)
     }
 
-    /// Ends a session whose terminal was revoked while it was open; `id` is
-    /// the frame refused, 0 when the broker cuts an idle session.
-    async fn cut(mut self, id: u32) {
-        self.queue(&Frame {
-            id,
-            msg: Message::error(ErrorCode::TerminalRevoked, "terminal revoked"),
-        });
-        self.io.close().await;
+    /// The core's events: a metric and an audit line per refusal.
+    fn events(&mut self, conn: &mut ConnCore<Released>) {
+        while let Some(Event::Refused { code, detail, .. }) = conn.poll_event() {
+            crate::metrics::error(code);
+            self.audit(code, &detail);
+        }
     }
 
-    /// Encrypts `frame` without sending it yet: a last frame leaves with
-    /// the close_notify, in one send.
-    fn queue(&mut self, frame: &Frame) -> bool {
-        if let Message::Error { code, detail } = &frame.msg {
-            crate::metrics::error(*code);
-            self.audit(*code, detail);
-        }
-        self.out.clear();
-        match (&frame.msg, self.retry_ms.take()) {
-            // docs/PROTOCOL.md §1.6: a rate's busy says when to come back.
-            (
-                Message::Error {
-                    code: ErrorCode::Busy,
-                    ..
-                },
-                Some(ms),
-            ) => encode(
-                &Frame {
-                    id: frame.id,
-                    msg: Message::error(ErrorCode::Busy, format!("retry_after_ms={ms}")),
-                },
-                &mut self.out,
-            ),
-            _ => encode(frame, &mut self.out),
-        }
-        self.io.queue(&self.out).is_ok()
+    /// Hands the core's answers to TLS; the last one leaves with the
+    /// close_notify, in one send.
+    fn queue(&mut self, conn: &mut ConnCore<Released>) -> bool {
+        let ok = self.io.queue(conn.out()).is_ok();
+        conn.sent();
+        ok
     }
 
     /// The audit line of a refusal: every typed error the terminal is
@@ -335,12 +291,6 @@ impl Conn {
                 .unwrap_or_else(|| "-".to_owned());
             self.serial = Some(serial.into());
         }
-    }
-
-    /// The code of a refused check; its retry hint goes with the answer.
-    fn refused(&mut self, why: Refused) -> ErrorCode {
-        self.retry_ms = why.retry_ms;
-        why.code
     }
 }
 
@@ -471,11 +421,16 @@ async fn serve(
     // A resumption skips the client verifier: the restored certificate's
     // dates are checked here (broker/tickets.rs).
     let expired = super::tickets::resumed_past_validity(&io.conn);
-    let mut session = AccessSession::new(keys.confirm());
-    let mut decoder = FrameDecoder::new(cfg.max_frame);
+    let mut conn = ConnCore::new(
+        keys.confirm(),
+        cfg.max_frame,
+        Timeouts {
+            idle: ms(cfg.idle_timeout_ms),
+            frame: ms(cfg.frame_timeout_ms),
+        },
+    );
     let mut c = Conn {
         io,
-        out: Vec::with_capacity(256),
         fingerprint,
         keys,
         peer: peer.map_or_else(|| "unknown".into(), |a| a.to_string().into()),
@@ -484,96 +439,60 @@ async fn serve(
         serial: None,
         market: None,
         refusals: core.refusals.clone(),
-        hold: false,
-        held: false,
         revocations_seen: 0,
-        retry_ms: None,
     };
     if expired {
-        c.queue(&Frame {
-            id: 0,
-            msg: Message::error(ErrorCode::TerminalRevoked, "terminal certificate expired"),
-        });
-        c.io.close().await;
-        return;
+        conn.end(
+            0,
+            ErrorCode::TerminalRevoked,
+            "terminal certificate expired",
+        );
     }
+    // Registered before the first check: a revocation the core saw
+    // earlier is in the set, a later one wakes the read below.
     let (_registered, mut revoked) = core.live.register(fingerprint);
     let mut buf = vec![0u8; 4096];
-    // When the first byte of a still-incomplete frame arrived: a frame must
-    // complete within frame_timeout_ms, so a peer that trickles bytes
-    // (slowloris) cannot hold a connection by staying just under idle.
-    let mut partial_since: Option<std::time::Instant> = None;
     loop {
-        loop {
-            match decoder.next_frame() {
-                Ok(Some(frame)) => {
-                    if c.revoked(core) {
-                        c.cut(frame.id).await;
-                        return;
-                    }
-                    c.hold = decoder.ready();
-                    let action = session.handle(frame);
-                    if !perform(core, &mut session, &mut c, action).await {
-                        c.io.close().await;
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    if c.held && !c.flush().await {
-                        return;
-                    }
-                    break;
-                }
-                Err(e) => {
-                    c.queue(&e.answer());
-                    c.io.close().await;
+        if c.revoked(core) {
+            conn.handle_revoked();
+        }
+        let action = conn.poll_action(Instant::now());
+        c.events(&mut conn);
+        match action {
+            ConnAction::Work(w) => perform(core, &mut conn, &mut c, w).await,
+            ConnAction::Send => {
+                if !c.queue(&mut conn) || c.io.flush().await.is_err() {
                     return;
                 }
             }
-        }
-        let wait = if decoder.pending() == 0 {
-            partial_since = None;
-            ms(cfg.idle_timeout_ms)
-        } else {
-            let since = *partial_since.get_or_insert_with(std::time::Instant::now);
-            ms(cfg.frame_timeout_ms)
-                .saturating_sub(since.elapsed())
-                .min(ms(cfg.idle_timeout_ms))
-        };
-        // Registered before this first check: a revocation the core saw
-        // earlier is in the set, a later one wakes the read below.
-        if c.revoked(core) {
-            c.cut(0).await;
-            return;
-        }
-        let read = compio::time::timeout(wait, async {
-            let read = std::pin::pin!(c.io.read_some(&mut buf));
-            match futures_util::future::select(read, &mut revoked).await {
-                futures_util::future::Either::Left((r, _)) => Some(r),
-                futures_util::future::Either::Right(_) => None,
-            }
-        })
-        .await;
-        match read {
-            Ok(None) => {
-                c.cut(0).await;
-                return;
-            }
-            Ok(Some(Ok(0))) | Ok(Some(Err(_))) => return,
-            Ok(Some(Ok(n))) => {
-                decoder.push(&buf[..n]);
-                // Plaintext may hold a password; keep one copy, not two.
-                zeroize::Zeroize::zeroize(&mut buf[..n]);
-            }
-            Err(_) => {
-                // Silence answers no frame: id 0 (docs/PROTOCOL.md §1.3).
-                c.queue(&Frame {
-                    id: 0,
-                    msg: Message::error(ErrorCode::Timeout, "idle"),
-                });
+            ConnAction::Close => {
+                c.queue(&mut conn);
                 c.io.close().await;
                 return;
             }
+            ConnAction::Read { until } => {
+                let wait = until.saturating_duration_since(Instant::now());
+                let read = compio::time::timeout(wait, async {
+                    let read = std::pin::pin!(c.io.read_some(&mut buf));
+                    match futures_util::future::select(read, &mut revoked).await {
+                        futures_util::future::Either::Left((r, _)) => Some(r),
+                        futures_util::future::Either::Right(_) => None,
+                    }
+                })
+                .await;
+                match read {
+                    Ok(None) => conn.handle_revoked(),
+                    Ok(Some(Ok(0))) | Ok(Some(Err(_))) => return,
+                    Ok(Some(Ok(n))) => {
+                        conn.handle_bytes(&buf[..n]);
+                        // Plaintext may hold a password; keep one copy, not two.
+                        zeroize::Zeroize::zeroize(&mut buf[..n]);
+                    }
+                    Err(_) => conn.handle_timeout(Instant::now()),
+                }
+            }
+            // The shell runs one Work to its end before it polls again.
+            ConnAction::Wait => unreachable!("polled with a Work out"),
         }
     }
 }
@@ -587,92 +506,73 @@ impl<F: FnMut()> Drop for Defer<F> {
     }
 }
 
-/// Carries out `action` and what follows from it. False: close.
-async fn perform(
-    core: &Core,
-    session: &mut AccessSession<Released>,
-    c: &mut Conn,
-    action: Action,
-) -> bool {
+/// Runs one [`Work`] and hands its result to the core.
+async fn perform(core: &Core, conn: &mut ConnCore<Released>, c: &mut Conn, work: Work) {
     let shared = &core.shared;
-    let mut next = Some(action);
-    while let Some(action) = next.take() {
-        let waits = !matches!(action, Action::Reply(_) | Action::Close(_));
-        crate::metrics::inflight(i64::from(waits));
-        let _done = Defer(move || crate::metrics::inflight(-i64::from(waits)));
-        match action {
-            Action::Reply(f) => {
-                let sent = c.send(&f).await;
-                // An exchange's answer (and its audit line) has left.
-                c.market = None;
-                if !sent {
-                    return false;
-                }
+    crate::metrics::inflight(1);
+    let _done = Defer(|| crate::metrics::inflight(-1));
+    match work {
+        Work::CheckLogin { check, password } => {
+            let user = check.user();
+            c.user = Some(user.into());
+            let r = shared
+                .auth
+                .check(Which::Access, c.fingerprint, user, password)
+                .await
+                .map(drop);
+            if r.is_ok() {
+                tracing::info!(target: "audit", user, peer = %c.peer, "login");
             }
-            Action::Close(f) => {
-                c.queue(&f);
-                return false;
+            conn.login_done(check, r);
+        }
+        Work::CheckRelease { check, password } => {
+            let user = check.user();
+            let r = release(core, c, user, password).await;
+            if r.is_ok() {
+                tracing::info!(target: "audit", user, peer = %c.peer, "released");
             }
-            Action::CheckLogin { check, password } => {
-                let user = check.user();
-                c.user = Some(user.into());
-                let r = shared
-                    .auth
-                    .check(Which::Access, c.fingerprint, user, password)
-                    .await
-                    .map(drop)
-                    .map_err(|why| c.refused(why));
-                if r.is_ok() {
-                    tracing::info!(target: "audit", user, peer = %c.peer, "login");
-                }
-                next = Some(session.login_done(check, r));
-            }
-            Action::CheckRelease { check, password } => {
-                let user = check.user();
-                let r = release(core, c, user, password).await;
-                if r.is_ok() {
-                    tracing::info!(target: "audit", user, peer = %c.peer, "released");
-                }
-                next = Some(session.release_done(check, r));
-            }
-            Action::Exchange {
-                req,
-                market,
-                ephemeral,
-            } => {
-                let user = req.user();
-                c.market = Some(market.as_str().into());
-                if let Err(ms) = shared.exchange_allowed(user) {
-                    // Not an exchange: its busy's audit line is throttled.
-                    c.retry_ms = Some(ms);
-                    next = Some(session.request_done(req, Err(ErrorCode::Busy)));
-                    continue;
-                }
-                let r = match session.released() {
-                    None => Err(ErrorCode::NotReleased),
-                    Some(rel) => {
+            conn.release_done(check, r);
+        }
+        Work::Exchange {
+            req,
+            market,
+            ephemeral,
+        } => {
+            let user = req.user();
+            c.market = Some(market.as_str().into());
+            let r = match (shared.exchange_allowed(user), conn.released()) {
+                // Not an exchange: its busy's audit line is throttled.
+                (Err(ms), _) => Err(Refused {
+                    code: ErrorCode::Busy,
+                    retry_ms: Some(ms),
+                }),
+                (Ok(()), None) => Err(ErrorCode::NotReleased.into()),
+                (Ok(()), Some(rel)) => {
+                    let r =
                         exchange::exchange(core, rel, user, &market, ephemeral, c.keys.wrap_key())
-                            .await
+                            .await;
+                    // A refused one has its line as it is sent (`Conn::audit`).
+                    if r.is_ok() {
+                        let mode = if ephemeral.is_some() {
+                            "partial"
+                        } else {
+                            "full"
+                        };
+                        tracing::info!(target: "audit", user, peer = %c.peer, market, mode, result = "ok", "exchange");
                     }
-                };
-                let mode = if ephemeral.is_some() {
-                    "partial"
-                } else {
-                    "full"
-                };
-                // A refused one has its line as it is sent (`Conn::audit`).
-                if r.is_ok() {
-                    tracing::info!(target: "audit", user, peer = %c.peer, market, mode, result = "ok", "exchange");
+                    r.map_err(Refused::from)
                 }
-                next = Some(session.request_done(req, r));
-            }
-            Action::Wallet { req, call } => {
-                let r = super::wallet::handle(core, session.released(), req.user(), call).await;
-                next = Some(session.request_done(req, r));
-            }
+            };
+            conn.request_done(req, r);
+            c.events(conn);
+            // The exchange's answer (and its audit line) is out.
+            c.market = None;
+        }
+        Work::Wallet { req, call } => {
+            let r = super::wallet::handle(core, conn.released(), req.user(), call).await;
+            conn.request_done(req, r.map_err(Refused::from));
         }
     }
-    true
 }
 
 async fn release(
@@ -680,10 +580,8 @@ async fn release(
     c: &mut Conn,
     user: &str,
     password: crate::proto::access::Password,
-) -> Result<Released, ErrorCode> {
-    let (key, record) = super::card::open(core, c.fingerprint, user, password)
-        .await
-        .map_err(|why| c.refused(why))?;
+) -> Result<Released, Refused> {
+    let (key, record) = super::card::open(core, c.fingerprint, user, password).await?;
     Ok(Released {
         key,
         terminal: c.fingerprint,

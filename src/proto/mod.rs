@@ -1,8 +1,9 @@
 //! Sans-IO protocol core: frame codecs and session state machines.
 //!
 //! ```text
-//! runtime (broker/, terminal/) ── bytes ──► access::FrameDecoder ──► session::AccessSession
-//!                              ◄── bytes ── access::encode ◄── Action
+//! runtime (broker/conn.rs) ── bytes ──► conn::ConnCore ─► access::FrameDecoder ─► session::AccessSession
+//!                          ◄── bytes ── conn::ConnCore ◄─ access::encode ◄─ Action
+//!                          ◄── Work (checks, exchanges, wallet calls) / *_done ──►
 //! ```
 //!
 //! Nothing in this module touches a socket, a clock, the HSM or the ledger,
@@ -10,6 +11,7 @@
 
 pub mod access;
 pub mod code;
+pub mod conn;
 pub mod direct;
 pub mod link;
 pub mod market;
