@@ -91,7 +91,7 @@ bench-ledgers:
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain accept them (only this one is installable here).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := access_frames market_frames direct_records direct_handshake access_session wallet_blobs
+FUZZ_TARGETS := access_frames market_frames direct_records direct_handshake access_session access_conn wallet_blobs
 # The deterministic simulation (tests/sim.rs) over more seeds than
 # `make test` runs; a failing seed prints the command that replays it.
 SEEDS ?= 1000

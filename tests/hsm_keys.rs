@@ -216,3 +216,90 @@ fn the_module_locks_with_our_mutexes_under_concurrent_signing() {
     });
     ops::destroy(&s, key).unwrap();
 }
+
+/// The two key holders behind `KeyOps`, the home card (SoftHSM, through a
+/// broker HSM worker) and the deterministic software card of the
+/// simulation, run the same exchange jobs to the same contract: T signed
+/// with the user's key over the holder's own ephemeral, X agreed with the
+/// market's side, and an ephemeral whose signature failed destroyed.
+#[test]
+fn both_key_holders_run_the_same_jobs_to_the_same_contract() {
+    use keybroker::exchange::flow::KeyJob;
+    use keybroker::exchange::keyops::{KeyDone, KeyOps, SoftCard};
+    use keybroker::exchange::{Mode, Transcript, verify_signature, x_input};
+
+    fn transcript() -> Transcript {
+        Transcript {
+            mode: Mode::Full,
+            market: "m".into(),
+            user: "bob".into(),
+            cert_fingerprint: [1; 32],
+            request_id: 3,
+            ephemeral: Point::UNSET,
+            time_ms: 9,
+            nonce: [2; 16],
+            binding: [4; 32],
+        }
+    }
+
+    fn contract<O: KeyOps>(ops: &O, key: O::Key, public: &[u8])
+    where
+        O::Error: std::fmt::Debug,
+    {
+        let t = transcript();
+        let KeyDone::KeygenSigned {
+            point,
+            private,
+            digest,
+            signature,
+        } = KeyJob::KeygenSign {
+            transcript: t.clone(),
+        }
+        .run(ops, key)
+        .unwrap()
+        else {
+            panic!("not a keygen answer")
+        };
+        let mut signed = t;
+        signed.ephemeral = point;
+        assert_eq!(signed.digest(), digest);
+        assert!(verify_signature(public, &signed.preimage(), &signature));
+        let market = Ephemeral::generate(Group::P256);
+        let KeyDone::Derived(x) = KeyJob::Derive {
+            private,
+            peer: market.public,
+            input: x_input(&digest, &market.public),
+        }
+        .run(ops, key)
+        .unwrap() else {
+            panic!("not a derive answer")
+        };
+        let theirs = market.x(&point, &digest, &market.public).unwrap();
+        assert_eq!(*x, *theirs);
+    }
+
+    let hsm = common::shared_hsm();
+    let keys = hsm.key_handles().unwrap();
+    let w = keybroker::broker::HsmWorker::new(hsm.clone(), keys).unwrap();
+    let (public, wrapped) = ops::generate_wrapped_user_key(&w.session, keys.master_wrap).unwrap();
+    let user = w.session_key(ops::unwrap_user_key(&w.session, keys.master_wrap, &wrapped).unwrap());
+    contract(&w, user, &public);
+    let card = SoftCard::new([7; 32], 1);
+    contract(&card, 0, &card.public(0));
+    assert_eq!(card.live(), 0);
+
+    // A key from before a recovery is stale: the ephemeral made for the
+    // job is destroyed, on the token as in the software card.
+    let session_objects = |s: &Session| s.find_objects(&[Attribute::Token(false)]).unwrap().len();
+    let before = session_objects(&w.session);
+    let stale = keybroker::hsm::SessionKey {
+        epoch: user.epoch + 1,
+        ..user
+    };
+    let job = KeyJob::<keybroker::hsm::SessionKey>::KeygenSign {
+        transcript: transcript(),
+    };
+    assert!(job.run(&w, stale).is_err());
+    assert_eq!(session_objects(&w.session), before, "the ephemeral is gone");
+    ops::destroy(&w.session, user.handle).unwrap();
+}

@@ -29,8 +29,9 @@
 use aws_lc_rs::digest;
 use keybroker::clock::ManualClock;
 use keybroker::config::Kx;
-use keybroker::exchange::flow::{Action as FlowAction, Flow, Fresh, KeyJob, Params};
-use keybroker::exchange::{Ephemeral, Transcript};
+use keybroker::exchange::flow::{Action as FlowAction, Flow, Fresh, Params};
+use keybroker::exchange::keyops::{KeyDone, KeyOps, SoftCard, SoftCardError};
+use keybroker::exchange::{Ephemeral, Transcript, verify_signature};
 use keybroker::proto::ErrorCode;
 use keybroker::proto::access::{Frame, FrameDecoder, Message, Password, encode};
 use keybroker::proto::conn::{
@@ -656,11 +657,37 @@ fn sha(data: &[u8]) -> [u8; 32] {
         .unwrap()
 }
 
-/// The simulation's home card: an HMAC key per user stands for the user's
-/// signing key (a deterministic "signature", so traces repeat).
-fn card_sign(key: &[u8; 32], digest: &[u8; 32]) -> Vec<u8> {
-    let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
-    aws_lc_rs::hmac::sign(&k, digest).as_ref().to_vec()
+/// The card, failing a signature when told: for a KeygenSign, after its
+/// ephemeral was made, so the job must destroy it.
+struct Flaky<'a> {
+    card: &'a SoftCard,
+    fail_sign: bool,
+}
+
+impl KeyOps for Flaky<'_> {
+    type Key = usize;
+    type Private = u64;
+    type Error = SoftCardError;
+    fn sign_digest(&self, key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, SoftCardError> {
+        if self.fail_sign {
+            return Err(SoftCardError::UnknownKey(key));
+        }
+        self.card.sign_digest(key, digest)
+    }
+    fn generate_ephemeral(&self) -> Result<(Point, u64), SoftCardError> {
+        self.card.generate_ephemeral()
+    }
+    fn derive_x(
+        &self,
+        private: u64,
+        peer: &Point,
+        input: &[u8],
+    ) -> Result<zeroize::Zeroizing<[u8; 32]>, SoftCardError> {
+        self.card.derive_x(private, peer, input)
+    }
+    fn destroy(&self, private: u64) {
+        self.card.destroy(private)
+    }
 }
 
 /// What a terminal's session asked for and has not been answered.
@@ -682,6 +709,9 @@ struct InExchange {
     /// A retry's Binding action waiting for the link to drop the broken
     /// channel (as `Link::binding_after` waits).
     stalled: Option<[u8; 32]>,
+    /// kx=hsm ephemerals the card made for this exchange: a broker core's
+    /// restart loses them with its HSM session.
+    privates: Vec<u64>,
 }
 
 /// The terminal connections' timers: an idle terminal is cut after
@@ -693,10 +723,10 @@ const CONN_TIMEOUTS: Timeouts = Timeouts {
 
 struct Term {
     user: String,
-    card: [u8; 32],
     /// X'wrap of this connection (a new one per connection).
     wrap: [u8; 32],
-    conn: ConnCore<[u8; 32]>,
+    /// Its released key is the card's key number: the terminal's index.
+    conn: ConnCore<usize>,
     pending: Option<Pending>,
     next_id: u32,
     /// Ids sent on this connection and not yet answered, in order.
@@ -714,7 +744,7 @@ struct Term {
     ok: u64,
 }
 
-fn conn() -> ConnCore<[u8; 32]> {
+fn conn() -> ConnCore<usize> {
     ConnCore::new([0; 32], 1 << 16, CONN_TIMEOUTS)
 }
 
@@ -730,9 +760,10 @@ fn frames(bytes: &[u8]) -> Vec<Frame> {
     v
 }
 
-#[derive(Default)]
 struct Broker {
     terms: Vec<Term>,
+    /// The home card: every user's key, and the kx=hsm ephemerals.
+    card: SoftCard,
     by_token: BTreeMap<u64, usize>,
     /// The X each market issued, by session id: (user, X).
     issued: BTreeMap<[u8; 16], (String, [u8; 32])>,
@@ -750,7 +781,6 @@ impl Broker {
         let terms = (0..TERMINALS)
             .map(|k| Term {
                 user: format!("t{k}"),
-                card: rng.random(),
                 wrap: rng.random(),
                 conn: conn(),
                 pending: None,
@@ -765,7 +795,15 @@ impl Broker {
             .collect();
         Self {
             terms,
-            ..Self::default()
+            card: SoftCard::new(rng.random(), TERMINALS),
+            by_token: BTreeMap::new(),
+            issued: BTreeMap::new(),
+            settling: false,
+            exchanges_ok: 0,
+            exchanges_failed: 0,
+            reconnects: 0,
+            timeouts: 0,
+            revoked: 0,
         }
     }
 
@@ -781,7 +819,7 @@ impl Broker {
         binding: [u8; 32],
         r: &ExchangeRequest,
     ) -> Result<Accepted, ErrorCode> {
-        let Some(term) = self.terms.iter().find(|t| t.user == r.user) else {
+        let Some(k) = self.terms.iter().position(|t| t.user == r.user) else {
             return market_answer(m, r.request_id, &r.user);
         };
         let t = Transcript {
@@ -796,11 +834,13 @@ impl Broker {
             binding,
         };
         let digest = t.digest();
-        if card_sign(&term.card, &digest) != r.signature {
+        if !verify_signature(&self.card.public(k), &t.preimage(), &r.signature) {
             return Err(ErrorCode::BadSignature);
         }
         let seed = sha(format!("market {m} eph {}", r.request_id).as_bytes());
-        let eph = Ephemeral::from_private_bytes_for_vectors(Group::X25519, &seed).unwrap();
+        // The market answers in the group the broker chose (kx=hsm: P-256).
+        let eph = Ephemeral::from_private_bytes_for_vectors(r.ephemeral.group(), &seed)
+            .expect("a valid scalar");
         let x = eph
             .x(&r.ephemeral, &digest, &eph.public)
             .ok_or(ErrorCode::Malformed)?;
@@ -830,6 +870,11 @@ impl Broker {
     /// with it.
     fn lost(&mut self, token: u64) {
         if let Some(k) = self.by_token.remove(&token) {
+            if let Some(Pending::Exchange(x)) = &self.terms[k].pending {
+                for p in &x.privates {
+                    self.card.destroy(*p);
+                }
+            }
             self.reconnect(k);
         }
     }
@@ -887,7 +932,7 @@ impl LinkWorld {
                 let r = match (right, self.rng.random_bool(0.03) && !self.calm) {
                     (false, _) => Err(ErrorCode::WrongPassword.into()),
                     (true, true) => Err(ErrorCode::HsmUnavailable.into()),
-                    (true, false) => Ok(b.terms[k].card),
+                    (true, false) => Ok(k),
                 };
                 b.terms[k].conn.release_done(check, r);
                 self.drive_conn(b, k);
@@ -1090,12 +1135,17 @@ impl LinkWorld {
                 assert!(t.conn.is_released(), "an exchange without the release");
                 let m: usize = market[1..].parse().unwrap();
                 let link = (k % CORES) * MARKETS + m;
+                let kx = if self.rng.random_bool(0.5) {
+                    Kx::Hsm
+                } else {
+                    Kx::Software
+                };
                 let flow = Flow::new(Params {
                     user: t.user.clone(),
                     market,
                     cert: Arc::new(t.user.as_bytes().to_vec()),
                     fingerprint: sha(t.user.as_bytes()),
-                    kx: Kx::Software,
+                    kx,
                     terminal_eph: ephemeral,
                     wrap_key: zeroize::Zeroizing::new(t.wrap),
                 });
@@ -1107,6 +1157,7 @@ impl LinkWorld {
                     reply: None,
                     partial,
                     stalled: None,
+                    privates: Vec::new(),
                 })));
             }
             Work::Wallet { .. } => panic!("the simulated terminals make no wallet calls"),
@@ -1148,15 +1199,27 @@ impl LinkWorld {
                     self.next_request += 1;
                     x.flow.handle_binding(now.map(|b| (b, fresh)));
                 }
-                FlowAction::Key(KeyJob::Sign { digest }) => {
-                    let r = if self.chance(0.03) && !self.calm {
-                        Err(ErrorCode::HsmUnavailable)
-                    } else {
-                        Ok(card_sign(&b.terms[k].card, &digest))
+                FlowAction::Key(job) => {
+                    let faulty = !self.calm && self.chance(0.04);
+                    let card = Flaky {
+                        card: &b.card,
+                        fail_sign: faulty && self.chance(0.5),
                     };
-                    x.flow.handle_signed(r);
+                    let key = *b.terms[k]
+                        .conn
+                        .released()
+                        .expect("a job for a released key");
+                    if faulty && !card.fail_sign {
+                        // The HSM queue was full: the job never ran.
+                        x.flow.handle_key_refused(ErrorCode::Busy);
+                        continue;
+                    }
+                    let r = job.run(&card, key).map_err(|_| ErrorCode::HsmUnavailable);
+                    if let Ok(KeyDone::KeygenSigned { private, .. }) = &r {
+                        x.privates.push(*private);
+                    }
+                    x.flow.handle_key(r);
                 }
-                FlowAction::Key(other) => panic!("kx=software asked for {other:?}"),
                 FlowAction::Submit { req, binding } => {
                     let token = self.next_token;
                     self.next_token += 1;
@@ -1180,7 +1243,7 @@ impl LinkWorld {
                     b.terms[k].pending = Some(Pending::Exchange(x));
                     return;
                 }
-                FlowAction::Destroy(_) => panic!("kx=software has nothing to destroy"),
+                FlowAction::Destroy(p) => b.card.destroy(p),
                 FlowAction::Done(r, _) => {
                     self.check_exchange(b, k, &x, &r);
                     b.terms[k]
@@ -1278,11 +1341,10 @@ fn broker_world(seed: u64) -> BrokerStats {
         w.step();
     }
     w.settle();
-    assert_eq!(
-        w.broker.as_ref().unwrap().busy(),
-        0,
-        "a terminal's request never ended"
-    );
+    let b = w.broker.as_ref().unwrap();
+    assert_eq!(b.busy(), 0, "a terminal's request never ended");
+    // Every kx=hsm ephemeral was derived from or destroyed.
+    assert_eq!(b.card.live(), 0, "HSM ephemerals leaked");
     // Once the faults stop, every terminal brokers a key again.
     w.calm = true;
     let b = w.broker.as_mut().unwrap();
@@ -1376,7 +1438,7 @@ impl FaultStore {
 }
 
 fn sim_err(what: &str) -> WalletError {
-    WalletError::Storage(format!("sim: {what}"))
+    WalletError::storage(format!("sim: {what}"))
 }
 
 impl Store for FaultStore {
@@ -1458,7 +1520,7 @@ struct FaultMac {
 impl ChainMac for FaultMac {
     fn mac(&self, day: i64, data: &[u8]) -> WalletResult<[u8; 32]> {
         if self.faults.mac_down.load(Ordering::SeqCst) {
-            return Err(WalletError::Mac("sim: HSM gone".into()));
+            return Err(WalletError::mac("sim: HSM gone"));
         }
         self.inner.mac(day, data)
     }

@@ -335,7 +335,7 @@ fn a_removed_tail_fails_the_audit_with_the_writer_stopped() {
     assert_gap(&f.l().audit().unwrap(), 3, 5);
     assert!(matches!(
         f.l().purchase(buy("oscar", 1, "x")).unwrap_err(),
-        WalletError::Storage(e) if e.contains("behind entry 5")
+        WalletError::Storage(e) if e.what().contains("behind entry 5")
     ));
     // Stopped and started again: still caught, nothing appended.
     f.stop();

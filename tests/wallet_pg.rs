@@ -235,7 +235,7 @@ fn tampering_is_detected_by_the_audit() {
     // The writer refuses to append to a chain that lost entries.
     assert!(matches!(
         f.ledger.purchase(buy("ivan", 1, "after")).unwrap_err(),
-        WalletError::Storage(m) if m.contains("went back")
+        WalletError::Storage(m) if m.what().contains("went back")
     ));
 }
 

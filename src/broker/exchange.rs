@@ -12,13 +12,15 @@ use super::conn::Core;
 use super::link::{Failure, Pending};
 use super::{HsmWorker, Shared};
 use crate::config::Kx;
-use crate::exchange::flow::{Action, Flow, Fresh, KeyJob, Params};
-use crate::exchange::{Ephemeral, Group, Point, Transcript};
+use crate::exchange::flow::{Action, Flow, Fresh, Params};
+use crate::exchange::keyops::KeyOps;
+use crate::exchange::{Ephemeral, Group, Point};
 use crate::hsm::{HsmError, SessionKey};
 use crate::pool::PoolError;
 use crate::proto::ErrorCode;
 use crate::proto::access::Message;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// A released session: the user's key (shared with the user's other
@@ -35,16 +37,70 @@ pub struct Released {
 }
 
 /// Destroys a session key, unless the HSM lost it already (its handle may
-/// name something else now).
+/// name something else now). With the HSM queue full it is owed
+/// ([`Owed`]), and the next HSM job destroys it first.
 pub(super) fn destroy_later(shared: &Shared, key: SessionKey) {
-    let queued = shared.hsm_pool.submit(move |w| {
-        let Ok(h) = w.hsm.live(key) else { return };
-        if let Err(e) = crate::hsm::ops::destroy(&w.session, h) {
-            tracing::warn!(error = %e, "destroying an HSM session object failed");
+    let queued = shared.hsm_pool.submit(move |w| destroy_now(w, key));
+    if queued.is_err() && !shared.owed.push(key) {
+        tracing::warn!(
+            "HSM queue full and too many destroys owed: a session object stays until its worker session closes"
+        );
+    }
+}
+
+fn destroy_now(w: &HsmWorker, key: SessionKey) {
+    let Ok(h) = w.hsm.live(key) else { return };
+    if let Err(e) = crate::hsm::ops::destroy(&w.session, h) {
+        tracing::warn!(error = %e, "destroying an HSM session object failed");
+    }
+}
+
+/// Session objects whose destroy found the HSM queue full. Released keys
+/// and unused ephemerals are destroyed after the fact, so an overload that
+/// fills the queue must not leave them in the token: the next HSM job of
+/// any core destroys them before its own work.
+#[derive(Default)]
+pub struct Owed {
+    /// The length of `keys`: one relaxed load on every HSM job while
+    /// nothing is owed.
+    count: AtomicUsize,
+    keys: Mutex<Vec<SessionKey>>,
+}
+
+/// Destroys owed at most; past it one is left to its worker session's end.
+const MAX_OWED: usize = 65_536;
+
+impl Owed {
+    fn push(&self, key: SessionKey) -> bool {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.len() >= MAX_OWED {
+            return false;
         }
-    });
-    if queued.is_err() {
-        tracing::warn!("HSM queue full: a session object stays until its worker session closes");
+        keys.push(key);
+        self.count.store(keys.len(), Ordering::Relaxed);
+        true
+    }
+
+    fn settle(&self, w: &HsmWorker) {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let keys = {
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            self.count.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *keys)
+        };
+        for key in keys {
+            destroy_now(w, key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -71,15 +127,31 @@ pub async fn hsm<R: Send + 'static>(
     op: &'static str,
     f: impl Fn(&HsmWorker) -> Result<R, HsmError> + Send + 'static,
 ) -> Result<R, ErrorCode> {
+    hsm_ran(core, op, f).await?
+}
+
+/// As [`hsm`], telling a job refused before it ran (the outer error) from
+/// one that ran and failed.
+async fn hsm_ran<R: Send + 'static>(
+    core: &Core,
+    op: &'static str,
+    f: impl Fn(&HsmWorker) -> Result<R, HsmError> + Send + 'static,
+) -> Result<Result<R, ErrorCode>, ErrorCode> {
     if let Some(w) = &core.hsm_inline {
-        return timed(&mut w.borrow_mut(), op, f).map_err(hsm_code);
+        let mut w = w.borrow_mut();
+        core.shared.owed.settle(&w);
+        return Ok(timed(&mut w, op, f).map_err(hsm_code));
     }
+    let owed = core.shared.owed.clone();
     core.shared
         .hsm_pool
-        .run(move |w| timed(w, op, f))
+        .run(move |w| {
+            owed.settle(w);
+            timed(w, op, f)
+        })
         .await
-        .map_err(pool_code)?
-        .map_err(hsm_code)
+        .map(|r| r.map_err(hsm_code))
+        .map_err(pool_code)
 }
 
 fn timed<R>(
@@ -158,31 +230,11 @@ pub async fn exchange(
                 };
                 flow.handle_binding(b.map(|b| (b, fresh(core, kx, terminal_eph.is_none()))));
             }
-            Action::Key(KeyJob::Sign { digest }) => flow.handle_signed(
-                hsm(core, "sign", move |w| {
-                    crate::hsm::ops::sign_digest_p256(&w.session, w.hsm.live(key)?, &digest)
-                })
-                .await,
-            ),
-            Action::Key(KeyJob::KeygenSign { transcript }) => {
-                flow.handle_keygen_signed(keygen_sign(core, key, transcript).await)
-            }
-            Action::Key(KeyJob::Derive {
-                private,
-                peer,
-                input,
-            }) => {
-                let x = hsm(core, "derive", move |w| {
-                    let private = w.hsm.live(private)?;
-                    crate::hsm::ops::derive_x(&w.session, private, peer.as_bytes(), &input)
-                })
-                .await
-                .and_then(|x| {
-                    <[u8; 32]>::try_from(x.as_slice())
-                        .map(zeroize::Zeroizing::new)
-                        .map_err(|_| ErrorCode::HsmUnavailable)
-                });
-                flow.handle_derived(x)
+            Action::Key(job) => {
+                match hsm_ran(core, job.op(), move |w| job.clone().run(w, key)).await {
+                    Ok(done) => flow.handle_key(done),
+                    Err(code) => flow.handle_key_refused(code),
+                }
             }
             Action::Submit { req, binding } => {
                 let (tx, rx) = futures_channel::oneshot::channel();
@@ -221,29 +273,45 @@ fn fresh(core: &Core, kx: Kx, full: bool) -> Fresh {
     }
 }
 
-/// kx=hsm: a fresh HSM ephemeral and the home-card key's signature over T
-/// with it, in one job.
-async fn keygen_sign(
-    core: &Core,
-    key: SessionKey,
-    tt: Transcript,
-) -> Result<(Point, SessionKey, [u8; 32], Vec<u8>), ErrorCode> {
-    hsm(core, "keygen_sign", move |w| {
-        let (point, private) = crate::hsm::ops::generate_ephemeral(&w.session)?;
-        let mut tt = tt.clone();
-        tt.ephemeral = Point::new(Group::P256, &point).ok_or(HsmError::Format("a bad EC point"))?;
-        let digest = tt.digest();
-        let signed = w
-            .hsm
-            .live(key)
-            .and_then(|k| crate::hsm::ops::sign_digest_p256(&w.session, k, &digest));
-        match signed {
-            Ok(sig) => Ok((tt.ephemeral, w.session_key(private), digest, sig)),
-            Err(e) => {
-                let _ = crate::hsm::ops::destroy(&w.session, private);
-                Err(e)
+/// The home card behind [`KeyOps`]: one HSM worker's session. The user's
+/// key is a released session object and an ephemeral one made here, both
+/// valid only in the epoch they were made in ([`HsmError::Stale`] after).
+impl KeyOps for HsmWorker {
+    type Key = SessionKey;
+    type Private = SessionKey;
+    type Error = HsmError;
+
+    fn sign_digest(&self, key: SessionKey, digest: &[u8; 32]) -> Result<Vec<u8>, HsmError> {
+        crate::hsm::ops::sign_digest_p256(&self.session, self.hsm.live(key)?, digest)
+    }
+
+    fn generate_ephemeral(&self) -> Result<(Point, SessionKey), HsmError> {
+        let (point, private) = crate::hsm::ops::generate_ephemeral(&self.session)?;
+        match Point::new(Group::P256, &point) {
+            Some(p) => Ok((p, self.session_key(private))),
+            None => {
+                let _ = crate::hsm::ops::destroy(&self.session, private);
+                Err(HsmError::Format("a bad EC point"))
             }
         }
-    })
-    .await
+    }
+
+    fn derive_x(
+        &self,
+        private: SessionKey,
+        peer: &Point,
+        input: &[u8],
+    ) -> Result<zeroize::Zeroizing<[u8; 32]>, HsmError> {
+        let private = self.hsm.live(private)?;
+        let x = crate::hsm::ops::derive_x(&self.session, private, peer.as_bytes(), input)?;
+        <[u8; 32]>::try_from(x.as_slice())
+            .map(zeroize::Zeroizing::new)
+            .map_err(|_| HsmError::Format("an HMAC that is not 32 bytes"))
+    }
+
+    fn destroy(&self, private: SessionKey) {
+        if let Ok(h) = self.hsm.live(private) {
+            let _ = crate::hsm::ops::destroy(&self.session, h);
+        }
+    }
 }

@@ -78,6 +78,8 @@ pub struct Shared {
     /// Exchanges each user may start (`exchange.per_user_per_s`).
     pub exchanges: std::sync::Mutex<crate::limits::Buckets<String>>,
     pub hsm_pool: Pool<HsmWorker>,
+    /// Session objects to destroy that found the HSM queue full.
+    pub owed: Arc<exchange::Owed>,
     pub hsm: Arc<Hsm>,
     /// Registered markets, kept in step with the registry.
     pub markets: Arc<markets::Markets>,
@@ -271,6 +273,7 @@ impl Broker {
             auth,
             exchanges,
             hsm_pool,
+            owed: Default::default(),
             hsm,
             markets,
             ledger: ledger.clone(),

@@ -31,9 +31,16 @@ pub fn code(e: &WalletError) -> ErrorCode {
         WalletError::BadAuthorisation => ErrorCode::BadAuthorisation,
         WalletError::InvalidInput(_) => ErrorCode::InvalidInput,
         WalletError::Busy => ErrorCode::Busy,
-        WalletError::Storage(e) | WalletError::Mac(e) => {
-            tracing::error!(error = %e, "ledger failure");
-            ErrorCode::Internal
+        WalletError::Storage(c) | WalletError::Mac(c) => {
+            let retry = e.retryable();
+            tracing::error!(error = %c, retry, "ledger failure");
+            // Nothing was acknowledged, and the same call (its idempotency
+            // key, its voucher) may pass later: docs/PROTOCOL.md §1.6.
+            if retry {
+                ErrorCode::Busy
+            } else {
+                ErrorCode::Internal
+            }
         }
     }
 }

@@ -25,6 +25,7 @@
 //! again, signed afresh for the next channel (its binding is in T). A
 //! market that answered, or went silent, is not asked twice.
 
+use super::keyops::KeyDone;
 use super::{Ephemeral, Group, Mode, Point, Transcript};
 use crate::config::Kx;
 use crate::proto::ErrorCode;
@@ -63,18 +64,17 @@ pub struct Fresh {
     pub software: Option<Ephemeral>,
 }
 
-/// A job for the key holder.
-#[derive(Debug)]
+/// A job for the key holder ([`super::keyops::KeyOps`], run by
+/// [`KeyJob::run`]); its outcome goes to [`Flow::handle_key`].
+#[derive(Clone, Debug)]
 pub enum KeyJob<P> {
-    /// Sign `digest` with the user's home-card key; then
-    /// [`Flow::handle_signed`].
+    /// Sign `digest` with the user's home-card key.
     Sign { digest: [u8; 32] },
     /// kx=hsm: make a P-256 ephemeral, put its point in `transcript`, sign
-    /// the digest with the home-card key, all in one job; then
-    /// [`Flow::handle_keygen_signed`].
+    /// the digest with the home-card key, all in one job.
     KeygenSign { transcript: Transcript },
     /// kx=hsm: ECDH of `private` with `peer`, then HMAC-SHA256 over `input`
-    /// (consuming `private`); then [`Flow::handle_derived`].
+    /// (consuming `private`).
     Derive {
         private: P,
         peer: Point,
@@ -126,6 +126,9 @@ enum State<P> {
     },
     Deriving {
         accepted: Accepted,
+        /// The ephemeral the Derive job consumes, kept in case the job
+        /// never runs: then it is destroyed ([`Flow::handle_key_refused`]).
+        private: P,
     },
     Done,
 }
@@ -137,7 +140,7 @@ pub struct Flow<P> {
     out: VecDeque<Action<P>>,
 }
 
-impl<P> Flow<P> {
+impl<P: Clone> Flow<P> {
     pub fn new(p: Params) -> Self {
         Self {
             p,
@@ -217,8 +220,36 @@ impl<P> Flow<P> {
         self.state = State::Signing { t, eph, digest };
     }
 
+    /// The outcome of the [`KeyJob`] asked for, or why it did not run.
+    pub fn handle_key(&mut self, r: Result<KeyDone<P>, ErrorCode>) {
+        match r {
+            Ok(KeyDone::Signed(sig)) => self.handle_signed(Ok(sig)),
+            Ok(KeyDone::KeygenSigned {
+                point,
+                private,
+                digest,
+                signature,
+            }) => self.handle_keygen_signed(Ok((point, private, digest, signature))),
+            Ok(KeyDone::Derived(x)) => self.handle_derived(Ok(x)),
+            Err(code) if matches!(self.state, State::Deriving { .. }) => {
+                self.handle_derived(Err(code))
+            }
+            Err(code) => self.handle_signed(Err(code)),
+        }
+    }
+
+    /// The [`KeyJob`] asked for never ran (the HSM queue was full): what
+    /// it would have consumed is destroyed. A job that ran and failed has
+    /// consumed its ephemeral; that goes to [`Flow::handle_key`].
+    pub fn handle_key_refused(&mut self, code: ErrorCode) {
+        if let State::Deriving { private, .. } = &self.state {
+            self.out.push_back(Action::Destroy(private.clone()));
+        }
+        self.handle_key(Err(code))
+    }
+
     /// The home-card key's signature over the digest asked for.
-    pub fn handle_signed(&mut self, r: Result<Vec<u8>, ErrorCode>) {
+    fn handle_signed(&mut self, r: Result<Vec<u8>, ErrorCode>) {
         let State::Signing { t, eph, digest } = std::mem::replace(&mut self.state, State::Done)
         else {
             return;
@@ -231,7 +262,7 @@ impl<P> Flow<P> {
 
     /// kx=hsm: the ephemeral's point and handle, T's digest with that
     /// point, and the signature over it.
-    pub fn handle_keygen_signed(&mut self, r: Result<(Point, P, [u8; 32], Vec<u8>), ErrorCode>) {
+    fn handle_keygen_signed(&mut self, r: Result<(Point, P, [u8; 32], Vec<u8>), ErrorCode>) {
         let State::Signing { mut t, .. } = std::mem::replace(&mut self.state, State::Done) else {
             return;
         };
@@ -311,18 +342,19 @@ impl<P> Flow<P> {
                     return self.done(Err(ErrorCode::MarketInternal));
                 }
                 self.out.push_back(Action::Key(KeyJob::Derive {
-                    private,
+                    private: private.clone(),
                     peer: accepted.ephemeral,
                     input: super::x_input(&digest, &accepted.ephemeral),
                 }));
-                self.state = State::Deriving { accepted };
+                self.state = State::Deriving { accepted, private };
             }
         }
     }
 
     /// kx=hsm: X from the HSM.
-    pub fn handle_derived(&mut self, r: Result<Zeroizing<[u8; 32]>, ErrorCode>) {
-        let State::Deriving { accepted } = std::mem::replace(&mut self.state, State::Done) else {
+    fn handle_derived(&mut self, r: Result<Zeroizing<[u8; 32]>, ErrorCode>) {
+        let State::Deriving { accepted, .. } = std::mem::replace(&mut self.state, State::Done)
+        else {
             return;
         };
         match r {
@@ -492,6 +524,54 @@ mod tests {
             f.poll_action(),
             Some(Action::Done(Err(ErrorCode::MarketInternal), "hsm"))
         ));
+    }
+
+    /// kx=hsm up to the Derive job for ephemeral 44.
+    fn to_derive(f: &mut Flow<u32>) {
+        let _ = f.poll_action();
+        f.handle_binding(Some(([1; 32], fresh(1, false))));
+        let Some(Action::Key(KeyJob::KeygenSign { transcript })) = f.poll_action() else {
+            panic!()
+        };
+        let point = Point::new(Group::P256, &[4; 65]).unwrap();
+        f.handle_key(Ok(KeyDone::KeygenSigned {
+            point,
+            private: 44,
+            digest: transcript.digest(),
+            signature: vec![1],
+        }));
+        let _ = f.poll_action();
+        f.handle_reply(Ok(Accepted {
+            session_id: [0; 16],
+            ephemeral: point,
+            expiry_ms: 0,
+            endpoint: String::new(),
+        }));
+        assert!(matches!(
+            f.poll_action(),
+            Some(Action::Key(KeyJob::Derive { private: 44, .. }))
+        ));
+    }
+
+    #[test]
+    fn a_derive_that_never_ran_destroys_its_ephemeral_and_one_that_ran_does_not() {
+        let mut refused: Flow<u32> = Flow::new(params(Kx::Hsm, None));
+        to_derive(&mut refused);
+        refused.handle_key_refused(ErrorCode::Busy);
+        assert!(matches!(refused.poll_action(), Some(Action::Destroy(44))));
+        assert!(matches!(
+            refused.poll_action(),
+            Some(Action::Done(Err(ErrorCode::Busy), "hsm"))
+        ));
+        // The job ran and failed: the HSM consumed the ephemeral already.
+        let mut failed: Flow<u32> = Flow::new(params(Kx::Hsm, None));
+        to_derive(&mut failed);
+        failed.handle_key(Err(ErrorCode::HsmUnavailable));
+        assert!(matches!(
+            failed.poll_action(),
+            Some(Action::Done(Err(ErrorCode::HsmUnavailable), "hsm"))
+        ));
+        assert!(failed.poll_action().is_none());
     }
 
     #[test]

@@ -25,6 +25,7 @@ use aws_lc_rs::key_wrap::{AES_256, KeyEncryptionKey, KeyWrapPadded};
 use zeroize::Zeroizing;
 
 pub mod flow;
+pub mod keyops;
 
 pub const PREIMAGE_LABEL: &[u8] = b"keybroker exchange v2";
 pub const X_LABEL: &[u8] = b"keybroker X v1";
@@ -153,6 +154,14 @@ impl Ephemeral {
         market_ephemeral: &Point,
     ) -> Option<Zeroizing<[u8; 32]>> {
         self.agree(peer, |z| derive_x(z, t, market_ephemeral))
+    }
+
+    /// X from Z and the whole HMAC input at once ([`x_input`]), as the HSM's
+    /// `SHA256_HMAC` takes it; `None` for a peer key of another group.
+    pub fn x_from_input(&self, peer: &Point, input: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+        self.agree(peer, |z| {
+            Zeroizing::new(crate::crypto::hmac_sha256(z, &[input]))
+        })
     }
 
     /// Z itself, for test vectors only: the exchange never needs it

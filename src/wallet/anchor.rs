@@ -346,7 +346,7 @@ impl AnchorConfig {
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> WalletError {
-    WalletError::Storage(format!("{what} {}: {e}", path.display()))
+    WalletError::storage(format!("{what} {}: {e}", path.display()))
 }
 
 /// The anchor file, open for appending. Several writers may share one
@@ -577,7 +577,7 @@ pub(crate) fn check_source(
     let mut last_mac: Option<[u8; 32]> = None;
     for (i, line) in lines.enumerate() {
         let n = i + 1;
-        let line = line.map_err(|e| WalletError::Storage(format!("reading {name}: {e}")))?;
+        let line = line.map_err(|e| WalletError::storage(format!("reading {name}: {e}")))?;
         let parsed = if from_log {
             match record_in_log_line(&line) {
                 None => continue,

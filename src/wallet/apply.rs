@@ -103,9 +103,10 @@ impl Anchoring {
         head: (i64, [u8; 32]),
         now_ms: i64,
     ) -> WalletResult<(Option<Anchor>, Option<Anchor>)> {
-        let file = self.file.as_mut().ok_or_else(|| {
-            WalletError::Storage("the anchor file is not open for writing here".into())
-        })?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| WalletError::storage("the anchor file is not open for writing here"))?;
         let started = Instant::now();
         let (before, written) = file.append_with(mac, |newest| {
             let newest_head = newest.and_then(|n| n.head(0));
@@ -274,19 +275,19 @@ impl<S: Store> Writer<S> {
     /// it is refused.
     fn load_head(&mut self) -> WalletResult<()> {
         if let Some(why) = &self.refuse {
-            return Err(WalletError::Storage(why.clone()));
+            return Err(WalletError::storage(why.clone()));
         }
         let head = match self.store.head()? {
             None => (0, GENESIS),
             Some((seq, mac)) => (
                 seq,
                 mac.as_slice().try_into().map_err(|_| {
-                    WalletError::Storage(format!("entry {seq}: MAC is not 32 bytes"))
+                    WalletError::storage(format!("entry {seq}: MAC is not 32 bytes"))
                 })?,
             ),
         };
         if head.0 < self.known.0 || (head.0 == self.known.0 && head.1 != self.known.1) {
-            return Err(WalletError::Storage(format!(
+            return Err(WalletError::storage(format!(
                 "the chain head went back from entry {} to {}: entries were removed or an older \
                  copy restored; run `keybroker wallet audit` (and `keybroker restore --reason` \
                  if a backup was put back on purpose)",
@@ -488,7 +489,7 @@ impl<S: Store> Writer<S> {
             return Err(WalletError::AlreadyCancelled);
         }
         let currency = Currency::new(&d.currency).map_err(|_| {
-            WalletError::Storage(format!("decision {}: bad currency", r.decision_id))
+            WalletError::storage(format!("decision {}: bad currency", r.decision_id))
         })?;
         let after = self
             .store
@@ -623,8 +624,8 @@ impl<S: Store> Writer<S> {
     pub(crate) fn restore(&mut self, reason: &str) -> WalletResult<Restored> {
         check_text("restore reason", reason, MAX_REASON, false)?;
         if self.anchor.as_ref().is_none_or(|a| a.file.is_none()) {
-            return Err(WalletError::Storage(
-                "no anchor file open for writing: nothing to record the restore in".into(),
+            return Err(WalletError::storage(
+                "no anchor file open for writing: nothing to record the restore in",
             ));
         }
         // The chain's own audit: the writer's memory of a longer chain

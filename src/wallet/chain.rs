@@ -43,7 +43,7 @@ pub trait ChainMac: Send + Sync {
 
 fn tag32(tag: &[u8]) -> WalletResult<[u8; 32]> {
     tag.try_into()
-        .map_err(|_| WalletError::Mac("HMAC-SHA256 tag is not 32 bytes".into()))
+        .map_err(|_| WalletError::mac("HMAC-SHA256 tag is not 32 bytes"))
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -134,7 +134,7 @@ struct MacSession {
 impl HsmChainMac {
     pub fn new(hsm: Arc<Hsm>) -> WalletResult<Self> {
         let epoch = hsm.epoch();
-        let session = hsm.session().map_err(|e| WalletError::Mac(e.to_string()))?;
+        let session = hsm.session().map_err(|e| WalletError::mac(e.to_string()))?;
         Ok(Self {
             session: Mutex::new(Self::with_key(&hsm, session, epoch)?),
             hsm,
@@ -145,9 +145,9 @@ impl HsmChainMac {
     fn with_key(hsm: &Hsm, session: Session, epoch: u64) -> WalletResult<MacSession> {
         let key = hsm
             .find(&session, labels::LEDGER_MAC, ObjectClass::SECRET_KEY)
-            .map_err(|e| WalletError::Mac(e.to_string()))?
+            .map_err(|e| WalletError::mac(e.to_string()))?
             .ok_or_else(|| {
-                WalletError::Mac(format!(
+                WalletError::mac(format!(
                     "key pkcs11:token={};object={} missing; run `keybroker init`",
                     hsm.token(),
                     labels::LEDGER_MAC
@@ -165,13 +165,13 @@ impl HsmChainMac {
         let mut s = self
             .session
             .lock()
-            .map_err(|_| WalletError::Mac("session lock poisoned".into()))?;
+            .map_err(|_| WalletError::mac("session lock poisoned"))?;
         let derive = |m: &MacSession| {
             m.session
                 .sign(&Mechanism::Sha256Hmac, m.key, input)
                 .op("C_Sign (SHA256_HMAC)")
         };
-        let mac_err = |e: HsmError| WalletError::Mac(e.to_string());
+        let mac_err = |e: HsmError| WalletError::mac(e.to_string());
         // A session lost to an HSM restart is replaced here, through the
         // HSM's own recovery (new login, new epoch), and the key is found
         // again on it: handles may change with the sessions.
@@ -191,7 +191,7 @@ impl HsmChainMac {
         let mut days = self
             .days
             .lock()
-            .map_err(|_| WalletError::Mac("day key lock poisoned".into()))?;
+            .map_err(|_| WalletError::mac("day key lock poisoned"))?;
         if let Some(k) = days.get(&day) {
             return Ok(k.clone());
         }

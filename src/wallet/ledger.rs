@@ -152,10 +152,10 @@ impl<S: Store> GroupLedger<S> {
                     }
                 }
             })
-            .map_err(|e| WalletError::Storage(format!("spawning the ledger writer: {e}")))?;
+            .map_err(|e| WalletError::storage(format!("spawning the ledger writer: {e}")))?;
         let refusing = ready_rx
             .recv()
-            .map_err(|_| WalletError::Storage("ledger writer died at start".into()))??;
+            .map_err(|_| WalletError::storage("ledger writer died at start"))??;
         let reader = open()?;
         Ok(Self {
             tx: Some(tx),
@@ -168,13 +168,13 @@ impl<S: Store> GroupLedger<S> {
     /// Queues `req`; if it cannot be queued, answers it with the reason.
     fn submit(&self, req: Request) {
         let Some(tx) = &self.tx else {
-            return fail(req, WalletError::Storage("ledger closed".into()));
+            return fail(req, WalletError::storage("ledger closed"));
         };
         match tx.try_send(req) {
             Ok(()) => {}
             Err(TrySendError::Full(r)) => fail(r, WalletError::Busy),
             Err(TrySendError::Disconnected(r)) => {
-                fail(r, WalletError::Storage("ledger writer gone".into()))
+                fail(r, WalletError::storage("ledger writer gone"))
             }
         }
     }
@@ -189,7 +189,7 @@ impl<S: Store> GroupLedger<S> {
         let (tx, rx) = bounded(1);
         self.submit(make(Reply::Sync(tx)));
         rx.recv()
-            .map_err(|_| WalletError::Storage("ledger writer gone".into()))?
+            .map_err(|_| WalletError::storage("ledger writer gone"))?
     }
 
     /// The outbox of this ledger for its mailer: due rows are read on
@@ -208,7 +208,7 @@ impl<S: Store> GroupLedger<S> {
     /// queue instead of failing with `Busy`: a mark lost here would send
     /// the message again.
     fn outbox_update(&self, u: OutboxUpdate) -> WalletResult<()> {
-        let gone = || WalletError::Storage("ledger writer gone".into());
+        let gone = || WalletError::storage("ledger writer gone");
         let tx = self.tx.as_ref().ok_or_else(gone)?;
         let (rtx, rrx) = bounded(1);
         tx.send(Request::Outbox(u, Reply::Sync(rtx)))
@@ -220,7 +220,7 @@ impl<S: Store> GroupLedger<S> {
         let mut c = self
             .reader
             .lock()
-            .map_err(|_| WalletError::Storage("reader lock poisoned".into()))?;
+            .map_err(|_| WalletError::storage("reader lock poisoned"))?;
         f(&mut c)
     }
 }
@@ -330,7 +330,7 @@ impl<S: Store> Ledger for GroupLedger<S> {
             out.push(Amount {
                 minor,
                 currency: Currency::new(&c)
-                    .map_err(|_| WalletError::Storage(format!("bad currency {c:?} stored")))?,
+                    .map_err(|_| WalletError::storage(format!("bad currency {c:?} stored")))?,
             });
         }
         Ok(out)
@@ -339,7 +339,7 @@ impl<S: Store> Ledger for GroupLedger<S> {
     fn history(&self, user: &str) -> WalletResult<Vec<Entry>> {
         let rows = self.read(|s| s.history(user))?;
         rows.into_iter()
-            .map(|r| r.map_err(WalletError::Storage))
+            .map(|r| r.map_err(WalletError::storage))
             .collect()
     }
 

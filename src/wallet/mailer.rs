@@ -92,7 +92,7 @@ impl Mailer {
         // only re-sends a message under its stable Message-ID; an fsync per
         // message would cost more than it protects.
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| super::WalletError::Storage(e.to_string()))?;
+            .map_err(|e| super::WalletError::storage(e.to_string()))?;
         Self::start_outbox(conn, cfg)
     }
 
@@ -135,7 +135,7 @@ impl Mailer {
                     }
                 }
             })
-            .map_err(|e| WalletError::Storage(format!("spawning the mailer: {e}")))?;
+            .map_err(|e| WalletError::storage(format!("spawning the mailer: {e}")))?;
         Ok(Self {
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -306,7 +306,7 @@ impl Sender_ {
             Transport::Maildir(dir) => {
                 for sub in ["tmp", "new", "cur"] {
                     std::fs::create_dir_all(dir.join(sub)).map_err(|e| {
-                        WalletError::Storage(format!("creating {}: {e}", dir.display()))
+                        WalletError::storage(format!("creating {}: {e}", dir.display()))
                     })?;
                 }
                 Ok(Sender_::Maildir(dir.clone()))

@@ -78,27 +78,134 @@ pub enum WalletError {
     InvalidInput(&'static str),
     #[error("ledger queue full")]
     Busy,
+    /// The database failed; nothing of the operation was acknowledged.
     #[error("ledger storage: {0}")]
-    Storage(String),
+    Storage(#[source] Cause),
+    /// The HSM's chain MAC failed.
     #[error("ledger MAC: {0}")]
-    Mac(String),
+    Mac(#[source] Cause),
 }
+
+impl WalletError {
+    /// A storage failure with no error below it.
+    pub fn storage(what: impl Into<String>) -> Self {
+        WalletError::Storage(Cause::new(what))
+    }
+
+    /// A MAC failure with no error below it.
+    pub fn mac(what: impl Into<String>) -> Self {
+        WalletError::Mac(Cause::new(what))
+    }
+
+    /// Whether the same request may succeed later: a full queue, a locked
+    /// or unreachable database, an HSM that may come back. Refusals
+    /// (funds, vouchers, decisions, input) are final. A retry is safe in
+    /// every case: purchases carry their idempotency key, top-ups their
+    /// voucher, and a cancel is refused once done.
+    pub fn retryable(&self) -> bool {
+        match self {
+            WalletError::Busy => true,
+            WalletError::Storage(c) | WalletError::Mac(c) => c.retryable,
+            _ => false,
+        }
+    }
+}
+
+/// What went wrong below the ledger, with the error that said so (kept as
+/// the `source`, shared so the error can go to every request of a group)
+/// and whether trying again can help.
+#[derive(Clone, Debug)]
+pub struct Cause {
+    what: String,
+    retryable: bool,
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Cause {
+    pub fn new(what: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            retryable: false,
+            source: None,
+        }
+    }
+
+    /// `what` caused by `source`.
+    pub fn of(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+        retryable: bool,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            retryable,
+            source: Some(std::sync::Arc::new(source)),
+        }
+    }
+
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Two causes are the same failure if they say the same and agree on a
+/// retry; the error objects below them are not comparable.
+impl PartialEq for Cause {
+    fn eq(&self, other: &Self) -> bool {
+        self.what == other.what && self.retryable == other.retryable
+    }
+}
+
+impl Eq for Cause {}
 
 impl From<rusqlite::Error> for WalletError {
     fn from(e: rusqlite::Error) -> Self {
-        WalletError::Storage(e.to_string())
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+        // Another connection holds the lock: the same write may pass later.
+        let retryable = matches!(e.sqlite_error_code(), Some(DatabaseBusy | DatabaseLocked));
+        WalletError::Storage(Cause::of(e.to_string(), e, retryable))
     }
 }
 
 impl From<postgres::Error> for WalletError {
     fn from(e: postgres::Error) -> Self {
+        use postgres::error::SqlState;
         // `Display` of a server error is only "db error"; the detail is in
         // the source. Neither carries the password.
-        let detail = e.as_db_error().map_or_else(
-            || e.to_string(),
-            |d| format!("{}: {}", d.code().code(), d.message()),
-        );
-        WalletError::Storage(detail)
+        let (detail, retryable) = match e.as_db_error() {
+            Some(d) => (
+                format!("{}: {}", d.code().code(), d.message()),
+                // A transaction that lost a race, or a server going down.
+                [
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                    SqlState::LOCK_NOT_AVAILABLE,
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                ]
+                .contains(d.code()),
+            ),
+            // No answer from the server: the connection is gone.
+            None => {
+                let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+                (e.to_string(), e.is_closed() || io)
+            }
+        };
+        WalletError::Storage(Cause::of(detail, e, retryable))
     }
 }
 
@@ -422,5 +529,27 @@ mod tests {
         ] {
             assert!(check_mail(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A database another connection holds locked is worth a retry, and
+    /// the SQLite error stays reachable as the source; a refusal is final.
+    #[test]
+    fn a_locked_database_is_retryable_and_keeps_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let a = rusqlite::Connection::open(&path).unwrap();
+        a.execute_batch("CREATE TABLE t(x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        let b = rusqlite::Connection::open(&path).unwrap();
+        b.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let e = WalletError::from(b.execute("INSERT INTO t VALUES (2)", []).unwrap_err());
+        assert!(e.retryable(), "{e}");
+        let cause = std::error::Error::source(&e).expect("the cause");
+        let below = cause.source().expect("the SQLite error");
+        assert!(below.is::<rusqlite::Error>());
+        let e = WalletError::from(b.execute("INSERT INTO nowhere VALUES (2)", []).unwrap_err());
+        assert!(!e.retryable(), "{e}");
+        assert!(!WalletError::InsufficientFunds.retryable());
+        assert!(WalletError::Busy.retryable());
     }
 }

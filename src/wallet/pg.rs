@@ -53,15 +53,15 @@ impl PgConnect {
         let mut c: postgres::Config = self
             .url
             .parse()
-            .map_err(|e| WalletError::Storage(format!("postgres_url: {e}")))?;
+            .map_err(|e| WalletError::storage(format!("postgres_url: {e}")))?;
         if c.get_password().is_some() {
-            return Err(WalletError::Storage(
-                "postgres_url must not contain a password: use wallet.password_file".into(),
+            return Err(WalletError::storage(
+                "postgres_url must not contain a password: use wallet.password_file",
             ));
         }
         if let Some(p) = &self.password_file {
             let text = std::fs::read_to_string(p).map_err(|e| {
-                WalletError::Storage(format!("reading {}: {}", p.display(), e.kind()))
+                WalletError::storage(format!("reading {}: {}", p.display(), e.kind()))
             })?;
             let pw = text.lines().next().unwrap_or("");
             if !pw.is_empty() {

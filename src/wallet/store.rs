@@ -101,7 +101,7 @@ impl KeyedDecision {
             return Err(WalletError::AlreadyCancelled);
         }
         let currency = Currency::new(&self.currency)
-            .map_err(|_| WalletError::Storage(format!("decision {}: bad currency", self.id)))?;
+            .map_err(|_| WalletError::storage(format!("decision {}: bad currency", self.id)))?;
         Ok(Decision {
             id: self.id,
             seq: self.seq,
