@@ -32,13 +32,16 @@ use keybroker::config::Kx;
 use keybroker::exchange::flow::{Action as FlowAction, Flow, Fresh, Params};
 use keybroker::exchange::keyops::{KeyDone, KeyOps, SoftCard, SoftCardError};
 use keybroker::exchange::{Ephemeral, Transcript, verify_signature};
+use keybroker::market::channel::{
+    Action as ChannelAction, ChannelCore, Event as ChannelEvent, Exchanges,
+};
 use keybroker::proto::ErrorCode;
 use keybroker::proto::access::{Frame, FrameDecoder, Message, Password, encode};
 use keybroker::proto::conn::{
     Action as ConnAction, ConnCore, Event as ConnEvent, Refused, Timeouts, Work,
 };
 use keybroker::proto::link::{Action, Event, Failure, LinkCore, Timers};
-use keybroker::proto::market::{self, Accepted, ExchangeReply, ExchangeRequest, Splitter};
+use keybroker::proto::market::{self, Accepted, ExchangeRequest, Splitter};
 use keybroker::proto::point::{Group, Mode, Point};
 use keybroker::proto::session::{LoginCheck, ReleaseCheck, Request};
 use keybroker::wallet::anchor::AnchorConfig;
@@ -51,6 +54,7 @@ use keybroker::wallet::{
     WalletError, WalletResult,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -132,11 +136,70 @@ fn link_timers(rng: &mut StdRng) -> Timers {
 
 /// One TCP connection between a link and a market, both directions.
 struct Conn {
-    binding: [u8; 32],
     to_market: VecDeque<(u64, Vec<u8>)>,
     to_broker: VecDeque<(u64, Vec<u8>)>,
-    market_split: Splitter,
+    /// The market's side of the channel.
+    market: ChannelCore,
     broken: bool,
+}
+
+/// How long the market keeps a silent channel (the link pings every 2 s).
+const MARKET_IDLE: Duration = Duration::from_secs(30);
+
+/// The simulated market's decisions, for the market's channel core: with
+/// terminals (the broker world), the real checks of T; without, a reply
+/// derived from the request.
+struct Decide<'a> {
+    market: usize,
+    broker: RefCell<Option<&'a mut Broker>>,
+}
+
+impl Exchanges for Decide<'_> {
+    fn exchange(
+        &self,
+        r: &ExchangeRequest,
+        binding: [u8; 32],
+        _now_ms: u64,
+    ) -> Result<Accepted, ErrorCode> {
+        match self.broker.borrow_mut().as_mut() {
+            Some(b) => b.answer(self.market, binding, r),
+            None => market_answer(self.market, r.request_id, &r.user),
+        }
+    }
+}
+
+/// What the market sent, as the faults deliver it: each batch's replies
+/// in any order, in one frame or several, some twice, and now and then a
+/// frame corrupted (the link must drop the channel). Pongs pass.
+fn garble(rng: &mut StdRng, stats: &mut LinkStats, calm: bool, sent: &[u8]) -> Vec<u8> {
+    let mut split = Splitter::default();
+    split.push(sent);
+    let mut out = Vec::new();
+    while let Some(f) = split.next_frame().expect("the market sends whole frames") {
+        if market::is_keepalive(&f, market::TYPE_PONG) {
+            market::encode_keepalive(market::TYPE_PONG, &mut out);
+            continue;
+        }
+        let mut replies = market::decode_replies(&f).expect("the market sends valid replies");
+        for k in (1..replies.len()).rev() {
+            let j = rng.random_range(0..=k);
+            replies.swap(k, j);
+        }
+        let cut = rng.random_range(1..=replies.len().max(1));
+        market::encode_replies(&replies[..cut.min(replies.len())], &mut out);
+        if cut < replies.len() {
+            market::encode_replies(&replies[cut..], &mut out);
+        }
+        if rng.random_bool(0.05) && !replies.is_empty() {
+            stats.faults += 1;
+            market::encode_replies(&replies[..1], &mut out);
+        }
+    }
+    if rng.random_bool(0.003) && !calm {
+        stats.faults += 1;
+        out[4] ^= 0x40;
+    }
+    out
 }
 
 struct SimMarket {
@@ -312,10 +375,9 @@ impl LinkWorld {
                     let r = if ok {
                         let binding: [u8; 32] = self.rng.random();
                         self.links[i].conn = Some(Conn {
-                            binding,
                             to_market: VecDeque::new(),
                             to_broker: VecDeque::new(),
-                            market_split: Splitter::default(),
+                            market: ChannelCore::new(binding, MARKET_IDLE),
                             broken: false,
                         });
                         Ok(binding)
@@ -369,68 +431,51 @@ impl LinkWorld {
         self.check(i);
     }
 
-    /// The markets read what reached them and answer.
+    /// The markets read what reached them and answer: each channel's
+    /// market side is the market's own core ([`ChannelCore`]), deciding
+    /// through the simulated market; what it sends then meets the faults.
     fn serve(&mut self) {
+        let now = self.now();
         for i in 0..self.links.len() {
             let m = self.links[i].market;
             let (alive, silent) = (self.markets[m].alive, self.markets[m].silent_until > self.t);
             let Some(c) = &mut self.links[i].conn else {
                 continue;
             };
-            let binding = c.binding;
             if !alive {
                 c.broken = true;
                 continue;
             }
-            let mut frames = Vec::new();
             while c.to_market.front().is_some_and(|(at, _)| *at <= self.t) {
                 let (_, b) = c.to_market.pop_front().unwrap();
-                c.market_split.push(&b);
-            }
-            while let Ok(Some(f)) = c.market_split.next_frame() {
-                frames.push(f);
+                c.market.handle_bytes(&b);
             }
             if silent {
+                // Hung: what came waits, and is answered late.
                 continue;
             }
-            for f in frames {
-                let mut out = Vec::new();
-                if market::is_keepalive(&f, market::TYPE_PING) {
-                    market::encode_keepalive(market::TYPE_PONG, &mut out);
-                } else {
-                    let mut replies: Vec<ExchangeReply> = market::decode_requests(&f)
-                        .expect("the link sends well-formed batches")
-                        .iter()
-                        .map(|r| ExchangeReply {
-                            request_id: r.request_id,
-                            result: match &mut self.broker {
-                                Some(b) => b.answer(m, binding, r),
-                                None => market_answer(m, r.request_id, &r.user),
-                            },
-                        })
-                        .collect();
-                    // Any order, in one frame or several, some twice.
-                    for k in (1..replies.len()).rev() {
-                        let j = self.rng.random_range(0..=k);
-                        replies.swap(k, j);
+            let decide = Decide {
+                market: m,
+                broker: RefCell::new(self.broker.as_mut()),
+            };
+            loop {
+                match c.market.poll_action(&decide, now, self.t) {
+                    ChannelAction::Send => {
+                        let out = garble(&mut self.rng, &mut self.stats, self.calm, c.market.out());
+                        c.market.sent();
+                        let at = self.t + self.rng.random_range(0..=MAX_DELAY_MS);
+                        c.to_broker.push_back((at, out));
                     }
-                    let cut = self.rng.random_range(1..=replies.len());
-                    market::encode_replies(&replies[..cut], &mut out);
-                    if cut < replies.len() {
-                        market::encode_replies(&replies[cut..], &mut out);
+                    ChannelAction::Close => {
+                        c.broken = true;
+                        break;
                     }
-                    if self.rng.random_bool(0.05) && !replies.is_empty() {
-                        self.stats.faults += 1;
-                        market::encode_replies(&replies[..1], &mut out);
-                    }
+                    ChannelAction::Read { until } if now >= until => c.market.handle_timeout(now),
+                    ChannelAction::Read { .. } => break,
                 }
-                if self.rng.random_bool(0.003) && !self.calm {
-                    // A corrupted frame: the link must drop the channel.
-                    self.stats.faults += 1;
-                    out[4] ^= 0x40;
-                }
-                let at = self.t + self.rng.random_range(0..=MAX_DELAY_MS);
-                c.to_broker.push_back((at, out));
+            }
+            while let Some(e) = c.market.poll_event() {
+                assert_ne!(e, ChannelEvent::Malformed, "the link sent a bad frame");
             }
         }
     }

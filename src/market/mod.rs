@@ -8,6 +8,7 @@
 //! terminal ──direct channel (AEAD records keyed from X)──► look up session ─► answer
 //! ```
 
+pub mod channel;
 mod direct;
 mod expiring;
 pub mod orders;

@@ -1,10 +1,11 @@
 //! The market's network side: thread per core, compio, two listeners.
 //!
 //! ```text
-//! market channel: TLS 1.3 (broker cert from the broker CA) ─► batch ─► MarketState::exchange ─► batch reply
+//! market channel: TLS 1.3 (broker cert from the broker CA) ─► ChannelCore (batch ─► MarketState::exchange ─► batch reply)
 //! direct channel: Hello{session} ─► HelloOk ─► Record ⇄ Record (answers each request)
 //! ```
 
+use super::channel::{Action as ChannelAction, ChannelCore, Event as ChannelEvent};
 use super::direct::{DirectConn, Refusal};
 use super::{MarketConfig, MarketState, now_ms};
 use crate::exchange::BINDING_LABEL;
@@ -13,7 +14,6 @@ use crate::net::tls_io::TlsIo;
 use crate::proto::ErrorCode;
 use crate::proto::access::MAX_USER;
 use crate::proto::direct::{self, Decoder};
-use crate::proto::market::{self, ExchangeReply, Splitter};
 use anyhow::{Context, Result};
 use compio::BufResult;
 use compio::io::{AsyncRead, AsyncWriteExt};
@@ -27,8 +27,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Refused exchanges, logged once a second with a count: a user flooding
-/// the market must not flood its log too.
 /// Refused exchanges: an audit line per user and code a second, with the
 /// count held back, for the whole process. A broker is authenticated, but
 /// what it forwards comes from terminals.
@@ -224,60 +222,55 @@ async fn serve_channel(state: &MarketState, tls: Arc<ServerConfig>, stream: TcpS
     {
         return;
     }
-    let mut split = Splitter::default();
+    let mut core = ChannelCore::new(binding, idle);
     let mut buf = vec![0u8; 16 * 1024];
-    let mut out = Vec::with_capacity(4096);
     loop {
-        loop {
-            let frame = match split.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(_) => return io.close().await,
-            };
-            if market::is_keepalive(&frame, market::TYPE_PING) {
-                out.clear();
-                market::encode_keepalive(market::TYPE_PONG, &mut out);
-                if io.send(&out).await.is_err() {
+        let action = core.poll_action(state, Instant::now(), now_ms());
+        while let Some(e) = core.poll_event() {
+            log(&peer, e);
+        }
+        match action {
+            ChannelAction::Send => {
+                if io.send(core.out()).await.is_err() {
                     return;
                 }
-                continue;
+                core.sent();
             }
-            let Ok(reqs) = market::decode_requests(&frame) else {
-                tracing::warn!("malformed batch from the broker; closing");
-                return io.close().await;
-            };
-            let now = now_ms();
-            let replies: Vec<ExchangeReply> = reqs
-                .iter()
-                .map(|r| {
-                    let result = state.exchange(r, binding, now);
-                    match &result {
-                        Ok(_) => tracing::debug!(user = %r.user, request = r.request_id, "exchange accepted"),
-                        Err(code) => {
-                            let passed = REFUSED
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .pass((r.user.clone(), *code), crate::limits::mono_ms());
-                            if let Some(suppressed) = passed {
-                                tracing::info!(target: "audit", broker = %peer, user = %r.user, request = r.request_id, code = code.name(), suppressed, "market refused exchange");
-                            }
-                        }
-                    }
-                    ExchangeReply {
-                        request_id: r.request_id,
-                        result,
-                    }
-                })
-                .collect();
-            out.clear();
-            market::encode_replies(&replies, &mut out);
-            if io.send(&out).await.is_err() {
-                return;
+            ChannelAction::Close => return io.close().await,
+            ChannelAction::Read { until } => {
+                let wait = until.saturating_duration_since(Instant::now());
+                match compio::time::timeout(wait, io.read_some(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => core.handle_bytes(&buf[..n]),
+                    Ok(_) => return io.close().await,
+                    Err(_) => core.handle_timeout(Instant::now()),
+                }
             }
         }
-        match compio::time::timeout(idle, io.read_some(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => split.push(&buf[..n]),
-            _ => return io.close().await,
+    }
+}
+
+/// A market-channel event's log line: refusals are audit lines, one per
+/// user and code a second ([`REFUSED`]).
+fn log(peer: &str, e: ChannelEvent) {
+    match e {
+        ChannelEvent::Accepted { user, request_id } => {
+            tracing::debug!(user = %user, request = request_id, "exchange accepted")
+        }
+        ChannelEvent::Refused {
+            user,
+            request_id,
+            code,
+        } => {
+            let passed = REFUSED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pass((user.clone(), code), crate::limits::mono_ms());
+            if let Some(suppressed) = passed {
+                tracing::info!(target: "audit", broker = %peer, user = %user, request = request_id, code = code.name(), suppressed, "market refused exchange");
+            }
+        }
+        ChannelEvent::Malformed => {
+            tracing::warn!(broker = %peer, "malformed frame from the broker; closing")
         }
     }
 }
