@@ -1,5 +1,9 @@
-//! One direct-channel connection at the market, sans-IO: frames in, frames
-//! out, time passed in. `server::serve_direct` only moves the bytes.
+//! One direct-channel connection at the market, sans-IO: bytes in, frames
+//! out, time passed in, and the two timers (the Hello must come within
+//! `hello_timeout_ms` of the connection, an established channel may be
+//! silent for `idle_timeout_ms`). `server::serve_direct` only moves the
+//! bytes. The answers to the frames of one read leave in one send; a
+//! refusal's alert follows them, and the channel ends.
 //!
 //! ```text
 //! AwaitHello ──Hello{sid, noise1}──► session lookup ─► handshake ─► count ─► Live{channel, user, expiry}
@@ -10,7 +14,8 @@
 
 use super::MarketState;
 use crate::proto::ErrorCode;
-use crate::proto::direct::{self, Channel, Hello};
+use crate::proto::direct::{self, Channel, Decoder, Hello};
+use std::time::{Duration, Instant};
 
 struct Live {
     channel: Channel,
@@ -50,20 +55,118 @@ impl From<ErrorCode> for Refusal {
     }
 }
 
-#[derive(Default)]
+/// What the shell does next.
+#[derive(Debug)]
+pub enum Action {
+    /// Send what [`DirectConn::take_out`] gives.
+    Send,
+    /// Read; report bytes, or [`DirectConn::handle_timeout`] at `until`.
+    Read { until: Instant },
+    /// Send what [`DirectConn::take_out`] gives (with the alert, if
+    /// refused) and close;
+    /// `refused` is the audit line's.
+    Close { refused: Option<Refusal> },
+}
+
 pub struct DirectConn {
     live: Option<Live>,
+    dec: Decoder,
+    out: Vec<u8>,
+    hello_by: Instant,
+    idle: Duration,
+    deadline: Option<Instant>,
+    closing: Option<Option<Refusal>>,
 }
 
 impl DirectConn {
+    /// A connection accepted at `now`.
+    pub fn new(now: Instant, hello_timeout: Duration, idle: Duration) -> Self {
+        Self {
+            live: None,
+            dec: Decoder::default(),
+            out: Vec::with_capacity(1024),
+            hello_by: now + hello_timeout,
+            idle,
+            deadline: None,
+            closing: None,
+        }
+    }
+
     /// Whether the handshake has completed.
     pub fn established(&self) -> bool {
         self.live.is_some()
     }
 
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.deadline = None;
+        self.dec.push(bytes);
+    }
+
+    /// The read's deadline came: before the Hello, a `timeout` alert; after
+    /// it, the idle channel just ends. Ignored if not yet due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.deadline.is_none_or(|d| now < d) || self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(if self.established() {
+            None
+        } else {
+            Some(self.alert(ErrorCode::Timeout.into()))
+        });
+    }
+
+    /// Takes the bytes to send, leaving `spare` (emptied) in their place:
+    /// the write owns its buffer, and no byte is copied.
+    pub fn take_out(&mut self, mut spare: Vec<u8>) -> Vec<u8> {
+        spare.clear();
+        std::mem::replace(&mut self.out, spare)
+    }
+
+    pub fn poll_action(&mut self, state: &MarketState, now: Instant, now_ms: u64) -> Action {
+        while self.closing.is_none() {
+            let (ty, payload) = match self.dec.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    let r = self.alert(e.code().into());
+                    self.closing = Some(Some(r));
+                    break;
+                }
+            };
+            let mut out = std::mem::take(&mut self.out);
+            let r = self.handle(state, ty, &payload, now_ms, &mut out);
+            self.out = out;
+            if let Err(why) = r {
+                let why = self.alert(why);
+                self.closing = Some(Some(why));
+            }
+        }
+        if let Some(refused) = self.closing.take() {
+            // Closed stays closed.
+            self.closing = Some(None);
+            return Action::Close { refused };
+        }
+        if !self.out.is_empty() {
+            return Action::Send;
+        }
+        let until = if self.established() {
+            now + self.idle
+        } else {
+            self.hello_by
+        };
+        self.deadline = Some(until);
+        Action::Read { until }
+    }
+
+    /// Appends the refusal's alert to what is held.
+    fn alert(&mut self, why: Refusal) -> Refusal {
+        direct::frame(direct::ALERT, &(why.code as u16).to_be_bytes(), &mut self.out);
+        why
+    }
+
     /// Handles one frame, appending any answer to `out`. On `Err` the
     /// caller sends the alert after `out` and closes.
-    pub fn handle(
+    fn handle(
         &mut self,
         state: &MarketState,
         ty: u8,

@@ -6,14 +6,13 @@
 //! ```
 
 use super::channel::{Action as ChannelAction, ChannelCore, Event as ChannelEvent};
-use super::direct::{DirectConn, Refusal};
+use super::direct::{Action as DirectAction, DirectConn, Refusal};
 use super::{MarketConfig, MarketState, now_ms};
 use crate::exchange::BINDING_LABEL;
 use crate::net::sources::{Pending, Source, SourceLimits, Sources};
 use crate::net::tls_io::TlsIo;
-use crate::proto::ErrorCode;
 use crate::proto::access::MAX_USER;
-use crate::proto::direct::{self, Decoder};
+use crate::proto::direct;
 use anyhow::{Context, Result};
 use compio::BufResult;
 use compio::io::{AsyncRead, AsyncWriteExt};
@@ -280,9 +279,8 @@ async fn write(sock: &mut TcpStream, out: Vec<u8>) -> Option<Vec<u8>> {
     r.ok().map(|()| out)
 }
 
-/// Sends `out` (answers held so far) with an alert after it; the channel
-/// then ends. Every refusal is an audit line with the peer.
-async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, peer: &str, why: Refusal) {
+/// Every refusal is an audit line with the peer.
+fn audit(peer: &str, why: &Refusal) {
     tracing::warn!(
         target: "audit",
         peer = %peer,
@@ -291,8 +289,6 @@ async fn alert(sock: &mut TcpStream, mut out: Vec<u8>, peer: &str, why: Refusal)
         code = %why.code.name(),
         "direct channel refused"
     );
-    direct::frame(direct::ALERT, &(why.code as u16).to_be_bytes(), &mut out);
-    let _ = write(sock, out).await;
 }
 
 /// Counts a direct connection against its source until its Hello
@@ -313,59 +309,53 @@ fn admit_direct(sources: &Rc<Sources>, sock: &TcpStream) -> Option<Pending> {
     }
 }
 
-/// One direct connection: `DirectConn` decides, this moves the bytes. The
-/// answers to frames that arrived together leave together, in one write.
+/// One direct connection: `DirectConn` decides, this moves the bytes.
 async fn serve_direct(state: &MarketState, pending: Pending, mut sock: TcpStream) {
     let peer = sock
         .peer_addr()
         .map_or_else(|_| "-".to_owned(), |a| a.to_string());
     let mut pending = Some(pending);
-    let idle = Duration::from_millis(state.cfg.idle_timeout_ms);
-    let hello_by = Instant::now() + Duration::from_millis(state.cfg.hello_timeout_ms);
-    let mut dec = Decoder::default();
-    let mut conn = DirectConn::default();
+    let mut conn = DirectConn::new(
+        Instant::now(),
+        Duration::from_millis(state.cfg.hello_timeout_ms),
+        Duration::from_millis(state.cfg.idle_timeout_ms),
+    );
     let mut rbuf = Vec::with_capacity(16 * 1024);
-    let mut out = Vec::with_capacity(1024);
+    let mut spare = Vec::with_capacity(1024);
     loop {
-        loop {
-            let (ty, payload) = match dec.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => return alert(&mut sock, out, &peer, e.code().into()).await,
-            };
-            if let Err(why) = conn.handle(state, ty, &payload, now_ms(), &mut out) {
-                return alert(&mut sock, out, &peer, why).await;
-            }
-        }
+        let action = conn.poll_action(state, Instant::now(), now_ms());
         if conn.established()
             && let Some(p) = pending.take()
         {
             p.done();
         }
-        if !out.is_empty() {
-            match write(&mut sock, std::mem::take(&mut out)).await {
-                Some(mut o) => {
-                    o.clear();
-                    out = o;
-                }
+        match action {
+            DirectAction::Send => match write(&mut sock, conn.take_out(spare)).await {
+                Some(b) => spare = b,
                 None => return,
+            },
+            DirectAction::Close { refused } => {
+                if let Some(why) = &refused {
+                    audit(&peer, why);
+                }
+                let _ = write(&mut sock, conn.take_out(spare)).await;
+                return;
             }
-        }
-        let wait = if conn.established() {
-            idle
-        } else {
-            hello_by.saturating_duration_since(Instant::now())
-        };
-        rbuf.clear();
-        let BufResult(r, b) = match compio::time::timeout(wait, sock.read(rbuf)).await {
-            Ok(r) => r,
-            Err(_) if conn.established() => return,
-            Err(_) => return alert(&mut sock, out, &peer, ErrorCode::Timeout.into()).await,
-        };
-        rbuf = b;
-        match r {
-            Ok(n) if n > 0 => dec.push(&rbuf[..n]),
-            _ => return,
+            DirectAction::Read { until } => {
+                rbuf.clear();
+                let wait = until.saturating_duration_since(Instant::now());
+                match compio::time::timeout(wait, sock.read(rbuf)).await {
+                    Ok(BufResult(Ok(n), b)) if n > 0 => {
+                        conn.handle_bytes(&b[..n]);
+                        rbuf = b;
+                    }
+                    Ok(_) => return,
+                    Err(_) => {
+                        conn.handle_timeout(Instant::now());
+                        rbuf = Vec::with_capacity(16 * 1024);
+                    }
+                }
+            }
         }
     }
 }
