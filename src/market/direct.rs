@@ -160,7 +160,11 @@ impl DirectConn {
 
     /// Appends the refusal's alert to what is held.
     fn alert(&mut self, why: Refusal) -> Refusal {
-        direct::frame(direct::ALERT, &(why.code as u16).to_be_bytes(), &mut self.out);
+        direct::frame(
+            direct::ALERT,
+            &(why.code as u16).to_be_bytes(),
+            &mut self.out,
+        );
         why
     }
 

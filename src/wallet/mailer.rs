@@ -32,6 +32,56 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Why a message was not handed over. The outbox keeps it either way;
+/// the kind says whether a later round can do better, and the error below
+/// stays as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    #[error("{which} address: {source}")]
+    Address {
+        which: &'static str,
+        #[source]
+        source: lettre::address::AddressError,
+    },
+    #[error("building the message: {0}")]
+    Build(#[source] lettre::error::Error),
+    #[error("the message is not 7-bit text")]
+    NotText,
+    #[error("SMTP {stage}: {source}")]
+    Smtp {
+        stage: &'static str,
+        #[source]
+        source: lettre::transport::smtp::Error,
+    },
+    #[error("Maildir {dir}: {source}")]
+    Maildir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl MailError {
+    /// Whether a later round may deliver the message: the relay was down
+    /// or answered a transient 4xx, or the disk failed. An address the
+    /// relay refuses for good (5xx), or a message that cannot be built,
+    /// will not go better; it is still kept, backed off, for the operator.
+    pub fn retryable(&self) -> bool {
+        match self {
+            MailError::Smtp { source, .. } => !source.is_permanent(),
+            MailError::Maildir { .. } => true,
+            MailError::Address { .. } | MailError::Build(_) | MailError::NotText => false,
+        }
+    }
+
+    fn maildir(dir: &Path) -> impl Fn(std::io::Error) -> Self + Copy + '_ {
+        move |source| MailError::Maildir {
+            dir: dir.to_owned(),
+            source,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Transport {
     /// Plain SMTP to a relay on loopback (no TLS: the relay is local).
@@ -326,9 +376,15 @@ impl Sender_ {
 impl Round<'_> {
     /// Sends `m`: `Ok(true)` when the relay accepted it, `Ok(false)` when
     /// it is staged for [`Round::finish`].
-    fn send(&mut self, from: &str, m: &Outgoing) -> Result<bool, String> {
-        let from: Mailbox = from.parse().map_err(|e| format!("From address: {e}"))?;
-        let to: Mailbox = m.to.parse().map_err(|e| format!("To address: {e}"))?;
+    fn send(&mut self, from: &str, m: &Outgoing) -> Result<bool, MailError> {
+        let from: Mailbox = from.parse().map_err(|source| MailError::Address {
+            which: "From",
+            source,
+        })?;
+        let to: Mailbox = m.to.parse().map_err(|source| MailError::Address {
+            which: "To",
+            source,
+        })?;
         let msg = Message::builder()
             .from(from.clone())
             .to(to.clone())
@@ -336,7 +392,7 @@ impl Round<'_> {
             .message_id(Some(m.message_id.clone()))
             .header(ContentType::TEXT_PLAIN)
             .body(m.body.clone())
-            .map_err(|e| format!("building the message: {e}"))?;
+            .map_err(MailError::Build)?;
         match self.tx {
             Sender_::Smtp {
                 host,
@@ -399,7 +455,7 @@ impl Round<'_> {
 /// directory entry to create and remove again, and nothing left in `tmp/`
 /// by a crash (about 40% of a Maildir message's kernel time was its `tmp/`
 /// entry).
-fn stage_maildir(dir: &Path, bytes: &[u8]) -> Result<Staged, String> {
+fn stage_maildir(dir: &Path, bytes: &[u8]) -> Result<Staged, MailError> {
     use rustix::fs::{Mode, OFlags};
     let now = crate::clock::now();
     let mut r = [0u8; 6];
@@ -412,7 +468,7 @@ fn stage_maildir(dir: &Path, bytes: &[u8]) -> Result<Staged, String> {
         MAILDIR_SEQ.fetch_add(1, Ordering::Relaxed),
         hex::encode(r)
     );
-    let io = |e: std::io::Error| format!("Maildir {}: {e}", dir.display());
+    let io = MailError::maildir(dir);
     let tmp = dir.join("tmp");
     let anon = rustix::fs::open(
         &tmp,
@@ -447,9 +503,9 @@ fn stage_maildir(dir: &Path, bytes: &[u8]) -> Result<Staged, String> {
 /// CPU each), then each is linked (or renamed) into `new/`, relative to
 /// the directories' descriptors, and `new/` is synced. Returns how many
 /// were delivered, in order.
-fn publish_maildir(dir: &Path, staged: &[(i64, Staged)]) -> Result<usize, String> {
+fn publish_maildir(dir: &Path, staged: &[(i64, Staged)]) -> Result<usize, MailError> {
     use rustix::fs::{AtFlags, CWD, linkat, renameat};
-    let io = |e: std::io::Error| format!("Maildir {}: {e}", dir.display());
+    let io = MailError::maildir(dir);
     let tmp = std::fs::File::open(dir.join("tmp")).map_err(io)?;
     let new = std::fs::File::open(dir.join("new")).map_err(io)?;
     rustix::fs::syncfs(&tmp).map_err(|e| io(e.into()))?;
@@ -510,7 +566,7 @@ fn drain_once(
             Err(e) => {
                 crate::metrics::mail_failed();
                 let attempts = m.attempts.saturating_add(1);
-                tracing::warn!(message_id = %m.message_id, attempts, error = %e, "mail not accepted");
+                tracing::warn!(message_id = %m.message_id, attempts, error = %e, retry = e.retryable(), "mail not accepted");
                 let delay = i64::try_from(cfg.backoff(attempts).as_millis()).unwrap_or(i64::MAX);
                 let rest: Vec<i64> = due[i + 1..].iter().map(|m| m.id).collect();
                 c.defer(m.id, &rest, now.saturating_add(delay))?;
@@ -565,5 +621,29 @@ mod tests {
         assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 0);
         let text = std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap();
         assert!(text.contains("Message-ID: <m"), "{text}");
+    }
+
+    /// A relay that is not there is worth another round, and says which
+    /// connect failed; an address that does not parse never is.
+    #[test]
+    fn a_dead_relay_is_retryable_and_a_bad_address_is_not() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let Err(e) = smtp::Session::connect("127.0.0.1", port, Duration::from_secs(1)) else {
+            panic!("nothing listens there")
+        };
+        assert!(e.retryable(), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        let bad = "not an address"
+            .parse::<Mailbox>()
+            .map_err(|source| MailError::Address {
+                which: "To",
+                source,
+            })
+            .unwrap_err();
+        assert!(!bad.retryable());
     }
 }

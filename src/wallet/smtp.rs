@@ -12,6 +12,7 @@
 //! A session lives for one round of the mailer, so an idle relay never
 //! holds a stale connection for us.
 
+use super::mailer::MailError;
 use lettre::Address;
 use lettre::transport::smtp::client::SmtpConnection;
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
@@ -43,7 +44,7 @@ impl fmt::Display for Body<'_> {
 }
 
 impl Session {
-    pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Self, String> {
+    pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Self, MailError> {
         SmtpConnection::connect(
             (host, port),
             Some(timeout),
@@ -52,21 +53,27 @@ impl Session {
             None,
         )
         .map(|conn| Self { conn })
-        .map_err(|e| format!("SMTP connect: {e}"))
+        .map_err(|source| MailError::Smtp {
+            stage: "connect",
+            source,
+        })
     }
 
     /// Sends one message; `Ok` once the relay answered 250 to its data.
-    pub fn send(&mut self, from: &Address, to: &Address, message: &[u8]) -> Result<(), String> {
-        let text = std::str::from_utf8(message).map_err(|_| "message is not 7-bit text")?;
+    pub fn send(&mut self, from: &Address, to: &Address, message: &[u8]) -> Result<(), MailError> {
+        let text = std::str::from_utf8(message).map_err(|_| MailError::NotText)?;
         let c = &mut self.conn;
         c.command(Mail::new(Some(from.clone()), vec![]))
             .and_then(|_| c.command(Rcpt::new(to.clone(), vec![])))
             .and_then(|_| c.command(Data))
             .and_then(|_| c.command(Body(text)))
             .map(drop)
-            .map_err(|e| {
+            .map_err(|source| {
                 c.abort();
-                format!("SMTP: {e}")
+                MailError::Smtp {
+                    stage: "transaction",
+                    source,
+                }
             })
     }
 
