@@ -3,7 +3,8 @@
 //! faults, and invariants are checked after every step.
 //!
 //! - `link`: the market link's core ([`LinkCore`]), two broker cores times
-//!   three markets, many terminals' requests, against markets that answer
+//!   three markets, many terminals' requests, against markets (each
+//!   channel's market side the market's own [`ChannelCore`]) that answer
 //!   out of order, duplicate and corrupt frames, go silent, die and come
 //!   back, over channels that break, deliver bytes in random pieces and
 //!   late, broker restarts and clock jumps.

@@ -491,8 +491,13 @@ async fn serve(
                     Err(_) => conn.handle_timeout(Instant::now()),
                 }
             }
-            // The shell runs one Work to its end before it polls again.
-            ConnAction::Wait => unreachable!("polled with a Work out"),
+            // The shell runs one Work to its end before it polls again, so
+            // the core never waits on it; if it ever did, the connection
+            // ends rather than spin.
+            ConnAction::Wait => {
+                tracing::error!("connection core waits on no work; closing");
+                return;
+            }
         }
     }
 }
