@@ -244,6 +244,16 @@ static HSM_UP: LazyLock<IntGauge> = LazyLock::new(|| {
     shared(IntGauge::new("keybroker_hsm_up", "1 when the HSM token answers").expect("valid metric"))
 });
 
+static HSM_DESTROYS_OWED: LazyLock<IntGauge> = LazyLock::new(|| {
+    shared(
+        IntGauge::new(
+            "keybroker_hsm_destroys_owed",
+            "HSM session objects whose destroy found the HSM queue full, waiting for the next HSM job",
+        )
+        .expect("valid metric"),
+    )
+});
+
 static MARKET_BATCH: LazyLock<Histogram> = LazyLock::new(|| {
     shared(
         Histogram::with_opts(
@@ -333,6 +343,10 @@ pub fn hsm_op(op: &str, d: Duration, ok: bool) {
 
 pub fn hsm_up(up: bool) {
     HSM_UP.set(i64::from(up));
+}
+
+pub fn hsm_destroys_owed(n: usize) {
+    HSM_DESTROYS_OWED.set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 pub fn market_batch(n: usize) {
@@ -539,6 +553,7 @@ pub fn init() {
     }
     LazyLock::force(&HSM_ERRORS);
     LazyLock::force(&HSM_UP);
+    LazyLock::force(&HSM_DESTROYS_OWED);
     LazyLock::force(&MARKET_BATCH);
     LazyLock::force(&MARKET_RTT);
     LazyLock::force(&MARKET_UP);

@@ -347,11 +347,17 @@ ROWS = [
                 [right_axis(".*ops/s", "ops")],
             ),
             graph(
-                "HSM errors",
-                "HSM errors per second. Any sustained rate fires KeybrokerHsmErrors.",
+                "HSM errors and owed destroys",
+                "HSM errors per second (any sustained rate fires KeybrokerHsmErrors), and the "
+                "session objects whose destroy found the HSM queue full, waiting for the next "
+                "HSM job (right axis; it should fall back to 0 between bursts).",
                 "reqps",
                 16,
-                [("errors/s", "sum(%s)" % rate("keybroker_hsm_errors_total"))],
+                [
+                    ("errors/s", "sum(%s)" % rate("keybroker_hsm_errors_total")),
+                    ("destroys owed", "max(keybroker_hsm_destroys_owed)"),
+                ],
+                [right_axis("destroys owed", "short")],
             ),
             up_down("HSM up", "1 when the HSM answers.", 8, "HSM", "min(keybroker_hsm_up)"),
         ],

@@ -78,6 +78,7 @@ impl Owed {
         }
         keys.push(key);
         self.count.store(keys.len(), Ordering::Relaxed);
+        crate::metrics::hsm_destroys_owed(keys.len());
         true
     }
 
@@ -88,19 +89,12 @@ impl Owed {
         let keys = {
             let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
             self.count.store(0, Ordering::Relaxed);
+            crate::metrics::hsm_destroys_owed(0);
             std::mem::take(&mut *keys)
         };
         for key in keys {
             destroy_now(w, key);
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
