@@ -346,7 +346,11 @@ impl AnchorConfig {
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> WalletError {
-    WalletError::storage(format!("{what} {}: {e}", path.display()))
+    WalletError::Storage(super::Cause::of(
+        format!("{what} {}: {e}", path.display()),
+        e,
+        false,
+    ))
 }
 
 /// The anchor file, open for appending. Several writers may share one
@@ -577,7 +581,9 @@ pub(crate) fn check_source(
     let mut last_mac: Option<[u8; 32]> = None;
     for (i, line) in lines.enumerate() {
         let n = i + 1;
-        let line = line.map_err(|e| WalletError::storage(format!("reading {name}: {e}")))?;
+        let line = line.map_err(|e| {
+            WalletError::Storage(super::Cause::of(format!("reading {name}: {e}"), e, false))
+        })?;
         let parsed = if from_log {
             match record_in_log_line(&line) {
                 None => continue,

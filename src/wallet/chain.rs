@@ -131,10 +131,18 @@ struct MacSession {
     key: ObjectHandle,
 }
 
+/// An HSM failure under the chain MAC, the HSM's error kept as its
+/// source. One that lost the session (the HSM restarting, the token away)
+/// may pass on a retry, once the HSM is back: the broker answers it `busy`.
+fn hsm_err(e: HsmError) -> WalletError {
+    let retry = e.session_lost();
+    WalletError::Mac(super::Cause::of(e.to_string(), e, retry))
+}
+
 impl HsmChainMac {
     pub fn new(hsm: Arc<Hsm>) -> WalletResult<Self> {
         let epoch = hsm.epoch();
-        let session = hsm.session().map_err(|e| WalletError::mac(e.to_string()))?;
+        let session = hsm.session().map_err(hsm_err)?;
         Ok(Self {
             session: Mutex::new(Self::with_key(&hsm, session, epoch)?),
             hsm,
@@ -145,7 +153,7 @@ impl HsmChainMac {
     fn with_key(hsm: &Hsm, session: Session, epoch: u64) -> WalletResult<MacSession> {
         let key = hsm
             .find(&session, labels::LEDGER_MAC, ObjectClass::SECRET_KEY)
-            .map_err(|e| WalletError::mac(e.to_string()))?
+            .map_err(hsm_err)?
             .ok_or_else(|| {
                 WalletError::mac(format!(
                     "key pkcs11:token={};object={} missing; run `keybroker init`",
@@ -171,17 +179,16 @@ impl HsmChainMac {
                 .sign(&Mechanism::Sha256Hmac, m.key, input)
                 .op("C_Sign (SHA256_HMAC)")
         };
-        let mac_err = |e: HsmError| WalletError::mac(e.to_string());
         // A session lost to an HSM restart is replaced here, through the
         // HSM's own recovery (new login, new epoch), and the key is found
         // again on it: handles may change with the sessions.
         let raw = match derive(&s) {
             Err(e) if e.session_lost() => {
-                let (session, epoch) = self.hsm.recover(s.epoch).map_err(mac_err)?;
+                let (session, epoch) = self.hsm.recover(s.epoch).map_err(hsm_err)?;
                 *s = Self::with_key(&self.hsm, session, epoch)?;
-                derive(&s).map_err(mac_err)?
+                derive(&s).map_err(hsm_err)?
             }
-            r => r.map_err(mac_err)?,
+            r => r.map_err(hsm_err)?,
         };
         Ok(zeroize::Zeroizing::new(raw))
     }
@@ -283,5 +290,22 @@ mod tests {
             entry_mac(&m, &a, &GENESIS).unwrap(),
             entry_mac(&m, &b, &GENESIS).unwrap()
         );
+    }
+
+    /// A MAC failure from a lost HSM session says a retry may pass (the
+    /// broker answers `busy`) and keeps the PKCS#11 error below it; a
+    /// malformed answer does not.
+    #[test]
+    fn a_lost_hsm_session_under_the_mac_is_retryable_with_its_source() {
+        use cryptoki::context::Function;
+        use cryptoki::error::{Error, RvError};
+        let lost = hsm_err(HsmError::Pkcs11 {
+            op: "C_Sign (SHA256_HMAC)",
+            source: Error::Pkcs11(RvError::SessionClosed, Function::Sign),
+        });
+        assert!(lost.retryable(), "{lost}");
+        let cause = std::error::Error::source(&lost).expect("the cause");
+        assert!(cause.source().is_some_and(|e| e.is::<HsmError>()));
+        assert!(!hsm_err(HsmError::Format("a short tag")).retryable());
     }
 }

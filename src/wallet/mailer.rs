@@ -142,7 +142,7 @@ impl Mailer {
         // only re-sends a message under its stable Message-ID; an fsync per
         // message would cost more than it protects.
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| super::WalletError::storage(e.to_string()))?;
+            .map_err(WalletError::from)?;
         Self::start_outbox(conn, cfg)
     }
 
