@@ -7,7 +7,9 @@
 
 use keybroker::proto::ErrorCode;
 use keybroker::proto::access::{Frame, Message, Password};
-use keybroker::proto::session::{AccessSession, Action, LoginCheck, ReleaseCheck, Request};
+use keybroker::proto::session::{
+    AccessSession, Action, LoginCheck, ReleaseCheck, Request, Work,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn code(b: u8) -> Result<(), ErrorCode> {
@@ -61,16 +63,16 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         match s.handle(Frame { id, msg }) {
-            Action::CheckLogin { check, .. } => asked = Some(Asked::Login(check)),
-            Action::CheckRelease { check, .. } => {
+            Action::Work(Work::CheckLogin { check, .. }) => asked = Some(Asked::Login(check)),
+            Action::Work(Work::CheckRelease { check, .. }) => {
                 assert_eq!(s.user(), Some(check.user()));
                 asked = Some(Asked::Release(check));
             }
-            Action::Exchange { req, .. } => {
+            Action::Work(Work::Exchange { req, .. }) => {
                 assert!(s.is_released());
                 asked = Some(Asked::Request(req));
             }
-            Action::Wallet { req, .. } => {
+            Action::Work(Work::Wallet { req, .. }) => {
                 assert_eq!(s.user(), Some(req.user()));
                 asked = Some(Asked::Request(req));
             }

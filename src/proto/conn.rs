@@ -29,9 +29,8 @@
 //! `now`, and the runtime reports what it did. `tests/sim.rs` drives it
 //! with bytes cut at random points.
 
-use super::access::{Frame, FrameDecoder, Message, Password, encode};
+use super::access::{Frame, FrameDecoder, Message, encode};
 use super::code::ErrorCode;
-use super::point::Point;
 use super::session::{AccessSession, Action as SessionAction, LoginCheck, ReleaseCheck, Request};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -63,31 +62,9 @@ pub struct Timeouts {
 }
 
 /// A check or request the session asked for; its result goes back through
-/// the matching `*_done` with the proof it carries.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Work {
-    /// The first password: then [`ConnCore::login_done`].
-    CheckLogin {
-        check: LoginCheck,
-        password: Password,
-    },
-    /// The second password and the key's release: then
-    /// [`ConnCore::release_done`].
-    CheckRelease {
-        check: ReleaseCheck,
-        password: Password,
-    },
-    /// An exchange for the released user ([`ConnCore::released`]); then
-    /// [`ConnCore::request_done`]. `ephemeral`: the terminal's, in partial
-    /// mode.
-    Exchange {
-        req: Request,
-        market: String,
-        ephemeral: Option<Point>,
-    },
-    /// A wallet call; then [`ConnCore::request_done`].
-    Wallet { req: Request, call: Message },
-}
+/// the matching `*_done` ([`ConnCore::login_done`], [`ConnCore::release_done`],
+/// [`ConnCore::request_done`]) with the proof it carries.
+pub use super::session::Work;
 
 /// What the runtime must do next.
 #[derive(Debug, PartialEq, Eq)]
@@ -288,30 +265,17 @@ impl<K> ConnCore<K> {
     }
 
     fn apply(&mut self, a: SessionAction) {
-        let work = match a {
-            SessionAction::Reply(f) => return self.queue(&f),
+        match a {
+            SessionAction::Reply(f) => self.queue(&f),
             SessionAction::Close(f) => {
                 self.queue(&f);
                 self.closing = true;
-                return;
             }
-            SessionAction::CheckLogin { check, password } => Work::CheckLogin { check, password },
-            SessionAction::CheckRelease { check, password } => {
-                Work::CheckRelease { check, password }
+            SessionAction::Work(w) => {
+                debug_assert!(self.work.is_none(), "the session asks one thing at a time");
+                self.work = Some(w);
             }
-            SessionAction::Exchange {
-                req,
-                market,
-                ephemeral,
-            } => Work::Exchange {
-                req,
-                market,
-                ephemeral,
-            },
-            SessionAction::Wallet { req, call } => Work::Wallet { req, call },
-        };
-        debug_assert!(self.work.is_none(), "the session asks one thing at a time");
-        self.work = Some(work);
+        }
     }
 
     fn queue(&mut self, frame: &Frame) {
@@ -340,7 +304,7 @@ impl<K> ConnCore<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::access::decode_body;
+    use crate::proto::access::{Password, decode_body};
 
     const T: Timeouts = Timeouts {
         idle: Duration::from_secs(300),

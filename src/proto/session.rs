@@ -11,8 +11,8 @@
 //! ```
 //!
 //! Frames go in through [`AccessSession::handle`]; checks that need the
-//! password store or the HSM come out as [`Action::CheckLogin`] /
-//! [`Action::CheckRelease`] and their results go back in through
+//! password store or the HSM come out as [`Work::CheckLogin`] /
+//! [`Work::CheckRelease`] and their results go back in through
 //! [`AccessSession::login_done`] / [`AccessSession::release_done`], each
 //! with the proof ([`LoginCheck`], [`ReleaseCheck`], [`Request`]) that the
 //! session handed out: the runtime cannot make one, so a result it was not
@@ -104,6 +104,14 @@ pub enum Action {
     Reply(Frame),
     /// Send this frame, then close the connection.
     Close(Frame),
+    /// Run this, then hand its result back.
+    Work(Work),
+}
+
+/// A check or request the session asks for; its result goes back through
+/// the matching `*_done` with the proof it carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Work {
     /// Check the first password of the user for this terminal, then call
     /// [`AccessSession::login_done`] with `check`.
     CheckLogin {
@@ -215,10 +223,10 @@ impl<K> AccessSession<K> {
             Message::Login { user, password } => match self.state {
                 State::AwaitLogin => {
                     self.state = State::CheckingLogin;
-                    Action::CheckLogin {
+                    Action::Work(Work::CheckLogin {
                         check: LoginCheck { id, user },
                         password,
-                    }
+                    })
                 }
                 _ => error(id, ErrorCode::Unexpected, "already logged in"),
             },
@@ -226,10 +234,10 @@ impl<K> AccessSession<K> {
                 State::LoggedIn { user } => {
                     let user = user.clone();
                     self.state = State::CheckingRelease { user: user.clone() };
-                    Action::CheckRelease {
+                    Action::Work(Work::CheckRelease {
                         check: ReleaseCheck { id, user },
                         password,
-                    }
+                    })
                 }
                 State::AwaitLogin => error(id, ErrorCode::NotLoggedIn, "log in first"),
                 _ => error(id, ErrorCode::Unexpected, "already released"),
@@ -265,22 +273,22 @@ impl<K> AccessSession<K> {
             user: user.clone(),
         };
         self.state = State::Serving { user, key };
-        match msg {
-            Message::Exchange { market } => Action::Exchange {
+        Action::Work(match msg {
+            Message::Exchange { market } => Work::Exchange {
                 req,
                 market,
                 ephemeral: None,
             },
-            Message::ExchangePartial { market, ephemeral } => Action::Exchange {
+            Message::ExchangePartial { market, ephemeral } => Work::Exchange {
                 req,
                 market,
                 ephemeral: Some(ephemeral),
             },
-            call => Action::Wallet { req, call },
-        }
+            call => Work::Wallet { req, call },
+        })
     }
 
-    /// Result of an [`Action::CheckLogin`].
+    /// Result of a [`Work::CheckLogin`].
     pub fn login_done(&mut self, check: LoginCheck, result: Result<(), ErrorCode>) -> Action {
         if !matches!(self.state, State::CheckingLogin) {
             // Logged out meanwhile: the result has no session to go to.
@@ -303,7 +311,7 @@ impl<K> AccessSession<K> {
         }
     }
 
-    /// Result of an [`Action::CheckRelease`]: the released key, or why not.
+    /// Result of a [`Work::CheckRelease`]: the released key, or why not.
     pub fn release_done(&mut self, check: ReleaseCheck, result: Result<K, ErrorCode>) -> Action {
         let State::CheckingRelease { user } = std::mem::replace(&mut self.state, State::Closed)
         else {
@@ -324,7 +332,7 @@ impl<K> AccessSession<K> {
         }
     }
 
-    /// Result of an [`Action::Exchange`] or [`Action::Wallet`]: the answer to send.
+    /// Result of a [`Work::Exchange`] or [`Work::Wallet`]: the answer to send.
     pub fn request_done(&mut self, req: Request, result: Result<Message, ErrorCode>) -> Action {
         let State::Serving { user, key } = std::mem::replace(&mut self.state, State::Closed) else {
             return self.fail(req.id, ErrorCode::Unexpected);
@@ -390,14 +398,14 @@ mod tests {
 
     fn login_check(s: &mut Session, id: u32) -> LoginCheck {
         match s.handle(login(id)) {
-            Action::CheckLogin { check, .. } => check,
+            Action::Work(Work::CheckLogin { check, .. }) => check,
             other => panic!("{other:?}"),
         }
     }
 
     fn release_check(s: &mut Session, id: u32) -> ReleaseCheck {
         match s.handle(release(id)) {
-            Action::CheckRelease { check, .. } => check,
+            Action::Work(Work::CheckRelease { check, .. }) => check,
             other => panic!("{other:?}"),
         }
     }
@@ -441,11 +449,11 @@ mod tests {
         assert_eq!(code_of(&s.handle(ex())), Some(ErrorCode::NotReleased));
         let c = release_check(&mut s, 2);
         s.release_done(c, Ok("key"));
-        let Action::Exchange {
+        let Action::Work(Work::Exchange {
             req,
             ephemeral: None,
             ..
-        } = s.handle(ex())
+        }) = s.handle(ex())
         else {
             panic!("no exchange")
         };
@@ -465,7 +473,7 @@ mod tests {
     #[test]
     fn a_key_the_broker_lost_goes_with_the_release() {
         let mut s = released();
-        let Action::Wallet { req, .. } = s.handle(frame(3, Message::Balance)) else {
+        let Action::Work(Work::Wallet { req, .. }) = s.handle(frame(3, Message::Balance)) else {
             panic!()
         };
         s.request_done(req, Err(ErrorCode::NotReleased));
@@ -481,7 +489,7 @@ mod tests {
         let mut s = Session::new([0; 32]);
         let c = login_check(&mut s, 1);
         s.login_done(c, Ok(()));
-        let Action::Wallet { req, .. } = s.handle(frame(3, Message::Balance)) else {
+        let Action::Work(Work::Wallet { req, .. }) = s.handle(frame(3, Message::Balance)) else {
             panic!()
         };
         s.request_done(req, Ok(Message::Pong));
@@ -504,7 +512,10 @@ mod tests {
         let a = s.release_done(c, Err(ErrorCode::WrongPassword));
         assert_eq!(code_of(&a), Some(ErrorCode::WrongPassword));
         assert!(!s.is_released());
-        assert!(matches!(s.handle(release(3)), Action::CheckRelease { .. }));
+        assert!(matches!(
+            s.handle(release(3)),
+            Action::Work(Work::CheckRelease { .. })
+        ));
     }
 
     #[test]
